@@ -1,0 +1,1 @@
+"""OSDFace model code: the VRE, the one-step restorer, weights, faces and images."""

@@ -1,0 +1,80 @@
+"""Model constants, typed and stored beside the weights (`<weights>/osdface/config.json`).
+
+The defaults are the released OSDFace model; tests write tiny configs to disk and load them the
+same way the service does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+CONFIG_FILENAME = "config.json"
+
+
+@dataclass(frozen=True)
+class VREConfig:
+    """Visual Representation Embedder: VQ encoder, LQ codebook, token selection, projection."""
+
+    in_channels: int = 3
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2, 4, 8)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    resolution: int = 512
+    z_channels: int = 512
+    norm_groups: int = 32
+    codebook_size: int = 1024
+    codebook_dim: int = 512
+    num_tokens: int = 77
+    proj_hidden: int = 256
+    prompt_dim: int = 1024
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+
+
+@dataclass(frozen=True)
+class OSDFaceConfig:
+    """The one-step restorer's constants."""
+
+    timestep: int = 399  # T_L: the UNet runs once, at this timestep
+    image_size: int = 512  # aligned FFHQ crops
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    vre: VREConfig = field(default_factory=VREConfig)
+
+    @property
+    def lora_scale(self) -> float:
+        return self.lora_alpha / self.lora_rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> OSDFaceConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown OSDFace config keys: {sorted(unknown)}")
+        vre_data = data.get("vre", {})
+        vre_known = {f.name for f in fields(VREConfig)}
+        if set(vre_data) - vre_known:
+            raise ValueError(f"unknown VRE config keys: {sorted(set(vre_data) - vre_known)}")
+        return cls(**{**data, "vre": VREConfig(**vre_data)})
+
+    def save(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / CONFIG_FILENAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> OSDFaceConfig:
+        """Read `config.json` in `directory`; the released defaults when there is none."""
+        path = directory / CONFIG_FILENAME
+        if not path.is_file():
+            return cls()
+        return cls.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,193 @@
+"""The OSDFace one-step restorer: aligned faces in, restored faces out, one UNet call per batch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from model import weights as W
+from model.config import OSDFaceConfig
+from model.errors import InvalidInputError
+from model.vre import VisualRepresentationEmbedder
+
+logger = logging.getLogger(__name__)
+
+LatentMode = Literal["mode", "sample"]
+STAGES = ("vre", "vae_encode", "unet", "vae_decode")
+
+
+@dataclass
+class RestoreOutput:
+    """images: (B, 3, 512, 512) float32 in [0, 1], RGB, on the CPU; timings in seconds."""
+
+    images: torch.Tensor
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def x0_from_eps(z: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.Tensor:
+    """Clean latent from the noise prediction, x0 = (z - sqrt(1 - ᾱ) eps) / sqrt(ᾱ), in float64."""
+    x0 = (z.double() - math.sqrt(1.0 - alpha_bar) * eps.double()) / math.sqrt(alpha_bar)
+    return x0.to(z.dtype)
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    # nn.Module.to, not diffusers' override, which warns about fp32-kept modules SD has none of.
+    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class OSDFaceRestorer:
+    """Load once, call many times; holds no per-call state, so concurrent callers are safe."""
+
+    def __init__(
+        self,
+        vre: VisualRepresentationEmbedder,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        alpha_bar: float,
+        config: OSDFaceConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        latent: LatentMode = "mode",
+        files: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.latent = latent
+        self.alpha_bar = alpha_bar
+        self.files = files or {}
+        self.vre = _place(vre, device, dtype)
+        self.vae = _place(vae, device, dtype)
+        self.unet = _place(unet, device, dtype)
+        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self._timestep = torch.tensor([config.timestep], device=device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        weights_dir: Path | str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        merge_lora: bool = True,
+        latent: LatentMode = "mode",
+    ) -> OSDFaceRestorer:
+        """Load strictly from a weights folder (layout in `model.weights`).
+
+        The released VRE pickles are converted once to safetensors if that was not done yet
+        (without executing pickled code); the LoRA is merged at load if no merged UNet exists.
+        """
+        layout = W.WeightsLayout(Path(weights_dir))
+        config = OSDFaceConfig.load(layout.osdface)
+        if not layout.vre.is_file() and layout.released_vre.is_file():
+            logger.info("converting the released VRE pickles once to %s", layout.vre)
+            W.convert_released(layout, config)
+        vre = W.load_vre(layout, config)
+        vae = W.load_vae(layout)
+        unet = W.load_unet(layout, config, merged=merge_lora)
+        files = {
+            str(p.relative_to(layout.root)): W.sha256_file(p)
+            for p in (layout.vre, layout.lora, layout.merged_unet_dir / W.SAFETENSORS_NAME)
+            if p.is_file()
+        }
+        return cls(
+            vre, vae, unet, W.alpha_bar(layout, config.timestep), config,
+            device=torch.device(device), dtype=dtype, latent=latent, files=files,
+        )
+
+    # --- the one call --------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self, images: torch.Tensor, *, latent: LatentMode | None = None, seed: int | None = None
+    ) -> RestoreOutput:
+        """Restore a batch of aligned faces.
+
+        Args:
+            images: (B, 3, S, S) float in [0, 1], RGB, S = config.image_size, any device.
+            latent: "mode" (deterministic) or "sample" (the release's `.sample()`, with `seed`).
+
+        Returns:
+            RestoreOutput with images (B, 3, S, S) float32 in [0, 1], RGB, on the CPU.
+        """
+        latent = latent or self.latent
+        self._check_input(images, latent)
+        timings: dict[str, float] = {}
+        lq = images.to(self.device, self.dtype, non_blocking=True) * 2 - 1  # [-1, 1]
+
+        # 1. tokens: the VRE's prompt, (B, 77, 1024)
+        with self._timed("vre", timings):
+            prompt = self.vre(lq)
+        # 2. encode: z_L, (B, 4, S/8, S/8)
+        with self._timed("vae_encode", timings):
+            z = self._encode(lq, latent, seed)
+        # 3. one UNet step at T_L, then the clean latent
+        with self._timed("unet", timings):
+            eps = self.unet(z, self._timestep, encoder_hidden_states=prompt).sample
+            x0 = x0_from_eps(z, eps, self.alpha_bar)
+        # 4. decode
+        with self._timed("vae_decode", timings):
+            out = self.vae.decode(x0 / self.scaling_factor).sample
+            out = (out.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
+        return RestoreOutput(out.float().cpu(), timings)
+
+    def _encode(self, lq: torch.Tensor, latent: LatentMode, seed: int | None) -> torch.Tensor:
+        dist = self.vae.encode(lq).latent_dist
+        if latent == "mode":
+            z = dist.mode()
+        else:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(0 if seed is None else seed)
+            z = dist.sample(generator=generator)
+        return z * self.scaling_factor
+
+    def _check_input(self, images: torch.Tensor, latent: str) -> None:
+        s = self.config.image_size
+        if not isinstance(images, torch.Tensor):
+            raise InvalidInputError(f"expected a torch.Tensor, got {type(images).__name__}")
+        if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s) or images.shape[0] == 0:
+            raise InvalidInputError(f"expected (B, 3, {s}, {s}) with B >= 1, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise InvalidInputError(f"expected a float tensor in [0, 1], got {images.dtype}")
+        if latent not in ("mode", "sample"):
+            raise InvalidInputError(f"latent must be 'mode' or 'sample', got {latent!r}")
+        lo, hi = images.aminmax()
+        if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0 or hi > 1:
+            raise InvalidInputError(f"pixel values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
+
+    @contextmanager
+    def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        timings[stage] = time.perf_counter() - start
+
+    # --- service helpers -----------------------------------------------------------------
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run one batch so kernels, allocator and any compilation are ready before traffic."""
+        s = self.config.image_size
+        self(torch.full((batch_size, 3, s, s), 0.5))
+
+    def describe(self) -> dict:
+        return {
+            "files": self.files,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "latent": self.latent,
+            "timestep": self.config.timestep,
+            "num_tokens": self.config.vre.num_tokens,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+        }

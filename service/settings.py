@@ -1,0 +1,70 @@
+"""All service configuration, typed and in one place (environment prefix `OSDFACE_`).
+
+`osdface serve` flags override these; tests build a `Settings(...)` and inject it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+DetectorName = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
+LatentMode = Literal["mode", "sample"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="OSDFACE_", extra="forbid", frozen=True)
+
+    # --- model ---------------------------------------------------------------------------
+    weights_dir: Path = Field(Path("./osdface-weights"), description="weights folder (layout in README)")
+    device: Device = Field("auto", description="cuda when available, else cpu")
+    dtype: DType = Field("auto", description="float16 on cuda, float32 on cpu")
+    detector: DetectorName = "retinaface_resnet50"
+    latent: LatentMode = Field("mode", description="VAE latent: deterministic mode or sample")
+    seed: int = Field(0, description="seed for latent=sample")
+    compile: bool = Field(False, description="torch.compile the UNet and VAE (CUDA)")
+    channels_last: bool = True
+    warmup: bool = Field(True, description="run one batch before reporting ready")
+
+    # --- detection ------------------------------------------------------------------------
+    detect_max_side: PositiveInt = Field(1024, description="detect on a copy downscaled to this")
+    detect_threshold: float = Field(0.97, ge=0.0, le=1.0)
+    min_face_size: PositiveInt = Field(16, description="smallest face side in pixels")
+
+    # --- batching -------------------------------------------------------------------------
+    max_batch_faces: PositiveInt = 8
+    max_batch_delay_ms: float = Field(10.0, ge=0.0)
+    max_queue_faces: PositiveInt = 64
+    request_timeout_s: float = Field(60.0, gt=0.0, description="deadline per request")
+    cpu_workers: PositiveInt = Field(2, description="threads for decode, detect and paste")
+
+    # --- limits ---------------------------------------------------------------------------
+    max_upload_bytes: PositiveInt = 20 * 1024 * 1024
+    max_pixels: PositiveInt = 40_000_000
+    max_output_pixels: PositiveInt = 64_000_000
+    max_faces: PositiveInt = Field(16, description="faces restored per image at most")
+    allowed_formats: tuple[Literal["jpeg", "png", "webp"], ...] = ("jpeg", "png", "webp")
+
+    # --- HTTP -----------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    api_key: str | None = Field(None, description="if set, /restore needs Authorization: Bearer")
+    cors_origins: tuple[str, ...] = ()
+    shutdown_grace_s: float = Field(20.0, ge=0.0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("weights_dir")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
+    @model_validator(mode="after")
+    def _batching_fits_queue(self) -> Settings:
+        if self.max_queue_faces < self.max_batch_faces:
+            raise ValueError("max_queue_faces must be at least max_batch_faces")
+        return self

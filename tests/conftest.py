@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random weights in the released layout, a CPU restorer, the assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tiny_weights import write_tiny_weights
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assets_dir() -> Path:
+    return Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    path = assets_dir()
+    if not path.is_dir():
+        reason = f"test assets not found at {path} (set OSDFACE_TEST_ASSETS)"
+        print(f"SKIP: {reason}")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random weights, released layout, converted and merged; detectors linked if present."""
+    root = tmp_path_factory.mktemp("weights")
+    detectors = assets_dir() / "detectors"
+    return write_tiny_weights(root, detector_dir=detectors if detectors.is_dir() else None)
+
+
+@pytest.fixture(scope="session")
+def tiny_restorer(tiny_weights_dir: Path):
+    from model.restorer import OSDFaceRestorer
+
+    return OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cpu", torch.float32)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _few_threads() -> None:
+    # CI has 2 cores; oversubscription makes the suite slower, not faster.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))

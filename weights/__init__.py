@@ -1,0 +1,1 @@
+"""Weight manifest and fetching. The weight files themselves are never committed."""
