@@ -85,6 +85,10 @@ class ImageTooLargeError(ImageError):
     """Too many bytes or pixels (decompression-bomb guard), or output over the pixel limit."""
 
 
+class ImageEncodeError(OSDFaceError):
+    """The processed image could not be written in the asked format (a server-side failure)."""
+
+
 # --- faces ---------------------------------------------------------------------------------
 
 

@@ -71,7 +71,7 @@ def _rebuild_tensor(
     backward_hooks: Any = None,
     metadata: Any = None,
 ) -> torch.Tensor:
-    if storage.numel() == 0 or len(size) == 0 and storage.numel() <= offset:
+    if storage.numel() == 0 or (len(size) == 0 and storage.numel() <= offset):
         return torch.empty(size, dtype=storage.dtype)
     return storage.as_strided(size, stride, offset).clone()
 
@@ -116,7 +116,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         raw = self._archive.read(f"{self._prefix}data/{key}")
         flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0)
         if storage_type.dtype != torch.uint8:
-            flat = flat.view(storage_type.dtype) if raw else torch.empty(0, dtype=storage_type.dtype)
+            flat = (
+                flat.view(storage_type.dtype) if raw else torch.empty(0, dtype=storage_type.dtype)
+            )
         if flat.numel() != numel and storage_type.dtype != torch.uint8:
             raise WeightsError(f"storage {key}: {flat.numel()} elements, header says {numel}")
         return flat

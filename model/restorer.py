@@ -102,8 +102,15 @@ class OSDFaceRestorer:
             if p.is_file()
         }
         return cls(
-            vre, vae, unet, W.alpha_bar(layout, config.timestep), config,
-            device=torch.device(device), dtype=dtype, latent=latent, files=files,
+            vre,
+            vae,
+            unet,
+            W.alpha_bar(layout, config.timestep),
+            config,
+            device=torch.device(device),
+            dtype=dtype,
+            latent=latent,
+            files=files,
         )
 
     # --- the one call --------------------------------------------------------------------
@@ -157,7 +164,9 @@ class OSDFaceRestorer:
         if not isinstance(images, torch.Tensor):
             raise InvalidInputError(f"expected a torch.Tensor, got {type(images).__name__}")
         if images.ndim != 4 or tuple(images.shape[1:]) != (3, s, s) or images.shape[0] == 0:
-            raise InvalidInputError(f"expected (B, 3, {s}, {s}) with B >= 1, got {tuple(images.shape)}")
+            raise InvalidInputError(
+                f"expected (B, 3, {s}, {s}) with B >= 1, got {tuple(images.shape)}"
+            )
         if not images.is_floating_point():
             raise InvalidInputError(f"expected a float tensor in [0, 1], got {images.dtype}")
         if latent not in ("mode", "sample"):

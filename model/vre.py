@@ -206,8 +206,9 @@ class VisualRepresentationEmbedder(nn.Module):
         self.encoder = VQEncoder(config)
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_dim, 1)
         self.quantize = Codebook(config.codebook_size, config.codebook_dim)
-        self.projection = PromptProjection(config.codebook_dim, config.proj_hidden,
-                                           config.prompt_dim)
+        self.projection = PromptProjection(
+            config.codebook_dim, config.proj_hidden, config.prompt_dim
+        )
 
     def features(self, lq: torch.Tensor) -> torch.Tensor:
         """lq (B, 3, H, W) in [-1, 1] -> pre-quantisation features (B, N, codebook_dim)."""

@@ -265,8 +265,11 @@ def load_unet(layout: WeightsLayout, config: OSDFaceConfig, *, merged: bool = Tr
     unet = load_base_unet(layout)
     lora = read_safetensors(require(layout.lora, "OSDFace LoRA"))
     if merged:
-        logger.warning("no merged UNet in %s; merging the LoRA at load time "
-                       "(run `osdface weights merge` once to skip this)", layout.merged_unet_dir)
+        logger.warning(
+            "no merged UNet in %s; merging the LoRA at load time "
+            "(run `osdface weights merge` once to skip this)",
+            layout.merged_unet_dir,
+        )
         return merge_lora(unet, lora, config)
     return attach_lora(unet, lora, config)
 
@@ -302,10 +305,12 @@ def convert_released(layout: WeightsLayout, config: OSDFaceConfig) -> Path:
         model = VisualRepresentationEmbedder(config.vre)
     check_state_dict("released VRE + projection", model, state)
     metadata = {
-        "source": json.dumps({
-            layout.released_vre.name: sha256_file(layout.released_vre),
-            layout.released_projection.name: sha256_file(layout.released_projection),
-        })
+        "source": json.dumps(
+            {
+                layout.released_vre.name: sha256_file(layout.released_vre),
+                layout.released_projection.name: sha256_file(layout.released_projection),
+            }
+        )
     }
     state = {k: v.contiguous().float() for k, v in state.items()}
     save_file(state, str(layout.vre), metadata=metadata)

@@ -126,14 +126,21 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="aligned crops per model call")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower)")
-    p.add_argument("--detector", default="retinaface_resnet50",
-                   choices=("retinaface_resnet50", "retinaface_mobile0.25"))
+    p.add_argument(
+        "--detector",
+        default="retinaface_resnet50",
+        choices=("retinaface_resnet50", "retinaface_mobile0.25"),
+    )
     p.add_argument("--only-center-face", action="store_true")
     p.add_argument("--max-faces", type=int, default=None)
     p.add_argument("--strength", type=float, default=1.0, help="1 = fully restored")
     p.add_argument("--upscale", type=int, default=1, help="1..4, background Lanczos-upscaled")
-    p.add_argument("--format", choices=("png", "jpeg", "webp"), default=None,
-                   help="output format (default: png for --aligned, else the input's)")
+    p.add_argument(
+        "--format",
+        choices=("png", "jpeg", "webp"),
+        default=None,
+        help="output format (default: png for --aligned, else the input's)",
+    )
     p.add_argument("--quality", type=int, default=95)
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
     p.set_defaults(func=_restore)
@@ -199,7 +206,7 @@ def restore_aligned(
             crops = []
             for path in chunk:
                 with Image.open(path) as im:
-                    rgb = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8 RGB
+                    rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8 RGB
                 if rgb.shape[:2] != (size, size):
                     raise InvalidInputError(f"{path}: aligned input must be {size}x{size}")
                 crops.append(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0)
@@ -238,13 +245,23 @@ def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, 
     detector = None
     if not args.aligned:
         detector = FaceDetector.load(
-            args.weights, args.detector, device,
-            threshold=defaults.detect_threshold, max_side=defaults.detect_max_side,
+            args.weights,
+            args.detector,
+            device,
+            threshold=defaults.detect_threshold,
+            max_side=defaults.detect_max_side,
             min_face_size=defaults.min_face_size,
         )
     written = restore_files(
-        files, args.output, detector, restorer, options, limits,
-        save_faces=args.save_faces, batch_size=args.batch_size, seed=args.seed,
+        files,
+        args.output,
+        detector,
+        restorer,
+        options,
+        limits,
+        save_faces=args.save_faces,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
     logger.info("%d images written to %s", len(written), args.output)
 

@@ -21,7 +21,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OSDFACE_", extra="forbid", frozen=True)
 
     # --- model ---------------------------------------------------------------------------
-    weights_dir: Path = Field(Path("./osdface-weights"), description="weights folder (layout in README)")
+    weights_dir: Path = Field(
+        Path("./osdface-weights"), description="weights folder (layout in README)"
+    )
     device: Device = Field("auto", description="cuda when available, else cpu")
     dtype: DType = Field("auto", description="float16 on cuda, float32 on cpu")
     detector: DetectorName = "retinaface_resnet50"
@@ -57,6 +59,13 @@ class Settings(BaseSettings):
     cors_origins: tuple[str, ...] = ()
     shutdown_grace_s: float = Field(20.0, ge=0.0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # --- admission (service area) -------------------------------------------------------------
+    max_inflight_requests: PositiveInt = Field(
+        32,
+        description="POST /restore requests admitted at once, from upload to answer; "
+        "beyond it 429 before the upload is read (bounds memory held by waiting uploads)",
+    )
 
     @field_validator("weights_dir")
     @classmethod

@@ -27,22 +27,42 @@ REPO = Path(__file__).resolve().parents[1]
 SCHEDULER_CONFIG = REPO / "model/configs/sd21-base/scheduler/scheduler_config.json"
 
 TINY_VRE = VREConfig(
-    ch=8, ch_mult=(1, 1, 1, 1, 1, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=16,
-    norm_groups=4, codebook_size=64, codebook_dim=16, num_tokens=77, proj_hidden=8, prompt_dim=32,
+    ch=8,
+    ch_mult=(1, 1, 1, 1, 1, 2),
+    num_res_blocks=1,
+    attn_resolutions=(16,),
+    z_channels=16,
+    norm_groups=4,
+    codebook_size=64,
+    codebook_dim=16,
+    num_tokens=77,
+    proj_hidden=8,
+    prompt_dim=32,
 )
 TINY_CONFIG = OSDFaceConfig(lora_rank=4, lora_alpha=4, vre=TINY_VRE)
 
 TINY_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=(2, 4),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(8, 16),
+    norm_num_groups=4,
+    attention_head_dim=(2, 4),
     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, use_linear_projection=True,
+    cross_attention_dim=32,
+    use_linear_projection=True,
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=4,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=4,
     block_out_channels=(4, 8, 8, 8),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
     scaling_factor=0.18215,
 )
 
@@ -54,11 +74,21 @@ class LightningCallbackState:
         self.best_model_score = 0.5
 
 
-def _randomise(module: nn.Module, generator: torch.Generator, scale: float = 0.2) -> None:
-    """Non-trivial weights everywhere (default inits leave some outputs at exactly zero)."""
+def _randomise(module: nn.Module, generator: torch.Generator) -> None:
+    """Well-conditioned random weights everywhere (unit gain per layer, non-trivial norms).
+
+    Default inits leave some tensors at exact constants (zeros, ones), which would hide key
+    mix-ups; too large a scale makes fp32 rounding explode through the tiny networks.
+    """
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            if p.ndim >= 2:
+                p.copy_(noise / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
 
 
 def lora_targets(unet: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -78,15 +108,21 @@ def make_lora(unet: nn.Module, rank: int, generator: torch.Generator) -> dict[st
     for name, m in lora_targets(unet):
         w = m.weight
         kernel = tuple(w.shape[2:])
-        state[f"unet.{name}.lora_A.weight"] = torch.randn(rank, w.shape[1], *kernel, generator=generator) * 0.1
-        state[f"unet.{name}.lora_B.weight"] = torch.randn(
-            w.shape[0], rank, *((1,) * len(kernel)), generator=generator
-        ) * 0.1
+        state[f"unet.{name}.lora_A.weight"] = (
+            torch.randn(rank, w.shape[1], *kernel, generator=generator) * 0.1
+        )
+        state[f"unet.{name}.lora_B.weight"] = (
+            torch.randn(w.shape[0], rank, *((1,) * len(kernel)), generator=generator) * 0.1
+        )
     return state
 
 
 def write_tiny_weights(
-    root: Path, *, config: OSDFaceConfig = TINY_CONFIG, seed: int = 0, prepare: bool = True,
+    root: Path,
+    *,
+    config: OSDFaceConfig = TINY_CONFIG,
+    seed: int = 0,
+    prepare: bool = True,
     detector_dir: Path | None = None,
 ) -> Path:
     """Write the released layout under `root`; `prepare` also converts and merges (as `make`)."""
@@ -94,8 +130,8 @@ def write_tiny_weights(
     sd = root / "sd21-base"
     unet = UNet2DConditionModel(**{**TINY_UNET, "cross_attention_dim": config.vre.prompt_dim})
     vae = AutoencoderKL(**TINY_VAE)
-    _randomise(unet, g, 0.15)
-    _randomise(vae, g, 0.15)
+    _randomise(unet, g)
+    _randomise(vae, g)
     unet.save_pretrained(sd / "unet", safe_serialization=True)
     vae.save_pretrained(sd / "vae", safe_serialization=True)
     (sd / "scheduler").mkdir(parents=True, exist_ok=True)
@@ -119,9 +155,11 @@ def write_tiny_weights(
 
 def _write_released_vre(osd: Path, vre_config: VREConfig, g: torch.Generator) -> None:
     vre = VisualRepresentationEmbedder(vre_config)
-    _randomise(vre, g, 0.2)
+    _randomise(vre, g)
     with torch.no_grad():  # a codebook spread like trained codes, so selection is not degenerate
-        vre.quantize.embedding.weight.copy_(torch.randn(vre.quantize.embedding.weight.shape, generator=g))
+        vre.quantize.embedding.weight.copy_(
+            torch.randn(vre.quantize.embedding.weight.shape, generator=g)
+        )
     state = vre.state_dict()
     lq = {f"vqvae_LQ.{k}": v for k, v in state.items() if not k.startswith("projection.")}
     decoder_like = {
@@ -141,7 +179,9 @@ def _write_released_vre(osd: Path, vre_config: VREConfig, g: torch.Generator) ->
         "lr_schedulers": [],
     }
     torch.save(checkpoint, osd / "associate_2.ckpt")
-    projection = {k[len("projection.") :]: v for k, v in state.items() if k.startswith("projection.")}
+    projection = {
+        k[len("projection.") :]: v for k, v in state.items() if k.startswith("projection.")
+    }
     torch.save(projection, osd / "embedding_change_weights.pth")
 
 
@@ -152,7 +192,9 @@ def _link_detectors(target: Path, source: Path) -> None:
             os.symlink((source / name).resolve(), target / name)
 
 
-if __name__ == "__main__":  # `python -m tests.tiny_weights DIR`: a weights folder for trying the CLI
+if (
+    __name__ == "__main__"
+):  # `python -m tests.tiny_weights DIR`: a weights folder for trying the CLI
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
     parser.add_argument("--detectors", type=Path, default=REPO.parent / "shared/assets/detectors")

@@ -117,9 +117,10 @@ def _download_url(url: str, target: Path) -> None:
         if done and response.status != 206:
             done = 0  # the server ignored the range: start over
         total = int(response.headers.get("Content-Length", 0)) + done
-        with part.open("ab" if done else "wb") as f, tqdm(
-            total=total, initial=done, unit="B", unit_scale=True, desc=target.name
-        ) as bar:
+        with (
+            part.open("ab" if done else "wb") as f,
+            tqdm(total=total, initial=done, unit="B", unit_scale=True, desc=target.name) as bar,
+        ):
             while block := response.read(1 << 20):
                 f.write(block)
                 bar.update(len(block))
