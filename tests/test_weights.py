@@ -57,11 +57,18 @@ def test_pickled_code_is_never_executed(tmp_path: Path) -> None:
     marker = Path("/tmp/osdface-pwned")
     marker.unlink(missing_ok=True)
     path = tmp_path / "evil.pth"
-    torch.save({"w": torch.ones(2), "payload": _Exploit()}, path)
+    tensors = {
+        "w": torch.ones(2),
+        "scalar": torch.tensor(3.0),
+        "empty": torch.zeros(0, 4),
+        "half_view": torch.arange(12, dtype=torch.float16).reshape(3, 4)[:, 1:3],
+    }
+    torch.save({**tensors, "payload": _Exploit()}, path)
     loaded = load_checkpoint(path)
     assert not marker.exists()
     assert isinstance(loaded["payload"], Skipped) and "posix.system" in repr(loaded["payload"])
-    assert torch.equal(loaded["w"], torch.ones(2))
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded[key], tensor) and loaded[key].dtype == tensor.dtype, key
 
 
 def test_convert_writes_every_vre_tensor(released: WeightsLayout) -> None:
