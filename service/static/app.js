@@ -1,0 +1,246 @@
+// OSDFace page: posts the photo to /restore (Accept: application/json), shows the result over the
+// original with a slider, outlines the faces from the returned boxes, lists the timings.
+// Plain browser JavaScript, no build step. Paths are relative so the page works under a prefix.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+// Object URLs of the current run, released when the next one starts.
+let objectUrls = [];
+
+function releaseUrls() {
+  objectUrls.forEach((url) => URL.revokeObjectURL(url));
+  objectUrls = [];
+}
+
+function keepUrl(blob) {
+  const url = URL.createObjectURL(blob);
+  objectUrls.push(url);
+  return url;
+}
+
+function setMessage(text, kind = "") {
+  const el = $("message");
+  el.textContent = text;
+  el.className = `message ${kind}`.trim();
+}
+
+function setBusy(busy) {
+  $("submit").disabled = busy;
+  $("submit").textContent = busy ? "Restoring…" : "Restore";
+}
+
+function loaded(img, src) {
+  return new Promise((resolve, reject) => {
+    img.onload = () => resolve(img);
+    img.onerror = () => reject(new Error("the browser could not display this image"));
+    img.src = src;
+  });
+}
+
+function base64ToBlob(b64, type) {
+  const raw = atob(b64);
+  const bytes = new Uint8Array(raw.length);
+  for (let i = 0; i < raw.length; i += 1) bytes[i] = raw.charCodeAt(i);
+  return new Blob([bytes], { type });
+}
+
+function formatSeconds(s) {
+  if (typeof s !== "number" || !Number.isFinite(s)) return "–";
+  return s < 1 ? `${(s * 1000).toFixed(1)} ms` : `${s.toFixed(2)} s`;
+}
+
+function buildForm(file) {
+  const body = new FormData();
+  body.append("image", file, file.name);
+  if ($("opt-aligned").checked) body.append("aligned", "true");
+  if ($("opt-center").checked) body.append("only_center_face", "true");
+  const strength = $("opt-strength").value;
+  if (Number(strength) !== 1) body.append("strength", strength);
+  if ($("opt-upscale").value !== "1") body.append("upscale", $("opt-upscale").value);
+  if ($("opt-format").value) body.append("output_format", $("opt-format").value);
+  if (Number($("opt-quality").value) !== 95) body.append("quality", $("opt-quality").value);
+  return body;
+}
+
+function errorText(status, payload) {
+  const err = payload && payload.error;
+  if (err && err.message) return `${err.message} (${err.type || "error"}, HTTP ${status})`;
+  return `The server answered HTTP ${status}.`;
+}
+
+// Face boxes are in input pixels, so the overlay's coordinate system is the original's size.
+function drawFaces(faces, width, height) {
+  const svg = $("faces");
+  svg.replaceChildren();
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  const stroke = Math.max(2, Math.round(Math.max(width, height) / 300));
+  faces.forEach((face, i) => {
+    const [x1, y1, x2, y2] = face.box;
+    const rect = document.createElementNS(SVG_NS, "rect");
+    rect.setAttribute("x", x1);
+    rect.setAttribute("y", y1);
+    rect.setAttribute("width", Math.max(0, x2 - x1));
+    rect.setAttribute("height", Math.max(0, y2 - y1));
+    rect.setAttribute("stroke-width", stroke);
+    rect.setAttribute("class", "face-box");
+    const title = document.createElementNS(SVG_NS, "title");
+    title.textContent = `face ${i + 1}, score ${Number(face.score).toFixed(3)}`;
+    rect.appendChild(title);
+    const label = document.createElementNS(SVG_NS, "text");
+    label.setAttribute("x", x1 + stroke);
+    label.setAttribute("y", Math.max(y1 - stroke * 2, stroke * 8));
+    label.setAttribute("font-size", stroke * 8);
+    label.setAttribute("class", "face-label");
+    label.textContent = String(i + 1);
+    svg.append(rect, label);
+  });
+}
+
+function fillTimings(timings, roundTrip) {
+  const rows = [
+    ["round trip (browser)", roundTrip],
+    ["total (server)", timings.total],
+    ["queue", timings.queue],
+    ["inference", timings.inference],
+  ];
+  Object.entries(timings.stages || {}).forEach(([stage, s]) => rows.push([`  ${stage}`, s]));
+  const tbody = $("timings").tBodies[0];
+  tbody.replaceChildren();
+  rows.forEach(([name, s]) => {
+    const tr = tbody.insertRow();
+    tr.insertCell().textContent = name;
+    tr.insertCell().textContent = formatSeconds(s);
+  });
+}
+
+function downloadName(file, contentType) {
+  const ext = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" }[contentType] || "img";
+  const stem = file.name.replace(/\.[^.]+$/, "") || "photo";
+  return `${stem}-restored.${ext}`;
+}
+
+async function showResult(file, payload, roundTrip) {
+  const result = $("result");
+  result.hidden = false;
+  result.dataset.state = "loading";
+  const restored = base64ToBlob(payload.image, payload.content_type);
+  const afterUrl = keepUrl(restored);
+  const [before] = await Promise.all([
+    loaded($("before"), keepUrl(file)),
+    loaded($("after"), afterUrl),
+  ]);
+  drawFaces(payload.faces || [], before.naturalWidth, before.naturalHeight);
+  $("faces-count").textContent = String(payload.faces_detected);
+  $("result-size").textContent = `${payload.width} × ${payload.height}`;
+  $("result-format").textContent = payload.content_type;
+  fillTimings(payload.timings || {}, roundTrip);
+  const link = $("download");
+  link.href = afterUrl;
+  link.download = downloadName(file, payload.content_type);
+  result.dataset.state = "done";
+}
+
+async function restore(event) {
+  event.preventDefault();
+  const file = $("image-input").files[0];
+  if (!file) {
+    setMessage("Choose a photo first.", "error");
+    return;
+  }
+  releaseUrls();
+  setBusy(true);
+  setMessage(`Uploading ${file.name}…`);
+  // The previous result goes away: a failed run must not leave it on screen as if current.
+  $("result").hidden = true;
+  $("result").dataset.state = "pending";
+  const headers = { Accept: "application/json" };
+  const key = $("opt-api-key").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const started = performance.now();
+  try {
+    const response = await fetch("restore", { method: "POST", body: buildForm(file), headers });
+    const payload = await response.json().catch(() => null);
+    const roundTrip = (performance.now() - started) / 1000;
+    if (!response.ok || !payload) {
+      $("result").dataset.state = "error";
+      setMessage(errorText(response.status, payload), "error");
+      return;
+    }
+    await showResult(file, payload, roundTrip);
+    const n = payload.faces_detected;
+    setMessage(n === 0 ? "No face found: the photo is unchanged." : `Restored ${n} face${n === 1 ? "" : "s"}.`, "ok");
+  } catch (err) {
+    $("result").dataset.state = "error";
+    setMessage(`Request failed: ${err.message}`, "error");
+  } finally {
+    setBusy(false);
+  }
+}
+
+function moveSlider() {
+  const pos = $("slider").value;
+  $("compare").style.setProperty("--pos", `${pos}%`);
+}
+
+function pickFile(file) {
+  $("drop-text").textContent = file ? `${file.name} (${Math.round(file.size / 1024)} KiB)` : "";
+}
+
+function setUpDrop() {
+  const zone = $("drop-zone");
+  const input = $("image-input");
+  input.addEventListener("change", () => pickFile(input.files[0]));
+  ["dragenter", "dragover"].forEach((type) =>
+    zone.addEventListener(type, (e) => {
+      e.preventDefault();
+      zone.classList.add("dragging");
+    }),
+  );
+  ["dragleave", "drop"].forEach((type) =>
+    zone.addEventListener(type, () => zone.classList.remove("dragging")),
+  );
+  zone.addEventListener("drop", (e) => {
+    e.preventDefault();
+    if (!e.dataTransfer.files.length) return;
+    input.files = e.dataTransfer.files;
+    pickFile(input.files[0]);
+  });
+}
+
+// Readiness badge: polls /readyz until the model is loaded and warm.
+async function checkReady() {
+  const badge = $("service-status");
+  try {
+    const response = await fetch("readyz", { cache: "no-store" });
+    if (response.ok) {
+      badge.dataset.ready = "true";
+      badge.textContent = "ready";
+      const info = await fetch("v1/info").then((r) => (r.ok ? r.json() : null)).catch(() => null);
+      const model = (info && info.model) || {};
+      if (model.device) badge.textContent = `ready · ${model.device}${model.dtype ? ` · ${model.dtype}` : ""}`;
+      return;
+    }
+    badge.dataset.ready = "false";
+    badge.textContent = "loading the model…";
+  } catch {
+    badge.dataset.ready = "false";
+    badge.textContent = "service unreachable";
+  }
+  setTimeout(checkReady, 5000);
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("restore-form").addEventListener("submit", restore);
+  $("slider").addEventListener("input", moveSlider);
+  $("opt-strength").addEventListener("input", () => {
+    $("opt-strength-value").textContent = Number($("opt-strength").value).toFixed(2);
+  });
+  $("show-faces").addEventListener("change", () => {
+    $("faces").classList.toggle("hidden", !$("show-faces").checked);
+  });
+  setUpDrop();
+  moveSlider();
+  checkReady();
+});
