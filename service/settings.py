@@ -67,6 +67,22 @@ class Settings(BaseSettings):
         "beyond it 429 before the upload is read (bounds memory held by waiting uploads)",
     )
 
+    # --- fast path (performance area; `compile` and `channels_last` are above) --------------
+    fast_path: bool = Field(
+        True, description="the restorer's fast path (model/fastpath.py); off: the plain path"
+    )
+    cuda_graphs: bool = Field(
+        True,
+        description="replay each model stage from CUDA graphs captured at warm-up for batch "
+        "sizes 1, 2, 4, ... up to max_batch_faces (CUDA)",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+        "default", description="torch.compile mode when compile is on"
+    )
+    torch_threads: PositiveInt | None = Field(
+        None, description="CPU threads for the model's operators; unset: one per core"
+    )
+
     @field_validator("weights_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:

@@ -1,0 +1,176 @@
+"""The app factory: settings, metrics, error handlers, middleware, routes, and the lifespan.
+
+    app = create_app()                                  # loads weights in the lifespan
+    app = create_app(settings, restorer=r, detector=d)  # tests inject loaded components
+
+The lifespan starts loading in a thread and returns at once, so `/healthz` answers and
+`/readyz` says why it is not ready while weights load and the warm-up batch runs. On shutdown
+(uvicorn has already stopped accepting connections and waited for running requests up to its
+graceful timeout) the model worker finishes what is queued within `shutdown_grace_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from model.faces import FaceDetector
+from model.restorer import OSDFaceRestorer
+from service import routes
+from service.errors import error_body, install_error_handlers
+from service.metrics import Metrics, status_class
+from service.settings import Settings
+from service.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    restorer: OSDFaceRestorer | None = None,
+    detector: FaceDetector | None = None,
+) -> FastAPI:
+    """Build the service. Given components are used as they are; missing ones load at start."""
+    settings = settings or Settings()
+    metrics = Metrics()
+    state = ServiceState(settings, metrics, restorer=restorer, detector=detector)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = asyncio.create_task(state.load(), name="osdface-load")
+        try:
+            yield
+        finally:
+            state.begin_drain()
+            if not loader.done():  # shut down while loading: the thread finishes on its own
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+            await state.shutdown(settings.shutdown_grace_s)
+
+    app = FastAPI(
+        title="OSDFace",
+        summary="One-step diffusion face restoration",
+        version=routes.service_version(),
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(routes.router)
+    _include_web_page(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-Id"],
+            expose_headers=[*routes.RESULT_HEADERS, "X-Request-Id", "Retry-After"],
+        )
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees everything
+    return app
+
+
+def _include_web_page(app: FastAPI) -> None:
+    """The browser page at GET / (service/web.py), when that module is part of the build."""
+    if importlib.util.find_spec("service.web") is not None:
+        app.include_router(importlib.import_module("service.web").router)
+
+
+class RequestContextMiddleware:
+    """Request id, request-duration metric, and the last line of defence for bugs.
+
+    Pure ASGI (not BaseHTTPMiddleware) so the disconnect message still reaches the handler.
+    Each request gets an `X-Request-Id` (the client's, if it is a short token, else a new one).
+    An exception no handler mapped is a bug: logged once with the request id, answered 500.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        request_id = _request_id(scope)
+        state = scope.setdefault("state", {})
+        state["request_id"], state["started_at"] = request_id, started
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                headers = MutableHeaders(scope=message)
+                headers["X-Request-Id"] = request_id
+                if "x-content-type-options" not in headers:
+                    headers["X-Content-Type-Options"] = "nosniff"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception(
+                "unhandled error on %s %s (request_id=%s)",
+                scope.get("method"),
+                scope.get("path"),
+                request_id,
+            )
+            self.metrics.errors.labels(type="internal").inc()
+            status = 500
+            if not response_started:
+                await _send_json(send_with_id, 500, error_body("internal", _internal(request_id)))
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_duration.labels(endpoint, status_class(status)).observe(
+                time.monotonic() - started
+            )
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            given = value.decode("latin-1")
+            if _REQUEST_ID.match(given):
+                return given
+    return uuid.uuid4().hex
+
+
+def _internal(request_id: str) -> str:
+    return f"internal error; quote request id {request_id} when reporting it"
+
+
+async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

@@ -1,0 +1,357 @@
+"""Cross-request batching: one model worker thread owns the device.
+
+Requests `submit` a tensor of items (faces, `(F, ...)`) from the event loop and await the result.
+The worker thread gathers queued items from any number of requests into one call of the batch
+function, up to `max_batch` items, waiting at most `max_delay_s` after the oldest queued item
+arrived for the batch to fill. A request's items may be split across consecutive batches, so
+batches are always full when enough work is queued.
+
+The queue is bounded in items: a submit that would overflow it fails at once with
+`QueueFullError` (the HTTP layer answers 429). A submit whose awaiting task is cancelled (deadline,
+client disconnect) removes its not-yet-started items from the queue; items already inside a
+running batch finish and are thrown away, because a device call cannot be interrupted.
+
+The batcher knows nothing about HTTP or faces: `fn(batch) -> (outputs, timings)` is any function
+from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+class QueueFullError(Exception):
+    """The queue cannot take the submitted items now; try again after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class BatcherClosedError(Exception):
+    """The batcher stopped taking work (shutdown) or stopped before this work ran."""
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One model call, as seen by the `on_batch` hook (called on the worker thread)."""
+
+    size: int
+    seconds: float
+    timings: dict[str, float]
+
+
+@dataclass
+class BatchResult:
+    """What `submit` returns: outputs in submission order and where the time went.
+
+    `queue_wait_s` runs from submit to the start of the first batch holding one of the items;
+    `inference_s` and `timings` add up the batches that held them (shared with other requests).
+    """
+
+    output: torch.Tensor
+    queue_wait_s: float
+    inference_s: float
+    timings: dict[str, float]
+    batches: int
+
+
+@dataclass(eq=False)
+class _Job:
+    items: torch.Tensor
+    future: asyncio.Future[BatchResult]
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float
+    deadline: float | None
+    taken: int = 0  # items handed to a batch (guarded by the lock)
+    done: int = 0  # items finished (worker thread only)
+    cancelled: bool = False
+    started_at: float | None = None
+    inference_s: float = 0.0
+    batches: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    out: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.items.shape[0])
+
+
+# One batch: (job, first item, end item) slices in batch order.
+_Chunks = list[tuple[_Job, int, int]]
+
+
+class Batcher:
+    """A bounded, deadline-aware queue in front of one worker thread that runs `fn`."""
+
+    def __init__(
+        self,
+        fn: BatchFn,
+        *,
+        max_batch: int,
+        max_delay_s: float,
+        max_queue: int,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        on_queue_wait: Callable[[float], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+        name: str = "osdface-model",
+    ) -> None:
+        if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_delay_s >= 0")
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.max_queue = max_queue
+        self._fn = fn
+        self._on_batch = on_batch or (lambda report: None)
+        self._on_queue_wait = on_queue_wait or (lambda seconds: None)
+        self._on_depth = on_depth or (lambda depth: None)
+        self._cond = threading.Condition()
+        self._queue: deque[_Job] = deque()
+        self._queued = 0  # items waiting, not counting the running batch
+        self._running: list[_Job] = []
+        self._accepting = True
+        self._stopping = False
+        self._hurry = False  # run what is queued without waiting for batches to fill
+        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+
+    # --- event-loop side -------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        """Items waiting for a batch."""
+        with self._cond:
+            return self._queued
+
+    @property
+    def accepting(self) -> bool:
+        with self._cond:
+            return self._accepting
+
+    async def submit(self, items: torch.Tensor, *, deadline: float | None = None) -> BatchResult:
+        """Queue `items` (shape `(N, ...)`, N >= 1) and wait for their outputs.
+
+        `deadline` is a `time.monotonic()` instant: items still queued after it are dropped
+        and `TimeoutError` is raised. Cancelling the awaiting task drops queued items too.
+        """
+        if items.ndim < 1 or items.shape[0] < 1:
+            raise ValueError("submit needs at least one item")
+        loop = asyncio.get_running_loop()
+        job = _Job(items, loop.create_future(), loop, time.monotonic(), deadline)
+        with self._cond:
+            if not self._accepting:
+                raise BatcherClosedError("the model worker is shutting down")
+            # A request bigger than the whole queue is let into an empty queue, never starved.
+            if self._queued and self._queued + job.size > self.max_queue:
+                raise QueueFullError(
+                    f"model queue full ({self._queued} of {self.max_queue} faces waiting)",
+                    self._retry_after_locked(),
+                )
+            self._queue.append(job)
+            self._queued += job.size
+            self._on_depth(self._queued)
+            self._cond.notify_all()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done() or job.future.cancelled():
+                self._abandon(job)
+
+    def retry_after_s(self) -> float:
+        with self._cond:
+            return self._retry_after_locked()
+
+    def close(self) -> None:
+        """Refuse new work; queued work still runs."""
+        with self._cond:
+            self._accepting = False
+
+    def hurry(self) -> None:
+        """Stop waiting for batches to fill (shutting down: no more work is coming)."""
+        with self._cond:
+            self._hurry = True
+            self._cond.notify_all()
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Close, run what is queued, and end the worker. Returns False if it did not finish
+        within `timeout` seconds; work still pending then fails with `BatcherClosedError`."""
+        with self._cond:
+            self._accepting = False
+            self._stopping = self._hurry = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        finished = not self._thread.is_alive()
+        if not finished:
+            with self._cond:
+                left = list(self._queue) + self._running
+                self._queue.clear()
+                self._queued = 0
+            for job in left:
+                _resolve(job, BatcherClosedError("shut down before this work ran"))
+            logger.warning(
+                "model worker still busy after %.1f s; %d jobs failed", timeout, len(left)
+            )
+        return finished
+
+    # --- worker side -------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            chunks = self._next_batch()
+            if chunks is None:
+                return
+            self._execute(chunks)
+
+    def _next_batch(self) -> _Chunks | None:
+        """Block until a batch is due, then take it off the queue (None: stopped and empty)."""
+        with self._cond:
+            while True:
+                if not self._queue:
+                    if self._stopping:
+                        return None
+                    self._cond.wait()
+                    continue
+                # Wait for the batch to fill, but never longer than max_delay after the oldest.
+                wait = self._queue[0].enqueued_at + self.max_delay_s - time.monotonic()
+                if self._queued < self.max_batch and not self._hurry and wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                self._drop_expired_locked()
+                if self._queue:
+                    return self._take_locked()
+
+    def _drop_expired_locked(self) -> None:
+        now = time.monotonic()
+        for job in [j for j in self._queue if j.deadline is not None and j.deadline <= now]:
+            self._queue.remove(job)
+            self._queued -= job.size - job.taken
+            job.cancelled = True
+            _resolve(job, TimeoutError("deadline passed while queued"))
+        self._on_depth(self._queued)
+
+    def _take_locked(self) -> _Chunks:
+        chunks: _Chunks = []
+        room = self.max_batch
+        while self._queue and room:
+            job = self._queue[0]
+            count = min(room, job.size - job.taken)
+            chunks.append((job, job.taken, job.taken + count))
+            job.taken += count
+            room -= count
+            self._queued -= count
+            if job.taken == job.size:
+                self._queue.popleft()
+        self._running = [job for job, _, _ in chunks]
+        self._on_depth(self._queued)
+        return chunks
+
+    def _execute(self, chunks: _Chunks) -> None:
+        started = time.monotonic()
+        for job, _, _ in chunks:
+            if job.started_at is None:
+                job.started_at = started
+                self._on_queue_wait(started - job.enqueued_at)
+        parts = [job.items[lo:hi] for job, lo, hi in chunks]
+        inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
+        try:
+            outputs, timings = self._fn(inputs)
+            if outputs.shape[0] != inputs.shape[0]:
+                raise RuntimeError(f"batch fn returned {outputs.shape[0]} for {inputs.shape[0]}")
+        except Exception as exc:  # every request of the batch gets it; the HTTP layer logs it
+            for job, _, _ in chunks:
+                self._abandon(job)  # its items still queued (if split) will not run either
+                _resolve(job, exc)
+            self._finish_batch(started)
+            return
+        seconds = time.monotonic() - started
+        self._on_batch(BatchReport(int(inputs.shape[0]), seconds, dict(timings)))
+        offset = 0
+        for job, lo, hi in chunks:
+            self._deliver(job, lo, hi, outputs[offset : offset + hi - lo], seconds, timings)
+            offset += hi - lo
+        self._finish_batch(started)
+
+    def _deliver(
+        self,
+        job: _Job,
+        lo: int,
+        hi: int,
+        outputs: torch.Tensor,
+        seconds: float,
+        timings: dict[str, float],
+    ) -> None:
+        if job.cancelled:
+            return
+        if job.out is None:
+            job.out = torch.empty((job.size, *outputs.shape[1:]), dtype=outputs.dtype)
+        job.out[lo:hi].copy_(outputs)
+        job.done += hi - lo
+        job.inference_s += seconds
+        job.batches += 1
+        for name, value in timings.items():
+            job.timings[name] = job.timings.get(name, 0.0) + value
+        if job.done == job.size:
+            assert job.started_at is not None
+            result = BatchResult(
+                job.out, job.started_at - job.enqueued_at, job.inference_s, job.timings, job.batches
+            )
+            _resolve(job, result)
+
+    def _finish_batch(self, started: float) -> None:
+        seconds = time.monotonic() - started
+        with self._cond:
+            self._running = []
+            a = 0.3  # moving-average weight of the newest batch
+            self._batch_seconds = (
+                seconds
+                if not self._batch_seconds
+                else (a * seconds + (1 - a) * self._batch_seconds)
+            )
+
+    def _retry_after_locked(self) -> float:
+        # Time to work through the queue ahead, at the recent batch speed; at least 1 s.
+        per_batch = max(self._batch_seconds, self.max_delay_s)
+        batches_ahead = math.ceil(self._queued / self.max_batch) + 1
+        return max(1.0, per_batch * batches_ahead)
+
+    def _abandon(self, job: _Job) -> None:
+        with self._cond:
+            job.cancelled = True
+            if job in self._queue:
+                self._queue.remove(job)
+                self._queued -= job.size - job.taken
+                self._on_depth(self._queued)
+                self._cond.notify_all()
+
+
+def _resolve(job: _Job, value: BatchResult | BaseException) -> None:
+    """Complete a job's future from any thread; a no-op if it is done or its loop is gone."""
+
+    def settle() -> None:
+        if job.future.done():
+            return
+        if isinstance(value, BaseException):
+            job.future.set_exception(value)
+        else:
+            job.future.set_result(value)
+
+    with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+        job.loop.call_soon_threadsafe(settle)

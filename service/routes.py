@@ -1,0 +1,333 @@
+"""The HTTP endpoints: /restore, /healthz, /readyz, /metrics, /v1/info."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import secrets
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from model.errors import InvalidInputError
+from model.images import normalize_format
+from model.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
+from service.batching import BatchResult, QueueFullError
+from service.errors import (
+    ClientDisconnectedError,
+    DeadlineExceededError,
+    InvalidParameterError,
+    NotReadyError,
+    UnauthorizedError,
+)
+from service.schemas import ErrorBody, FaceOut, Health, Info, Ready, RestoreForm, RestoreResult
+from service.settings import Settings
+from service.state import Phase, ServiceState
+from service.upload import IMAGE_FIELD, read_upload
+
+router = APIRouter()
+
+SERVICE_NAME = "osdface-service"
+RESULT_HEADERS = ("X-Faces-Detected", "X-Queue-Time", "X-Inference-Time", "X-Total-Time")
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in {
+        400: "the file is not a decodable image, or the multipart body is malformed",
+        401: "missing or wrong API key (only when one is configured)",
+        413: "too many bytes, pixels, or output pixels",
+        415: "format not allowed (sniffed from the bytes), or the body is not multipart",
+        422: "a form field is missing, unknown or out of range",
+        429: "the queue is full; retry after the Retry-After header's seconds",
+        503: "not ready yet (loading, warming up) or shutting down",
+        504: "the request passed its deadline",
+    }.items()
+}
+
+
+def get_service(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def require_api_key(request: Request, service: ServiceState = Depends(get_service)) -> None:
+    """`Authorization: Bearer <key>` when `api_key` is set; constant-time comparison."""
+    expected = service.settings.api_key
+    if not expected:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+        given.strip().encode(), expected.encode()
+    ):
+        raise UnauthorizedError("a valid 'Authorization: Bearer <API key>' header is required")
+
+
+# --- health, readiness, metrics, info ----------------------------------------------------------
+
+
+@router.get("/healthz", response_model=Health, tags=["ops"])
+async def healthz() -> Health:
+    """The process is alive and its event loop answers."""
+    return Health(status="ok")
+
+
+@router.get("/readyz", response_model=Ready, responses={503: _ERRORS[503]}, tags=["ops"])
+async def readyz(service: ServiceState = Depends(get_service)) -> Ready:
+    """Weights loaded and one warm-up batch done; 503 with the reason otherwise."""
+    if service.phase is not Phase.READY:
+        raise NotReadyError(service.reason)
+    return Ready(status="ready")
+
+
+@router.get("/metrics", tags=["ops"], response_class=Response)
+async def metrics(service: ServiceState = Depends(get_service)) -> Response:
+    """Prometheus text exposition."""
+    body, content_type = service.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/info", response_model=Info, responses={503: _ERRORS[503]}, tags=["ops"])
+async def info(service: ServiceState = Depends(get_service)) -> Info:
+    """Model files and checksums, device, dtype, versions, batching settings and limits."""
+    if service.restorer is None or service.detector is None:
+        raise NotReadyError(service.reason)
+    s = service.settings
+    return Info(
+        service={
+            "name": SERVICE_NAME,
+            "version": service_version(),
+            "phase": str(service.phase),
+            "uptime_s": round(time.time() - service.started_at, 3),
+        },
+        model=service.restorer.describe(),
+        detector=service.detector.describe(),
+        batching={
+            "max_batch_faces": s.max_batch_faces,
+            "max_batch_delay_ms": s.max_batch_delay_ms,
+            "max_queue_faces": s.max_queue_faces,
+            "max_inflight_requests": s.max_inflight_requests,
+            "request_timeout_s": s.request_timeout_s,
+            "cpu_workers": s.cpu_workers,
+        },
+        limits={
+            "max_upload_bytes": s.max_upload_bytes,
+            "max_pixels": s.max_pixels,
+            "max_output_pixels": s.max_output_pixels,
+            "max_faces": s.max_faces,
+            "allowed_formats": list(s.allowed_formats),
+        },
+    )
+
+
+# --- restore -----------------------------------------------------------------------------------
+
+_FORM_SCHEMA = RestoreForm.model_json_schema()
+_RESTORE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [IMAGE_FIELD],
+                "properties": {
+                    IMAGE_FIELD: {"type": "string", "format": "binary"},
+                    **_FORM_SCHEMA["properties"],
+                },
+            }
+        }
+    },
+}
+_IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}}
+
+
+@router.post(
+    "/restore",
+    tags=["restore"],
+    response_class=Response,
+    openapi_extra={"requestBody": _RESTORE_BODY},
+    responses={
+        200: {
+            "description": "the restored image (or JSON with `Accept: application/json`)",
+            "model": RestoreResult,
+            "content": {t: _IMAGE_CONTENT for t in ("image/png", "image/jpeg", "image/webp")},
+        },
+        **_ERRORS,
+    },
+)
+async def restore(
+    request: Request,
+    service: ServiceState = Depends(get_service),
+    _: None = Depends(require_api_key),
+) -> Response:
+    """Restore the faces of one photo (or one aligned 512x512 face with `aligned=true`).
+
+    No face found is a 200 with `X-Faces-Detected: 0` and the image unchanged.
+    """
+    service.check_ready()
+    settings = service.settings
+    started = request.scope.get("state", {}).get("started_at", time.monotonic())
+    deadline = started + settings.request_timeout_s
+    with service.admitted():
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                upload = await read_upload(request, settings.max_upload_bytes)
+                options = parse_options(upload.fields, settings)
+                work = asyncio.ensure_future(
+                    _restore_photo(service, upload.image, options, deadline)
+                )
+                result, batch = await _unless_disconnected(work, request)
+        except TimeoutError as exc:
+            service.metrics.rejected.labels(reason="deadline").inc()
+            raise DeadlineExceededError(
+                f"the request did not finish within {settings.request_timeout_s:g} s"
+            ) from exc
+        except ClientDisconnectedError:
+            service.metrics.rejected.labels(reason="client_disconnected").inc()
+            raise
+    total = time.monotonic() - started
+    return _response(request, result, batch, total)
+
+
+def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
+    """Form fields (strings) -> validated RestoreOptions; InvalidParameterError if not."""
+    given = {name: value for name, value in fields.items() if value != ""}
+    try:
+        form = RestoreForm.model_validate(given)
+    except ValidationError as exc:
+        raise InvalidParameterError(_describe(exc)) from exc
+    if form.max_faces is not None and form.max_faces > settings.max_faces:
+        raise InvalidParameterError(f"max_faces is at most {settings.max_faces} on this server")
+    fmt = normalize_format(form.output_format) if form.output_format else None
+    if fmt is not None and fmt not in settings.allowed_formats:
+        raise InvalidParameterError(f"output_format must be one of {settings.allowed_formats}")
+    return RestoreOptions(
+        aligned=form.aligned,
+        only_center_face=form.only_center_face,
+        max_faces=form.max_faces or settings.max_faces,
+        strength=form.strength,
+        upscale=form.upscale,
+        output_format=fmt,
+        quality=form.quality,
+    ).validated()
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return "; ".join(parts)
+
+
+async def _restore_photo(
+    service: ServiceState, data: bytes, options: RestoreOptions, deadline: float
+) -> tuple[PhotoResult, BatchResult | None]:
+    """Decode/detect/align on the CPU pool, faces through the batcher, paste/encode on the pool."""
+    assert service.batcher is not None
+    prepared = await service.run_cpu(prepare_photo, data, service.detector, options, service.limits)
+    count = int(prepared.crops.shape[0])
+    batch = None
+    restored = prepared.crops  # (0, 3, 512, 512) when no face was found
+    try:
+        if count:
+            batch = await service.batcher.submit(prepared.crops, deadline=deadline)
+            restored = batch.output
+        result = await service.run_cpu(finish_photo, prepared, restored)
+    except QueueFullError:
+        service.metrics.rejected.labels(reason="queue_full").inc()
+        raise
+    except InvalidInputError as exc:
+        # The client's input was accepted by prepare_photo; an input error past that point
+        # (a bad tensor into the restorer, NaN out of it) is ours: a 500, not a 422.
+        raise RuntimeError(f"the model stage broke its contract: {exc}") from exc
+    service.metrics.faces_per_image.observe(count)
+    # Stages that did not run for this image (detect for aligned input, paste without faces)
+    # are reported as 0.0 by the pipeline; they are not observations.
+    service.metrics.observe_stages({k: v for k, v in result.timings.items() if v > 0})
+    return result, batch
+
+
+async def _unless_disconnected(
+    work: asyncio.Future[tuple[PhotoResult, BatchResult | None]], request: Request
+) -> tuple[PhotoResult, BatchResult | None]:
+    """Await `work`, cancelling it (and so dropping its queued faces) if the client leaves."""
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            return work.result()
+        raise ClientDisconnectedError("the client disconnected before the answer was ready")
+    finally:
+        work.cancel()
+        watcher.cancel()
+        await asyncio.gather(work, watcher, return_exceptions=True)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    # The body has been read, so the server's next message is the disconnect (if any).
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _response(
+    request: Request, result: PhotoResult, batch: BatchResult | None, total: float
+) -> Response:
+    queue = batch.queue_wait_s if batch else 0.0
+    inference = batch.inference_s if batch else 0.0
+    headers = {
+        "X-Faces-Detected": str(len(result.faces)),
+        "X-Queue-Time": f"{queue:.4f}",
+        "X-Inference-Time": f"{inference:.4f}",
+        "X-Total-Time": f"{total:.4f}",
+        "Vary": "Accept",
+    }
+    if not wants_json(request.headers.get("accept", "")):
+        return Response(result.data, media_type=result.content_type, headers=headers)
+    stages = dict(result.timings)
+    if batch is not None:
+        stages.update(batch.timings)
+    body = RestoreResult(
+        image=base64.b64encode(result.data).decode("ascii"),
+        content_type=result.content_type,
+        width=result.width,
+        height=result.height,
+        faces_detected=len(result.faces),
+        faces=[
+            FaceOut(box=list(f.box), landmarks=[list(p) for p in f.landmarks], score=f.score)
+            for f in result.faces
+        ],
+        timings={"queue": queue, "inference": inference, "total": total, "stages": stages},
+    )
+    return JSONResponse(body.model_dump(), headers=headers)
+
+
+def wants_json(accept: str) -> bool:
+    """True when Accept lists application/json (q > 0) at least as high as any image type."""
+    json_q, image_q = 0.0, 0.0
+    for item in accept.split(","):
+        media, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        media = media.strip().lower()
+        if media == "application/json":
+            json_q = max(json_q, q)
+        elif media.startswith("image/"):
+            image_q = max(image_q, q)
+    return json_q > 0 and json_q >= image_q
+
+
+def service_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(SERVICE_NAME)
+    except PackageNotFoundError:
+        return "0+unknown"

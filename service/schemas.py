@@ -1,0 +1,73 @@
+"""Request and response shapes of the HTTP API (also what `/docs` shows)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="stable machine-readable kind, e.g. invalid_image, queue_full")
+    message: str = Field(description="what went wrong, for people")
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class RestoreForm(BaseModel):
+    """The form fields of POST /restore besides the `image` file. Unknown fields are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aligned: bool = Field(False, description="the image is already a 512x512 FFHQ-aligned face")
+    only_center_face: bool = Field(False, description="restore only the face nearest the centre")
+    max_faces: int | None = Field(
+        None, ge=1, description="restore at most this many (largest) faces"
+    )
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="1 = fully restored, 0 = original")
+    upscale: int = Field(1, ge=1, le=4, description="output scale; background Lanczos-upscaled")
+    output_format: str | None = Field(
+        None, description="png, jpeg or webp; default: the input's format"
+    )
+    quality: int = Field(95, ge=1, le=100, description="JPEG / lossy WebP quality")
+
+
+class FaceOut(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in input pixels")
+    landmarks: list[list[float]] = Field(description="5 (x, y) points: eyes, nose, mouth corners")
+    score: float = Field(description="detector confidence")
+
+
+class Timings(BaseModel):
+    queue: float = Field(description="seconds the faces waited for the model worker")
+    inference: float = Field(description="seconds of the model calls holding this image's faces")
+    total: float = Field(description="seconds from request arrival to the answer")
+    stages: dict[str, float] = Field(description="seconds per stage (decode, detect, unet, ...)")
+
+
+class RestoreResult(BaseModel):
+    image: str = Field(description="the restored image file, base64")
+    content_type: str
+    width: int
+    height: int
+    faces_detected: int
+    faces: list[FaceOut]
+    timings: Timings
+
+
+class Health(BaseModel):
+    status: str = Field(description="ok")
+
+
+class Ready(BaseModel):
+    status: str = Field(description="ready")
+
+
+class Info(BaseModel):
+    service: dict[str, Any] = Field(description="name, version, uptime")
+    model: dict[str, Any] = Field(description="files and sha256, device, dtype, versions")
+    detector: dict[str, Any]
+    batching: dict[str, Any]
+    limits: dict[str, Any]

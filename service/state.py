@@ -1,0 +1,233 @@
+"""What one running app holds: settings, loaded components, the model worker, the CPU pool.
+
+Built by `create_app`; loaded in the lifespan (in a thread, so `/healthz` and `/readyz` answer
+while weights load); read by the routes through `request.app.state.service`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+
+from model.faces import FaceDetector
+from model.fastpath import FastPathConfig, batch_sizes_up_to
+from model.images import ImageLimits
+from model.restorer import OSDFaceRestorer
+from service.batching import Batcher, BatchReport
+from service.errors import NotReadyError, TooManyRequestsError
+from service.metrics import Metrics
+from service.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class Phase(enum.StrEnum):
+    LOADING = "loading"
+    WARMING_UP = "warming_up"
+    READY = "ready"
+    FAILED = "failed"
+    DRAINING = "draining"
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> float16 on cuda, float32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def fast_path_config(s: Settings) -> FastPathConfig | None:
+    """The restorer's fast path from the settings (None: the plain path).
+
+    CUDA graphs / compiled shapes are made for the batch sizes the batcher mostly produces,
+    1, 2, 4, ... up to `max_batch_faces`; other sizes pad up to the next one or split.
+    """
+    if not s.fast_path:
+        if s.torch_threads is not None:
+            torch.set_num_threads(s.torch_threads)  # process-wide, as the fast path does
+        return None
+    return FastPathConfig(
+        channels_last=s.channels_last,
+        cuda_graphs=s.cuda_graphs,
+        compile=s.compile,
+        compile_mode=s.compile_mode,
+        batch_sizes=batch_sizes_up_to(s.max_batch_faces),
+        num_threads=s.torch_threads,
+    )
+
+
+class ServiceState:
+    """The app's runtime; one per app, so tests can run several apps in one process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        restorer: OSDFaceRestorer | None = None,
+        detector: FaceDetector | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.restorer = restorer
+        self.detector = detector
+        self.limits = ImageLimits(
+            max_bytes=settings.max_upload_bytes,
+            max_pixels=settings.max_pixels,
+            max_output_pixels=settings.max_output_pixels,
+            allowed_formats=tuple(settings.allowed_formats),
+        )
+        self.batcher: Batcher | None = None
+        self.pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="osdface-cpu")
+        self.phase = Phase.LOADING
+        self.reason = "loading weights"
+        self._inflight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain_started: float | None = None
+        self.started_at = time.time()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load what was not injected, warm up, start the model worker, then report ready."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            await asyncio.to_thread(self._load_components)
+            if self.settings.warmup:
+                self.phase, self.reason = Phase.WARMING_UP, "running the warm-up batch"
+                await asyncio.to_thread(self._warm_up)
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self.phase, self.reason = Phase.FAILED, f"loading failed: {exc}"
+            return
+        assert self.restorer is not None
+        self.metrics.watch_device(self.restorer.device)
+        self.batcher = self._make_batcher()
+        self.batcher.start()
+        if self.phase is not Phase.DRAINING:
+            self.phase, self.reason = Phase.READY, "ready"
+            logger.info("ready: %s", self.restorer.describe())
+
+    def _load_components(self) -> None:
+        s = self.settings
+        device = resolve_device(s.device)
+        if self.restorer is None:
+            dtype = resolve_dtype(s.dtype, device)
+            logger.info("loading the restorer from %s on %s (%s)", s.weights_dir, device, dtype)
+            self.restorer = OSDFaceRestorer.from_pretrained(
+                s.weights_dir, device, dtype, latent=s.latent, fast=fast_path_config(s)
+            )
+        if self.detector is None:
+            self.detector = FaceDetector.load(
+                s.weights_dir,
+                s.detector,
+                device,
+                threshold=s.detect_threshold,
+                max_side=s.detect_max_side,
+                min_face_size=s.min_face_size,
+            )
+
+    def _warm_up(self) -> None:
+        assert self.restorer is not None and self.detector is not None
+        start = time.perf_counter()
+        self.restorer.warmup(batch_size=1)
+        self.detector.detect(np.zeros((64, 64, 3), dtype=np.uint8))
+        logger.info("warm-up done in %.2f s", time.perf_counter() - start)
+
+    def _make_batcher(self) -> Batcher:
+        restorer, s, metrics = self.restorer, self.settings, self.metrics
+        assert restorer is not None
+        seed = s.seed if s.latent == "sample" else None
+
+        def run_model(faces: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+            out = restorer(faces, seed=seed)
+            return out.images, out.timings
+
+        def on_batch(report: BatchReport) -> None:
+            metrics.batch_size.observe(report.size)
+            metrics.observe_stages(report.timings)
+
+        return Batcher(
+            run_model,
+            max_batch=s.max_batch_faces,
+            max_delay_s=s.max_batch_delay_ms / 1000.0,
+            max_queue=s.max_queue_faces,
+            on_batch=on_batch,
+            on_queue_wait=metrics.queue_wait.observe,
+            on_depth=metrics.queue_depth.set,
+        )
+
+    def begin_drain(self) -> None:
+        """Refuse new /restore requests; running ones finish, without waiting for batches to
+        fill. Safe to call from a signal handler: it sets a flag and schedules the rest."""
+        self.phase, self.reason = Phase.DRAINING, "shutting down"
+        self._drain_started = self._drain_started or time.monotonic()
+        if self._loop is not None and self.batcher is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                self._loop.call_soon_threadsafe(self.batcher.hurry)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Finish queued model work within what is left of `grace_s` since draining began
+        (uvicorn spent some of it waiting for requests), then stop the worker and the pool."""
+        self.begin_drain()
+        if self.batcher is not None:
+            left = grace_s - (time.monotonic() - (self._drain_started or time.monotonic()))
+            finished = await asyncio.to_thread(self.batcher.stop, max(left, 1.0))
+            logger.info("model worker %s", "drained" if finished else "stopped before draining")
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- per request -------------------------------------------------------------------------
+
+    def check_ready(self) -> None:
+        if self.phase is not Phase.READY:
+            reason = "draining" if self.phase is Phase.DRAINING else "not_ready"
+            self.metrics.rejected.labels(reason=reason).inc()
+            raise NotReadyError(self.reason, retry_after_s=1.0 if reason == "draining" else 5.0)
+
+    @contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Count a /restore request from admission to answer; refuse past the in-flight bound.
+
+        This bounds what waits before the model queue (uploads held in memory, jobs waiting for
+        a CPU thread), which the face-counting model queue cannot see.
+        """
+        if self._inflight >= self.settings.max_inflight_requests:
+            self.metrics.rejected.labels(reason="too_many_requests").inc()
+            retry = self.batcher.retry_after_s() if self.batcher else 1.0
+            raise TooManyRequestsError(
+                f"{self._inflight} requests in progress (limit "
+                f"{self.settings.max_inflight_requests})",
+                retry,
+            )
+        self._inflight += 1
+        self.metrics.requests_in_flight.inc()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            self.metrics.requests_in_flight.dec()
+
+    async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work (decode, detect, paste, encode) on the bounded CPU pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))

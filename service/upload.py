@@ -1,0 +1,155 @@
+"""Reading the multipart upload of POST /restore, with every limit enforced while reading.
+
+Starlette's form parser spools files of any size to disk before the handler sees them; here the
+body is streamed through python-multipart and refused the moment it passes its byte limit (and
+before reading anything when Content-Length already says so). The client's filename and
+content type are never used: the format is sniffed from the bytes by `model.images`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect, Request
+
+from service.errors import (
+    ClientDisconnectedError,
+    InvalidParameterError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+
+IMAGE_FIELD = "image"
+MAX_FIELD_BYTES = 1024  # the options are short words and numbers
+MAX_PARTS = 16
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the option fields
+
+
+@dataclass
+class Upload:
+    """The image's bytes (not yet validated) and the text form fields."""
+
+    image: bytes
+    fields: dict[str, str]
+
+
+@dataclass
+class _Part:
+    name: str | None = None
+    data: bytearray = field(default_factory=bytearray)
+    header_field: bytearray = field(default_factory=bytearray)
+    header_value: bytearray = field(default_factory=bytearray)
+    disposition: bytes = b""
+
+
+class _Collector:
+    """python-multipart callbacks that keep the image and the fields, each within its limit."""
+
+    def __init__(self, max_image_bytes: int) -> None:
+        self.max_image_bytes = max_image_bytes
+        self.part = _Part()
+        self.image: bytearray | None = None
+        self.fields: dict[str, str] = {}
+        self.parts = 0
+        self.ended = False
+
+    def callbacks(self) -> dict:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > MAX_PARTS:
+            raise MalformedRequestError(f"more than {MAX_PARTS} multipart fields")
+        self.part = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.part.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.part.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if bytes(self.part.header_field).lower() == b"content-disposition":
+            self.part.disposition = bytes(self.part.header_value)
+        self.part.header_field.clear()
+        self.part.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        kind, params = parse_options_header(self.part.disposition)
+        name = params.get(b"name")
+        if kind != b"form-data" or not name:
+            raise MalformedRequestError("a multipart field has no Content-Disposition name")
+        self.part.name = name.decode("utf-8", "replace")
+        if self.part.name == IMAGE_FIELD and self.image is not None:
+            raise InvalidParameterError("send exactly one 'image' field")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.part
+        part.data += data[start:end]
+        if part.name == IMAGE_FIELD:
+            if len(part.data) > self.max_image_bytes:
+                raise PayloadTooLargeError(
+                    f"the image is over the {self.max_image_bytes} byte upload limit"
+                )
+        elif len(part.data) > MAX_FIELD_BYTES:
+            raise PayloadTooLargeError(f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes")
+
+    def on_part_end(self) -> None:
+        part = self.part
+        if part.name == IMAGE_FIELD:
+            self.image = part.data
+        elif part.name is not None:
+            if part.name in self.fields:
+                raise InvalidParameterError(f"form field {part.name!r} given twice")
+            self.fields[part.name] = bytes(part.data).decode("utf-8", "replace").strip()
+        self.part = _Part()
+
+    def on_end(self) -> None:
+        self.ended = True
+
+
+async def read_upload(request: Request, max_image_bytes: int) -> Upload:
+    """Stream and parse the multipart body; raise the service error that explains a refusal."""
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    if kind != b"multipart/form-data":
+        raise UnsupportedMediaTypeError(
+            "send multipart/form-data with the picture in the 'image' field"
+        )
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise MalformedRequestError("the multipart Content-Type has no boundary")
+    body_limit = max_image_bytes + MULTIPART_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > body_limit:
+        raise PayloadTooLargeError(f"the request body is over {body_limit} bytes")
+    collector = _Collector(max_image_bytes)
+    try:
+        parser = MultipartParser(boundary, collector.callbacks())
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > body_limit:
+                raise PayloadTooLargeError(f"the request body is over {body_limit} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except ClientDisconnect as exc:
+        raise ClientDisconnectedError("the client disconnected during the upload") from exc
+    except (MultipartParseError, ValueError) as exc:
+        raise MalformedRequestError(f"the multipart body cannot be parsed: {exc}") from exc
+    if not collector.ended:
+        raise MalformedRequestError("the multipart body ended before its closing boundary")
+    if collector.image is None:
+        raise InvalidParameterError("the multipart field 'image' is missing")
+    return Upload(bytes(collector.image), collector.fields)
