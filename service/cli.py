@@ -66,6 +66,7 @@ def _add_weights(sub: argparse._SubParsersAction) -> None:
         if name == "fetch":
             p.add_argument("--sd-repo", help="a mirror of stabilityai/stable-diffusion-2-1-base")
             p.add_argument("--all", action="store_true", help="also optional files")
+            p.add_argument("--train", action="store_true", help="also the training loss networks")
 
 
 def _default_weights_dir() -> Path:
@@ -77,7 +78,9 @@ def _default_weights_dir() -> Path:
 def _weights_fetch(args: argparse.Namespace) -> int:
     from weights.fetch import fetch
 
-    fetched = fetch(args.dir, include_optional=args.all, sd_repo=args.sd_repo)
+    fetched = fetch(
+        args.dir, include_optional=args.all, include_train=args.train, sd_repo=args.sd_repo
+    )
     logger.info("%d files fetched into %s", len(fetched), args.dir)
     return 0
 

@@ -36,6 +36,7 @@ class ManifestEntry:
     hf_file: str | None = None
     url: str | None = None
     optional: bool = False
+    group: str = "serve"  # "train": loss networks, only for `osdface train`
     note: str | None = None
 
     @property
@@ -75,9 +76,19 @@ def is_offline(entries: list[ManifestEntry]) -> bool:
     return not all(_host_reachable(e.source) for e in entries[:1])
 
 
-def fetch(root: Path, *, include_optional: bool = False, sd_repo: str | None = None) -> list[Path]:
+def fetch(
+    root: Path,
+    *,
+    include_optional: bool = False,
+    include_train: bool = False,
+    sd_repo: str | None = None,
+) -> list[Path]:
     """Download every manifest file missing under `root`; verify every checksum known."""
-    entries = [e for e in load_manifest() if include_optional or not e.optional]
+    entries = [
+        e
+        for e in load_manifest()
+        if (include_optional or not e.optional) and (include_train or e.group == "serve")
+    ]
     if sd_repo:
         entries = [_with_repo(e, sd_repo) for e in entries]
     missing = missing_entries(root, entries)
