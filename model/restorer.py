@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from model import weights as W
 from model.config import OSDFaceConfig
 from model.errors import InvalidInputError
+from model.fastpath import FastPath, FastPathConfig
 from model.vre import VisualRepresentationEmbedder
 
 logger = logging.getLogger(__name__)
@@ -60,6 +59,7 @@ class OSDFaceRestorer:
         dtype: torch.dtype,
         latent: LatentMode = "mode",
         files: dict[str, str] | None = None,
+        fast: FastPathConfig | None = None,
     ) -> None:
         self.config = config
         self.device = device
@@ -67,9 +67,17 @@ class OSDFaceRestorer:
         self.latent = latent
         self.alpha_bar = alpha_bar
         self.files = files or {}
-        self.vre = _place(vre, device, dtype)
-        self.vae = _place(vae, device, dtype)
-        self.unet = _place(unet, device, dtype)
+        # The fast path (model/fastpath.py) decides placement: per-part dtypes, memory format.
+        self.fast = FastPath(fast, device, dtype)
+        if fast is None:
+            self.vre = _place(vre, device, dtype)
+            self.vae = _place(vae, device, dtype)
+            self.unet = _place(unet, device, dtype)
+        else:
+            self.vre = self.fast.place(vre, self.fast.vre_dtype)
+            self.vae = self.fast.place_vae(vae)
+            self.unet = self.fast.place(unet, dtype)
+            self.fast.prepare(self.vre, self.vae, self.unet)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self._timestep = torch.tensor([config.timestep], device=device)
 
@@ -82,11 +90,13 @@ class OSDFaceRestorer:
         *,
         merge_lora: bool = True,
         latent: LatentMode = "mode",
+        fast: FastPathConfig | None = None,
     ) -> OSDFaceRestorer:
         """Load strictly from a weights folder (layout in `model.weights`).
 
         The released VRE pickles are converted once to safetensors if that was not done yet
         (without executing pickled code); the LoRA is merged at load if no merged UNet exists.
+        `fast` turns on the fast path (model/fastpath.py); None keeps the plain path.
         """
         layout = W.WeightsLayout(Path(weights_dir))
         config = OSDFaceConfig.load(layout.osdface)
@@ -111,6 +121,7 @@ class OSDFaceRestorer:
             dtype=dtype,
             latent=latent,
             files=files,
+            fast=fast,
         )
 
     # --- the one call --------------------------------------------------------------------
@@ -130,24 +141,36 @@ class OSDFaceRestorer:
         """
         latent = latent or self.latent
         self._check_input(images, latent)
-        timings: dict[str, float] = {}
-        lq = images.to(self.device, self.dtype, non_blocking=True) * 2 - 1  # [-1, 1]
+        clock, run = self.fast.clock(), self.fast.run  # run: eager, or a CUDA graph's replay
+        lq = self.fast.to_device(images) * 2 - 1  # [-1, 1]
 
-        # 1. tokens: the VRE's prompt, (B, 77, 1024)
-        with self._timed("vre", timings):
-            prompt = self.vre(lq)
+        # 1. tokens: the VRE's prompt, (B, 77, 1024). Independent of 2., so the fast path
+        #    runs it on a second CUDA stream, overlapped with the encode.
+        with clock("vre", side=True):
+            prompt = run("vre", self._tokens, lq)
         # 2. encode: z_L, (B, 4, S/8, S/8)
-        with self._timed("vae_encode", timings):
-            z = self._encode(lq, latent, seed)
+        with clock("vae_encode"):
+            encode = partial(self._encode, latent=latent, seed=seed)
+            z = run("vae_encode", encode, lq.to(self.dtype), graph=latent == "mode")
+        prompt = self.fast.join(prompt)
         # 3. one UNet step at T_L, then the clean latent
-        with self._timed("unet", timings):
-            eps = self.unet(z, self._timestep, encoder_hidden_states=prompt).sample
-            x0 = x0_from_eps(z, eps, self.alpha_bar)
+        with clock("unet"):
+            x0 = run("unet", self._denoise, z, prompt)
         # 4. decode
-        with self._timed("vae_decode", timings):
-            out = self.vae.decode(x0 / self.scaling_factor).sample
-            out = (out.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
-        return RestoreOutput(out.float().cpu(), timings)
+        with clock("vae_decode"):
+            out = run("vae_decode", self._decode, x0)
+        return RestoreOutput(self.fast.to_host(out), clock.seconds())
+
+    def _tokens(self, lq: torch.Tensor) -> torch.Tensor:
+        return self.vre(lq.to(self.fast.vre_dtype)).to(self.dtype)
+
+    def _denoise(self, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        eps = self.unet(z, self._timestep, encoder_hidden_states=prompt).sample
+        return x0_from_eps(z, eps, self.alpha_bar)
+
+    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
+        out = self.vae.decode((x0 / self.scaling_factor).to(self.fast.decode_dtype)).sample
+        return (out.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
 
     def _encode(self, lq: torch.Tensor, latent: LatentMode, seed: int | None) -> torch.Tensor:
         dist = self.vae.encode(lq).latent_dist
@@ -175,20 +198,16 @@ class OSDFaceRestorer:
         if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0 or hi > 1:
             raise InvalidInputError(f"pixel values must lie in [0, 1], got [{lo:.3g}, {hi:.3g}]")
 
-    @contextmanager
-    def _timed(self, stage: str, timings: dict[str, float]) -> Iterator[None]:
-        start = time.perf_counter()
-        yield
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        timings[stage] = time.perf_counter() - start
-
     # --- service helpers -----------------------------------------------------------------
 
     def warmup(self, batch_size: int = 1) -> None:
-        """Run one batch so kernels, allocator and any compilation are ready before traffic."""
+        """Run one batch so kernels, allocator and any compilation are ready before traffic.
+
+        With CUDA graphs or compilation on, every batch size the fast path captures is run.
+        """
         s = self.config.image_size
-        self(torch.full((batch_size, 3, s, s), 0.5))
+        for size in self.fast.warmup_sizes(batch_size):
+            self(torch.full((size, 3, s, s), 0.5))
 
     def describe(self) -> dict:
         return {
@@ -199,4 +218,5 @@ class OSDFaceRestorer:
             "timestep": self.config.timestep,
             "num_tokens": self.config.vre.num_tokens,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
+            "fast_path": self.fast.describe(),
         }

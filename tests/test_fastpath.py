@@ -1,0 +1,252 @@
+"""The fast path computes the plain fp32 path's function: each setting, on tiny weights.
+
+References are independent of the fast path: the plain fp32 restorer (`fast=None`), and the
+authors'-style baseline of bench/baseline.py (unmerged peft LoRA, per-image selection loop).
+CUDA-only settings (graphs, streams, pinned memory) are checked when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.baseline import AuthorsStyleBaseline, select_codes_loop, tokens_from_codes
+from model.errors import InvalidInputError
+from model.fastpath import (
+    FastPathConfig,
+    _padded,
+    batch_sizes_up_to,
+    resolve_decode_dtype,
+)
+from model.restorer import STAGES, OSDFaceRestorer
+from model.vre import nearest_codes, select_token_indices
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def faces(n: int, seed: int = 0) -> torch.Tensor:
+    """(n, 3, 512, 512) in [0, 1]: smooth random images, so the VAE sees structure."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 16, 16, generator=g)
+    return F.interpolate(coarse, size=(512, 512), mode="bilinear", align_corners=False)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = F.mse_loss(a.double(), b.double()).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1 / mse)).item()
+
+
+def assert_same_image(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal as images: under a quarter of one 8-bit level anywhere, 80 dB overall.
+
+    fp32 kernels that only sum in another order (oneDNN's NHWC convolutions, other thread
+    counts) differ by ~1e-6 per layer; the random tiny networks amplify that to ~3e-4 at most.
+    A wrong layout, dtype or token would be off by far more.
+    """
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert (got - want).abs().max().item() < 1e-3
+    assert psnr(got, want) > 80
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return faces(2)
+
+
+@pytest.fixture(scope="module")
+def plain_fp32(tiny_restorer: OSDFaceRestorer, images: torch.Tensor) -> torch.Tensor:
+    return tiny_restorer(images).images
+
+
+def restore(weights: Path, images: torch.Tensor, dtype=torch.float32, device="cpu", **fast):
+    r = OSDFaceRestorer.from_pretrained(weights, device, dtype, fast=FastPathConfig(**fast))
+    return r(images)
+
+
+# --- each setting equals the plain fp32 path ---------------------------------------------------
+
+FP32_SETTINGS = {
+    "all_defaults": {},
+    "channels_last_only": dict(sdpa=False, vre_float32=False, num_threads=None),
+    "no_channels_last": dict(channels_last=False),
+    "no_sdpa": dict(sdpa=False),
+    "one_thread": dict(num_threads=1),
+    "odd_batch_sizes": dict(batch_sizes=(3, 1)),
+}
+
+
+@pytest.mark.parametrize("setting", FP32_SETTINGS)
+def test_fp32_setting_equals_plain_path(setting, tiny_weights_dir, images, plain_fp32) -> None:
+    threads = torch.get_num_threads()
+    try:
+        out = restore(tiny_weights_dir, images, **FP32_SETTINGS[setting])
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_image(out.images, plain_fp32)
+
+
+def test_bf16_decode_is_close_to_fp32(tiny_weights_dir, images, plain_fp32) -> None:
+    out = restore(tiny_weights_dir, images, decode_dtype="bfloat16")
+    assert psnr(out.images, plain_fp32) > 35
+
+
+def test_bf16_compute_keeps_fp32_tokens(tiny_weights_dir, images) -> None:
+    """vre_float32: the tokens of a bf16 restorer are the fp32 path's, bit for bit."""
+    fp32 = OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cpu", torch.float32)
+    bf16 = OSDFaceRestorer.from_pretrained(
+        tiny_weights_dir, "cpu", torch.bfloat16, fast=FastPathConfig()
+    )
+    assert bf16.fast.vre_dtype == torch.float32
+    assert next(bf16.unet.parameters()).dtype == torch.bfloat16
+    lq = images * 2 - 1
+    with torch.inference_mode():
+        torch.testing.assert_close(bf16.vre.tokens(lq), fp32.vre.tokens(lq), atol=0, rtol=0)
+        out = bf16(images)
+    assert out.images.dtype == torch.float32
+    assert psnr(out.images, fp32(images).images) > 25
+
+
+@pytest.mark.slow  # inductor compiles the tiny modules: about 75 s on 2 cores with a cold cache
+def test_compiled_equals_plain_path(tiny_weights_dir, images, plain_fp32) -> None:
+    out = restore(tiny_weights_dir, images, compile=True)
+    assert_same_image(out.images, plain_fp32)
+
+
+# --- merged == unmerged, batched == per-image loop --------------------------------------------
+
+
+def test_fast_path_equals_authors_style_baseline(tiny_weights_dir, images) -> None:
+    """Merged LoRA + batched VRE + fast path == unmerged peft LoRA + per-image loop.
+
+    With `.sample()` latents too, for one image: the same seed draws the same posterior noise
+    (for a batch the draws differ: one generator per image in the baseline, one per batch here).
+    """
+    baseline = AuthorsStyleBaseline(tiny_weights_dir)
+    fast = OSDFaceRestorer.from_pretrained(tiny_weights_dir, fast=FastPathConfig())
+    assert_same_image(fast(images).images, baseline(images, latent="mode").images)
+    one = images[:1]
+    got = fast(one, latent="sample", seed=7).images
+    assert_same_image(got, baseline(one, latent="sample", seed=7).images)
+    assert psnr(got, fast(one, latent="mode").images) < 80  # the noise is really there
+
+
+def test_unmerged_lora_under_the_fast_path(tiny_weights_dir, images) -> None:
+    merged = restore(tiny_weights_dir, images)
+    r = OSDFaceRestorer.from_pretrained(tiny_weights_dir, merge_lora=False, fast=FastPathConfig())
+    assert any("lora" in name for name, _ in r.unet.named_modules())  # adapters, not merged
+    assert_same_image(r(images).images, merged.images)
+
+
+@pytest.mark.parametrize(("k", "tokens"), [(1024, 77), (40, 77), (8, 5)])
+def test_batched_selection_equals_per_image_loop(k: int, tokens: int) -> None:
+    """Includes fewer distinct codes than tokens (zero rows) and exact ties (repeated rows)."""
+    g = torch.Generator().manual_seed(k)
+    codebook = torch.randn(k, 16, generator=g)
+    features = torch.randn(5, 256, 16, generator=g)
+    features[:, 100:140] = features[:, 0:40]  # ties: equal distances at other positions
+    distance, index = nearest_codes(features, codebook)
+    codes, valid = select_token_indices(distance, index, k, tokens)
+    for b in range(5):
+        want = select_codes_loop(features[b], codebook, tokens)
+        got = codes[b][valid[b]].tolist()
+        assert got == want
+        rows = codebook[codes[b]] * valid[b, :, None]
+        torch.testing.assert_close(rows, tokens_from_codes(want, codebook, tokens), atol=0, rtol=0)
+
+
+# --- contract and helpers ---------------------------------------------------------------------
+
+
+def test_fast_output_contract(tiny_weights_dir) -> None:
+    r = OSDFaceRestorer.from_pretrained(tiny_weights_dir, fast=FastPathConfig())
+    out = r(faces(3, seed=1))
+    assert out.images.shape == (3, 3, 512, 512) and out.images.dtype == torch.float32
+    assert out.images.is_contiguous() and out.images.device.type == "cpu"
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert set(out.timings) == set(STAGES) and all(t >= 0 for t in out.timings.values())
+    assert r.describe()["fast_path"]["enabled"] is True
+
+
+def test_config_validation_and_helpers() -> None:
+    assert FastPathConfig(batch_sizes=(8, 1, 8)).batch_sizes == (1, 8)
+    for bad in (dict(batch_sizes=()), dict(batch_sizes=(0,)), dict(num_threads=0)):
+        with pytest.raises(InvalidInputError):
+            FastPathConfig(**bad)
+    with pytest.raises(InvalidInputError):
+        FastPathConfig(decode_dtype="float64")
+    assert batch_sizes_up_to(8) == (1, 2, 4, 8)
+    assert batch_sizes_up_to(6) == (1, 2, 4, 6)
+    assert batch_sizes_up_to(1) == (1,)
+    fp16 = FastPathConfig()
+    assert resolve_decode_dtype(fp16, torch.float16) == torch.bfloat16  # fp16 range overflows
+    assert resolve_decode_dtype(fp16, torch.float32) == torch.float32
+    assert (
+        resolve_decode_dtype(dataclasses.replace(fp16, decode_dtype="float32"), torch.float16)
+        == torch.float32
+    )
+
+
+def test_padding_keeps_rows_and_layout() -> None:
+    x = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
+    p = _padded(x, 8)
+    assert p.shape == (8, 4, 5, 6) and p.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(p[:3], x, atol=0, rtol=0)
+    torch.testing.assert_close(p[3:], x[-1:].expand(5, 4, 5, 6), atol=0, rtol=0)
+
+
+def test_warmup_sizes() -> None:
+    from model.fastpath import FastPath
+
+    cpu = FastPath(FastPathConfig(batch_sizes=(1, 4)), torch.device("cpu"), torch.float32)
+    assert cpu.warmup_sizes(2) == (2,)  # nothing is captured per shape on the CPU
+    compiled = FastPath(
+        FastPathConfig(batch_sizes=(1, 4), compile=True), torch.device("cpu"), torch.float32
+    )
+    assert compiled.warmup_sizes(2) == (1, 2, 4)
+    plain = FastPath(None, torch.device("cpu"), torch.float32)
+    assert plain.warmup_sizes(1) == (1,)
+
+
+# --- CUDA ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def strict_fp32():
+    """No TF32 and no autotuning: other batch sizes may pick other cuDNN algorithms, and TF32
+    rounding would then differ by more than the summation order of fp32."""
+    flags = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = flags[0].allow_tf32, flags[1].allow_tf32, flags[0].benchmark
+    flags[0].allow_tf32 = flags[1].allow_tf32 = flags[0].benchmark = False
+    yield
+    flags[0].allow_tf32, flags[1].allow_tf32, flags[0].benchmark = saved
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 2, 3, 5])
+def test_cuda_graphs_streams_pinned_equal_eager(tiny_weights_dir, batch: int, strict_fp32) -> None:
+    """Graph replay (padded 3 -> 4, split 5 -> 4 + 1), side stream and pinned copies change
+    nothing: the same fp32 numbers as the eager fast path on the same GPU."""
+    x = faces(batch, seed=batch)
+    eager = restore(tiny_weights_dir, x, device="cuda", cuda_graphs=False, overlap=False,
+                    pin_memory=False, cudnn_benchmark=False)  # fmt: skip
+    r = OSDFaceRestorer.from_pretrained(
+        tiny_weights_dir, "cuda", fast=FastPathConfig(batch_sizes=(1, 2, 4), cudnn_benchmark=False)
+    )
+    assert r.fast.graphs and r.fast.side is not None
+    for _ in range(3):  # capture, then replays
+        out = r(x)
+        assert_same_image(out.images, eager.images)
+    assert set(out.timings) == set(STAGES)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_precision_parity(tiny_weights_dir, images, plain_fp32, dtype) -> None:
+    out = restore(tiny_weights_dir, images, dtype=dtype, device="cuda")
+    assert torch.isfinite(out.images).all()
+    assert psnr(out.images, plain_fp32) > 25
