@@ -15,7 +15,6 @@ aligned-crop coordinates (OpenCV's convention: pixel i has coordinate i).
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import pickle
@@ -36,10 +35,10 @@ from model.errors import (
     ChecksumMismatchError,
     DetectorError,
     InvalidInputError,
-    StateDictMismatchError,
     WeightsError,
     WeightsNotFoundError,
 )
+from model.weights import check_state_dict, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +198,8 @@ class FaceDetector:
             # facexlib builds its ResNet-50 with torchvision's deprecated `pretrained=False`.
             warnings.simplefilter("ignore", UserWarning)
             network = RetinaFace(network_name=DETECTORS[name].network, device=torch.device("cpu"))
-        _load_strict(network, state, f"face detector {name}")
+        check_state_dict(f"face detector {name}", network, state)
+        network.load_state_dict(state, strict=True)
         return cls(
             network.to(device),
             name,
@@ -272,7 +272,7 @@ def load_detector_state(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     """Read a RetinaFace .pth: sha256 checked first, tensors only, `module.` prefix stripped."""
     if not path.is_file():
         raise WeightsNotFoundError(f"face detector weights not found: {path}")
-    digest = file_sha256(path)
+    digest = sha256_file(path)
     if digest != sha256:
         raise ChecksumMismatchError(f"{path}: sha256 {digest}, expected {sha256}")
     try:
@@ -284,28 +284,6 @@ def load_detector_state(path: Path, sha256: str) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path} does not hold a state dict")
     # The released files were saved from nn.DataParallel.
     return {k.removeprefix("module."): v for k, v in state.items()}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _load_strict(network: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    expected = network.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        (k, tuple(state[k].shape), tuple(v.shape))
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise StateDictMismatchError(what, missing, unexpected, mismatched)
-    network.load_state_dict(state, strict=True)
 
 
 def _check_rgb(rgb: np.ndarray) -> None:

@@ -30,13 +30,13 @@ from model.faces import (
     _priors,
     align_face,
     canvas_to_crop,
-    file_sha256,
     load_detector_state,
     paste_faces,
     paste_mask,
     select_faces,
     similarity_transform,
 )
+from model.weights import sha256_file
 from tests.photo_variants import MOBILE_FILE, WHOLE_PHOTOS, detector_weights_dir, load_rgb
 
 MOBILE = "retinaface_mobile0.25"
@@ -65,7 +65,7 @@ def _crops(assets: Path) -> list[Path]:
 
 
 def test_sha256_constants_match_the_assets_readme(assets: Path) -> None:
-    assert file_sha256(assets / "detectors" / MOBILE_FILE) == DETECTORS[MOBILE].sha256
+    assert sha256_file(assets / "detectors" / MOBILE_FILE) == DETECTORS[MOBILE].sha256
 
 
 def test_missing_weights(tmp_path: Path) -> None:
@@ -98,7 +98,7 @@ def test_state_dict_loading_is_strict_and_strips_module_prefix(
     # Files saved from nn.DataParallel carry a `module.` prefix; it is stripped on load.
     prefixed = tmp_path / "prefixed.pth"
     torch.save({f"module.{k.removeprefix('module.')}": v for k, v in state.items()}, prefixed)
-    loaded = load_detector_state(prefixed, file_sha256(prefixed))
+    loaded = load_detector_state(prefixed, sha256_file(prefixed))
     assert not any(k.startswith("module.") for k in loaded)
     FaceDetector.from_state_dict(loaded, MOBILE)  # loads strictly
 
@@ -115,7 +115,7 @@ def test_pickled_objects_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"weight": torch.zeros(1), "object": Path("not a tensor")}, path)
     with pytest.raises(WeightsError):
-        load_detector_state(path, file_sha256(path))
+        load_detector_state(path, sha256_file(path))
 
 
 # --- detection -----------------------------------------------------------------------------

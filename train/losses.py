@@ -23,6 +23,7 @@ from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
 from model.errors import StateDictMismatchError, WeightsError, WeightsNotFoundError
+from model.weights import check_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +62,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def load_frozen(what: str, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Strict load (every difference named), then eval mode and no gradients."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [
-        (k, tuple(state[k].shape), tuple(v.shape))
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        raise StateDictMismatchError(what, missing, unexpected, mismatched)
+    check_state_dict(what, model, state)
     model.load_state_dict(state)
     return freeze(model)
 
