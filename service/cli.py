@@ -149,16 +149,6 @@ def _add_restore(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_restore)
 
 
-def resolve_device_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
-    return torch.device(device), getattr(torch, dtype)
-
-
 def list_images(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
@@ -173,8 +163,10 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 def _restore(args: argparse.Namespace) -> int:
     from model.restorer import OSDFaceRestorer
+    from service.state import resolve_device, resolve_dtype
 
-    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     files = list_images(args.inputs)
     if not files:
         logger.error("no images found in %s", [str(p) for p in args.inputs])
@@ -224,37 +216,22 @@ def restore_aligned(
 
 
 def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, device) -> None:
-    from model.faces import FaceDetector
-    from model.images import ImageLimits
+    """Detect, align, restore and paste back every face of each photo (limits from settings)."""
     from model.pipeline import RestoreOptions, restore_files
+    from service.settings import Settings
+    from service.state import image_limits, load_detector
 
     options = RestoreOptions(
-        aligned=args.aligned,
         only_center_face=args.only_center_face,
         max_faces=args.max_faces,
         strength=args.strength,
         upscale=args.upscale,
-        output_format=args.format or ("png" if args.aligned else None),
+        output_format=args.format,
         quality=args.quality,
     ).validated()
-    from service.settings import Settings
-
-    defaults = Settings()
-    limits = ImageLimits(
-        max_bytes=defaults.max_upload_bytes,
-        max_pixels=defaults.max_pixels,
-        max_output_pixels=defaults.max_output_pixels,
-    )
-    detector = None
-    if not args.aligned:
-        detector = FaceDetector.load(
-            args.weights,
-            args.detector,
-            device,
-            threshold=defaults.detect_threshold,
-            max_side=defaults.detect_max_side,
-            min_face_size=defaults.min_face_size,
-        )
+    settings = Settings(weights_dir=args.weights, detector=args.detector)
+    detector = load_detector(settings, device)
+    limits = image_limits(settings)
     written = restore_files(
         files,
         args.output,

@@ -56,6 +56,27 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def image_limits(s: Settings) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=s.max_upload_bytes,
+        max_pixels=s.max_pixels,
+        max_output_pixels=s.max_output_pixels,
+        allowed_formats=tuple(s.allowed_formats),
+    )
+
+
+def load_detector(s: Settings, device: torch.device) -> FaceDetector:
+    """The face detector the settings name, from `<weights_dir>/facexlib/`."""
+    return FaceDetector.load(
+        s.weights_dir,
+        s.detector,
+        device,
+        threshold=s.detect_threshold,
+        max_side=s.detect_max_side,
+        min_face_size=s.min_face_size,
+    )
+
+
 def fast_path_config(s: Settings) -> FastPathConfig | None:
     """The restorer's fast path from the settings (None: the plain path).
 
@@ -91,12 +112,7 @@ class ServiceState:
         self.metrics = metrics
         self.restorer = restorer
         self.detector = detector
-        self.limits = ImageLimits(
-            max_bytes=settings.max_upload_bytes,
-            max_pixels=settings.max_pixels,
-            max_output_pixels=settings.max_output_pixels,
-            allowed_formats=tuple(settings.allowed_formats),
-        )
+        self.limits = image_limits(settings)
         self.batcher: Batcher | None = None
         self.pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="osdface-cpu")
         self.phase = Phase.LOADING
@@ -138,14 +154,7 @@ class ServiceState:
                 s.weights_dir, device, dtype, latent=s.latent, fast=fast_path_config(s)
             )
         if self.detector is None:
-            self.detector = FaceDetector.load(
-                s.weights_dir,
-                s.detector,
-                device,
-                threshold=s.detect_threshold,
-                max_side=s.detect_max_side,
-                min_face_size=s.min_face_size,
-            )
+            self.detector = load_detector(s, device)
 
     def _warm_up(self) -> None:
         assert self.restorer is not None and self.detector is not None

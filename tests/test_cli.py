@@ -75,3 +75,33 @@ def test_bad_arguments_exit_nonzero(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as err:
         main(argv)
     assert err.value.code == 2
+
+
+def test_restore_whole_photos_keeps_each_size(
+    tmp_path: Path, tiny_weights_dir: Path, assets
+) -> None:
+    photos = assets / "images/gfpgan/whole_imgs"
+    out = tmp_path / "out"
+    code = main(
+        [
+            "restore",
+            "--weights",
+            str(tiny_weights_dir),
+            str(photos),
+            "-o",
+            str(out),
+            "--device",
+            "cpu",
+            "--detector",
+            "retinaface_mobile0.25",
+            "--save-faces",
+        ]
+    )
+    assert code == 0
+    for photo in photos.iterdir():
+        with Image.open(photo) as original, Image.open(out / photo.name) as restored:
+            assert restored.size == original.size and restored.format == original.format
+            assert restored.tobytes() != original.convert(restored.mode).tobytes()
+    # the assets README counts 2 + 3 + 2 faces; each face gives an aligned and a restored crop
+    assert len(list((out / "faces").glob("*_aligned.png"))) == 7
+    assert len(list((out / "faces").glob("*_restored.png"))) == 7
