@@ -15,6 +15,20 @@ from PIL import Image
 
 BOUNDARY = "osdfaceTestBoundary7MA4YWxk"
 
+# Every metric the service exports, as its `# TYPE` line names it (counters with `_total`).
+EXPORTED_METRICS = (
+    "osdface_request_duration_seconds",
+    "osdface_queue_wait_seconds",
+    "osdface_stage_duration_seconds",
+    "osdface_batch_size",
+    "osdface_faces_per_image",
+    "osdface_requests_in_flight",
+    "osdface_queue_depth",
+    "osdface_rejected_total",
+    "osdface_errors_total",
+    "osdface_device_memory_bytes",
+)
+
 
 def jpeg_bytes(image: Image.Image, quality: int = 85) -> bytes:
     buf = io.BytesIO()

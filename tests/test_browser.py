@@ -17,7 +17,7 @@ import httpx
 import pytest
 from PIL import Image, ImageOps
 
-from tests.live_server import REPO, running_server
+from tests.live_server import REPO, e2e_server, skip
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -41,23 +41,15 @@ CHROMIUM_FLAGS = (
 )
 
 
-def _skip(reason: str) -> None:
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
-
-
 def _require_chromium() -> None:
     if not CHROMIUM.exists() or not CHROMEDRIVER.exists():
-        _skip(f"{CHROMIUM} or {CHROMEDRIVER} missing (apt-get install chromium chromium-driver)")
+        skip(f"{CHROMIUM} or {CHROMEDRIVER} missing (apt-get install chromium chromium-driver)")
 
 
 @pytest.fixture(scope="module")
 def server(tiny_weights_dir: Path, assets: Path, tmp_path_factory) -> Iterator[str]:
     _require_chromium()  # before paying for a server start
-    if not (tiny_weights_dir / "facexlib" / "detection_mobilenet0.25_Final.pth").exists():
-        _skip("the RetinaFace MobileNet detector is not in the shared assets")
-    log = tmp_path_factory.mktemp("browser-server") / "serve.log"
-    with running_server(tiny_weights_dir, log) as base:
+    with e2e_server(tiny_weights_dir, tmp_path_factory, "browser-server") as base:
         yield base
 
 

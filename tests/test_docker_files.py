@@ -22,6 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from service.settings import Settings
+from tests.service_helpers import EXPORTED_METRICS
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -511,18 +512,7 @@ def test_dashboard_panels_use_the_service_metrics_and_cover_the_issue() -> None:
     used = set().union(*(metric_names(e) for e in exprs))
     unknown = {n for n in used if family(n) not in families}
     assert unknown == set(), f"dashboard metrics the service does not export: {unknown}"
-    required = {
-        "osdface_request_duration_seconds",
-        "osdface_queue_wait_seconds",
-        "osdface_stage_duration_seconds",
-        "osdface_batch_size",
-        "osdface_faces_per_image",
-        "osdface_requests_in_flight",
-        "osdface_queue_depth",
-        "osdface_rejected",
-        "osdface_errors",
-        "osdface_device_memory_bytes",
-    }
+    required = {family(n) for n in EXPORTED_METRICS}
     assert required <= {family(n) for n in used}
     latency = [e for e in exprs if "osdface_request_duration_seconds_bucket" in e]
     assert {q for e in latency for q in re.findall(r"histogram_quantile\((0\.\d+)", e)} >= {

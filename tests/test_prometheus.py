@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.live_server import REPO, free_port, http_status, running_server, wait_until
+from tests.live_server import REPO, e2e_server, free_port, http_status, skip, stop, wait_until
 
 PHOTO = Path("images/gfpgan/whole_imgs/Blake_Lively.jpg")
 RESTORES = 3
@@ -33,11 +32,6 @@ GRAFANA_INTERVALS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5
 # Counters whose series only appear once the event happened (no rejection is provoked here):
 # their panels may be empty, but their metric must still be known to Prometheus.
 MAY_BE_EMPTY = {"osdface_rejected_total"}
-
-
-def _skip(reason: str) -> None:
-    print(f"SKIP: {reason}")
-    pytest.skip(reason)
 
 
 def scrape_config(target: str) -> dict[str, Any]:
@@ -55,11 +49,8 @@ def scrape_config(target: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def server(tiny_weights_dir: Path, assets: Path, tmp_path_factory) -> Iterator[str]:
     if shutil.which("prometheus") is None:
-        _skip("prometheus not installed (apt-get install prometheus)")
-    if not (tiny_weights_dir / "facexlib" / "detection_mobilenet0.25_Final.pth").exists():
-        _skip("the RetinaFace MobileNet detector is not in the shared assets")
-    log = tmp_path_factory.mktemp("prometheus-server") / "serve.log"
-    with running_server(tiny_weights_dir, log) as base:
+        skip("prometheus not installed (apt-get install prometheus)")
+    with e2e_server(tiny_weights_dir, tmp_path_factory, "prometheus-server") as base:
         yield base
 
 
@@ -87,12 +78,7 @@ def prometheus(server: str, tmp_path_factory) -> Iterator[str]:
         wait_until(lambda: http_status(f"{base}/-/ready") == 200, 60, "Prometheus ready")
         yield base
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop(process, timeout=20)
         log.close()
 
 

@@ -31,6 +31,7 @@ from service.routes import wants_json
 from service.settings import Settings
 from tests.service_helpers import (
     BOUNDARY,
+    EXPORTED_METRICS,
     aligned_crop,
     assert_error_shape,
     faceless_png,
@@ -114,18 +115,7 @@ def test_health_ready_info_and_docs(client: TestClient, tiny_weights_dir: Path) 
 
 def test_metrics_exposes_every_family(client: TestClient) -> None:
     text = client.get("/metrics").text
-    for name in (
-        "osdface_request_duration_seconds",
-        "osdface_queue_wait_seconds",
-        "osdface_stage_duration_seconds",
-        "osdface_batch_size",
-        "osdface_faces_per_image",
-        "osdface_requests_in_flight",
-        "osdface_queue_depth",
-        "osdface_rejected_total",
-        "osdface_errors_total",
-        "osdface_device_memory_bytes",
-    ):
+    for name in EXPORTED_METRICS:
         assert f"# TYPE {name} " in text, name
     assert metric(text, "osdface_device_memory_bytes", device="cpu", kind="rss") > 1e6
     assert 'le="0.001"' in text and 'le="60.0"' in text

@@ -9,23 +9,19 @@ hangs up, and SIGTERM draining the work in flight.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.live_server import free_port, http_status, wait_until
+from tests.live_server import LiveServer, http_status, running_server, wait_until
 from tests.service_helpers import (
     BOUNDARY,
     aligned_crop,
@@ -37,62 +33,13 @@ from tests.service_helpers import (
     multipart,
 )
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_UPLOAD = 2 * 1024 * 1024
-STARTUP_TIMEOUT_S = 240.0
-
-
-@dataclass
-class Server:
-    process: subprocess.Popen
-    base: str
-    port: int
-    log: Path
-
-    def metrics(self) -> str:
-        return httpx.get(f"{self.base}/metrics", timeout=10).text
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@contextmanager
-def osdface_serve(weights: Path, log: Path, env: dict[str, str]) -> Iterator[Server]:
-    """`python -m service.cli serve` (the `osdface` console script's entry point)."""
-    port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--weights", str(weights)]
-    command += ["--detector", "retinaface_mobile0.25", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--device", "cpu", "--dtype", "float32"]
-    child_env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "2",
-        "OSDFACE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-        "OSDFACE_LOG_LEVEL": "info",
-        **env,
-    }
-    with log.open("wb") as out:
-        process = subprocess.Popen(command, cwd=REPO, env=child_env, stdout=out, stderr=out)
-    server = Server(process, f"http://127.0.0.1:{port}", port, log)
-    try:
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"osdface serve exited {process.returncode}:\n{server.log_text()}"
-                )
-            return http_status(f"{server.base}/readyz", timeout=2.0) == 200
-
-        wait_until(ready, STARTUP_TIMEOUT_S, "readyz", interval=0.25)
-        yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+# What every server of this file runs with, on top of its fixture's own settings.
+SERVER_ENV = {
+    "OMP_NUM_THREADS": "2",
+    "OSDFACE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+    "OSDFACE_LOG_LEVEL": "info",
+}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +48,7 @@ def crop(assets: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[Server]:
+def server(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[LiveServer]:
     """Queue bound of 8 faces, batches up to 8, enough admission room for 64 clients."""
     env = {
         "OSDFACE_MAX_QUEUE_FACES": "8",
@@ -112,7 +59,7 @@ def server(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[S
         "OSDFACE_REQUEST_TIMEOUT_S": "300",
     }
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    with osdface_serve(tiny_weights_dir, log, env) as s:
+    with running_server(tiny_weights_dir, log, SERVER_ENV | env) as s:
         yield s
 
 
@@ -125,7 +72,7 @@ def post_crop(base: str, crop: bytes, **kw) -> httpx.Response:
 # --- contract ----------------------------------------------------------------------------------
 
 
-def test_contract_over_real_http(server: Server, crop: bytes, assets: Path) -> None:
+def test_contract_over_real_http(server: LiveServer, crop: bytes, assets: Path) -> None:
     base = server.base
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
@@ -149,7 +96,7 @@ def test_contract_over_real_http(server: Server, crop: bytes, assets: Path) -> N
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
 
 
-def test_hostile_uploads_over_real_http(server: Server, assets: Path) -> None:
+def test_hostile_uploads_over_real_http(server: LiveServer, assets: Path) -> None:
     good_png = (assets / "images/gfpgan/cropped_faces/Adele_crop.png").read_bytes()
     with httpx.Client(base_url=server.base, timeout=60) as client:
         for case in hostile_uploads(aligned_crop(assets), good_png, MAX_UPLOAD):
@@ -183,7 +130,7 @@ def _status_of(raw: bytes) -> int:
     return int(raw.split(b" ", 2)[1])
 
 
-def test_upload_limit_is_enforced_while_reading(server: Server) -> None:
+def test_upload_limit_is_enforced_while_reading(server: LiveServer) -> None:
     # Declared too big: refused before a single body byte is sent.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(_head(str(50 * 1024 * 1024)))
@@ -217,7 +164,7 @@ def test_upload_limit_is_enforced_while_reading(server: Server) -> None:
 # --- load --------------------------------------------------------------------------------------
 
 
-def test_64_concurrent_clients_against_a_queue_of_8(server: Server, crop: bytes) -> None:
+def test_64_concurrent_clients_against_a_queue_of_8(server: LiveServer, crop: bytes) -> None:
     before = batches_larger_than_one(server.metrics())
 
     async def run() -> list[httpx.Response]:
@@ -244,7 +191,7 @@ def test_64_concurrent_clients_against_a_queue_of_8(server: Server, crop: bytes)
     assert metric(text, "osdface_queue_depth") == 0
 
 
-def test_resident_memory_stops_growing(server: Server, assets: Path) -> None:
+def test_resident_memory_stops_growing(server: LiveServer, assets: Path) -> None:
     """240 requests in rounds of 8 concurrent ones (faces, no face, broken files); the server's
     RSS is sampled after each round and must have levelled off by the second half."""
     crops = [aligned_crop(assets, n) for n in ("Adele_crop.png", "Paris_Hilton_crop.png")]
@@ -281,7 +228,7 @@ def test_resident_memory_stops_growing(server: Server, assets: Path) -> None:
 
 
 @pytest.fixture(scope="class")
-def slow(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[Server]:
+def slow(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[LiveServer]:
     """Batches wait up to 2 s for more faces, so a lone request sits in the queue a while."""
     env = {
         "OSDFACE_MAX_BATCH_DELAY_MS": "2000",
@@ -290,14 +237,14 @@ def slow(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[Ser
         "OSDFACE_WARMUP": "false",
     }
     log = tmp_path_factory.mktemp("serve-slow") / "serve.log"
-    with osdface_serve(tiny_weights_dir, log, env) as s:
+    with running_server(tiny_weights_dir, log, SERVER_ENV | env) as s:
         yield s
 
 
 class TestDrain:
     """On one slow-batching server, in order: a disconnect, then SIGTERM (which ends it)."""
 
-    def test_client_disconnect_drops_its_queued_face(self, slow: Server, crop: bytes) -> None:
+    def test_client_disconnect_drops_its_queued_face(self, slow: LiveServer, crop: bytes) -> None:
         body = multipart([("image", crop), ("aligned", b"true")])
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", slow.port), timeout=10) as sock:
@@ -320,7 +267,9 @@ class TestDrain:
         assert metric(text, "osdface_queue_depth") == 0
         assert metric(text, "osdface_batch_size_count") == 0, "the abandoned face was run"
 
-    def test_sigterm_finishes_work_in_flight_then_exits(self, slow: Server, crop: bytes) -> None:
+    def test_sigterm_finishes_work_in_flight_then_exits(
+        self, slow: LiveServer, crop: bytes
+    ) -> None:
         results: list[httpx.Response | BaseException] = []
 
         def client() -> None:

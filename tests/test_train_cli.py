@@ -20,6 +20,7 @@ from service.cli import main as osdface
 from tests.train_helpers import (
     TRAIN_VRE,
     one_thread,  # noqa: F401 - autouse fixture
+    restore_args,
     write_faces,
     write_train_weights,
 )
@@ -125,20 +126,6 @@ def test_train_both_stages_from_the_command_line_then_restore(tmp_path: Path):
     (tmp_path / "in").mkdir()
     face = np.asarray(Image.open(sorted(faces.iterdir())[0]))
     Image.fromarray(face).save(tmp_path / "in/a.png")
-    rc = osdface(
-        [
-            "restore",
-            str(tmp_path / "in"),
-            "-o",
-            str(tmp_path / "out"),
-            "--weights",
-            str(export),
-            "--aligned",
-            "--device",
-            "cpu",
-            "--dtype",
-            "float32",
-        ]
-    )
+    rc = osdface(restore_args(tmp_path / "in", tmp_path / "out", export))
     assert rc == 0
     assert Image.open(tmp_path / "out/a.png").size == (32, 32)

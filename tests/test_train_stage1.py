@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -14,11 +13,14 @@ from model.errors import StateDictMismatchError
 from model.vre import VisualRepresentationEmbedder
 from tests.train_helpers import (
     TRAIN_VRE,
+    fixed_batch,
     one_thread,  # noqa: F401 - autouse fixture
+    tiny_data,
+    tiny_engine,
+    with_overrides,
     write_faces,
 )
-from train.config import DataConfig, EngineConfig, Stage1Config
-from train.data import FaceDataset, list_images, validation_batch
+from train.config import Stage1Config
 from train.engine import Engine
 from train.losses import VGGPerceptual
 from train.stage1 import TOKENIZER_FILE, Stage1Task, run_stage1
@@ -37,17 +39,6 @@ def faces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_config(out: Path, faces: Path, **overrides) -> Stage1Config:
-    engine = EngineConfig(
-        output_dir=out,
-        batch_size=2,
-        mixed_precision="no",
-        gradient_checkpointing=False,
-        checkpoint_every=1000,
-        val_every=1000,
-        log_every=1,
-        tracker="none",
-        progress=False,
-    )
     config = Stage1Config(
         vre=TRAIN_VRE,
         hq_steps=2,
@@ -55,21 +46,10 @@ def make_config(out: Path, faces: Path, **overrides) -> Stage1Config:
         assoc_steps=2,
         gan_start=10_000,
         disc_channels=8,
-        engine=engine,
-        data=DataConfig(train_dir=faces, val_dir=faces, image_size=32, num_workers=0, val_images=2),
+        engine=tiny_engine(out),
+        data=tiny_data(faces),
     )
-    for key, value in overrides.items():
-        if key.startswith("engine_"):
-            config.engine = dataclasses.replace(config.engine, **{key[len("engine_") :]: value})
-        else:
-            setattr(config, key, value)
-    config.validate()
-    return config
-
-
-def fixed_batch(faces: Path, n: int = 2) -> dict[str, torch.Tensor]:
-    ds = FaceDataset(list_images(faces), 32, DataConfig().degradation, seed=0, hflip=False)
-    return validation_batch(ds, n)
+    return with_overrides(config, overrides)
 
 
 def test_tokenizer_export_loads_strictly_into_the_restorers_vre(tmp_path: Path):

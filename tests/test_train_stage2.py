@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -16,12 +15,16 @@ from model.pickle_safe import load_checkpoint, tensors_only
 from model.restorer import OSDFaceRestorer
 from service.cli import main as osdface
 from tests.train_helpers import (
+    fixed_batch,
     one_thread,  # noqa: F401 - autouse fixture
+    restore_args,
+    tiny_data,
+    tiny_engine,
+    with_overrides,
     write_faces,
     write_train_weights,
 )
-from train.config import DataConfig, EngineConfig, Stage2Config
-from train.data import FaceDataset, list_images, validation_batch
+from train.config import Stage2Config
 from train.engine import Engine
 from train.losses import DISTS, IdentityLoss
 from train.stage2 import Stage2Task, run_stage2
@@ -43,17 +46,6 @@ def nets() -> tuple[IdentityLoss, DISTS]:
 
 
 def make_config(weights: Path, out: Path, faces: Path, **overrides) -> Stage2Config:
-    engine = EngineConfig(
-        output_dir=out,
-        batch_size=2,
-        mixed_precision="no",
-        gradient_checkpointing=False,
-        checkpoint_every=1000,
-        val_every=1000,
-        log_every=1,
-        tracker="none",
-        progress=False,
-    )
     config = Stage2Config(
         weights_dir=weights,
         init="osdface",
@@ -63,26 +55,15 @@ def make_config(weights: Path, out: Path, faces: Path, **overrides) -> Stage2Con
         gan_weight=0.5,
         gan_start=0,
         disc_head_channels=8,
-        engine=engine,
-        data=DataConfig(train_dir=faces, val_dir=faces, image_size=32, num_workers=0, val_images=2),
+        engine=tiny_engine(out),
+        data=tiny_data(faces),
     )
-    for key, value in overrides.items():
-        if key.startswith("engine_"):
-            config.engine = dataclasses.replace(config.engine, **{key[len("engine_") :]: value})
-        else:
-            setattr(config, key, value)
-    config.validate()
-    return config
+    return with_overrides(config, overrides)
 
 
 def make_task(weights, tmp_path, faces, nets, **overrides) -> Stage2Task:
     config = make_config(weights, tmp_path / "run", faces, **overrides)
     return Stage2Task(config, Engine(config.engine, "stage2", {}), *nets)
-
-
-def fixed_batch(faces: Path) -> dict[str, torch.Tensor]:
-    ds = FaceDataset(list_images(faces), 32, DataConfig().degradation, seed=0, hflip=False)
-    return validation_batch(ds, 2)
 
 
 def restored(task: Stage2Task, lq: torch.Tensor) -> torch.Tensor:
@@ -211,20 +192,7 @@ def test_export_loads_in_the_restorer_and_merges_unchanged(weights, tmp_path, fa
     face = (batch["lq"][0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     (tmp_path / "in").mkdir()
     Image.fromarray(face).save(tmp_path / "in/face.png")
-    args = [
-        "restore",
-        str(tmp_path / "in"),
-        "-o",
-        str(tmp_path / "out"),
-        "--weights",
-        str(export),
-        "--aligned",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-    ]
-    assert osdface(args) == 0
+    assert osdface(restore_args(tmp_path / "in", tmp_path / "out", export)) == 0
     written = np.asarray(Image.open(tmp_path / "out/face.png")).astype(np.float32) / 255
     reference = restored(task, torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255)
     np.testing.assert_allclose(written, reference[0].permute(1, 2, 0).numpy(), atol=1.01 / 255)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from diffusers import AutoencoderKL
 from model import weights as W
 from model.config import OSDFaceConfig, VREConfig
 from tests.tiny_weights import TINY_VAE, write_tiny_weights
+from train.config import DataConfig, EngineConfig
+from train.data import FaceDataset, list_images, validation_batch
 
 # 32x32 faces: 32 -> 16 in the VQ encoder, so 256 token positions as at full size; the VAE
 # makes 4x4 latents of them.
@@ -91,3 +94,58 @@ def write_train_weights(root: Path) -> Path:
         AutoencoderKL(**full_res).save_pretrained(root / "sd21-base/vae", safe_serialization=True)
     W.convert_released(W.WeightsLayout(root), TRAIN_OSDFACE)
     return root
+
+
+def tiny_engine(out: Path) -> EngineConfig:
+    """The stage tests' engine: CPU float32, batches of 2, no checkpoint or validation unless a
+    test asks (engine_* overrides), logs every step, no tracker."""
+    return EngineConfig(
+        output_dir=out,
+        batch_size=2,
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        checkpoint_every=1000,
+        val_every=1000,
+        log_every=1,
+        tracker="none",
+        progress=False,
+    )
+
+
+def tiny_data(faces: Path) -> DataConfig:
+    """The stage tests' data: the 32 px faces in `faces` for both training and validation."""
+    return DataConfig(train_dir=faces, val_dir=faces, image_size=32, num_workers=0, val_images=2)
+
+
+def with_overrides(config, overrides: dict):
+    """`config` with `overrides` set (`engine_x` sets `config.engine.x`), validated."""
+    for key, value in overrides.items():
+        if key.startswith("engine_"):
+            config.engine = dataclasses.replace(config.engine, **{key[len("engine_") :]: value})
+        else:
+            setattr(config, key, value)
+    config.validate()
+    return config
+
+
+def fixed_batch(faces: Path, n: int = 2) -> dict[str, torch.Tensor]:
+    """The first `n` faces of `faces` as a deterministic 32 px batch (no flips)."""
+    ds = FaceDataset(list_images(faces), 32, DataConfig().degradation, seed=0, hflip=False)
+    return validation_batch(ds, n)
+
+
+def restore_args(inputs: Path, outputs: Path, weights: Path) -> list[str]:
+    """`osdface restore` of aligned faces in `inputs` into `outputs`, on CPU in float32."""
+    return [
+        "restore",
+        str(inputs),
+        "-o",
+        str(outputs),
+        "--weights",
+        str(weights),
+        "--aligned",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]
