@@ -39,11 +39,6 @@ def x0_from_eps(z: torch.Tensor, eps: torch.Tensor, alpha_bar: float) -> torch.T
     return x0.to(z.dtype)
 
 
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    # nn.Module.to, not diffusers' override, which warns about fp32-kept modules SD has none of.
-    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
-
-
 class OSDFaceRestorer:
     """Load once, call many times; holds no per-call state, so concurrent callers are safe."""
 
@@ -68,16 +63,12 @@ class OSDFaceRestorer:
         self.alpha_bar = alpha_bar
         self.files = files or {}
         # The fast path (model/fastpath.py) decides placement: per-part dtypes, memory format.
+        # With `fast=None` it is the plain path: every part cast once to `dtype` on `device`.
         self.fast = FastPath(fast, device, dtype)
-        if fast is None:
-            self.vre = _place(vre, device, dtype)
-            self.vae = _place(vae, device, dtype)
-            self.unet = _place(unet, device, dtype)
-        else:
-            self.vre = self.fast.place(vre, self.fast.vre_dtype)
-            self.vae = self.fast.place_vae(vae)
-            self.unet = self.fast.place(unet, dtype)
-            self.fast.prepare(self.vre, self.vae, self.unet)
+        self.vre = self.fast.place(vre, self.fast.vre_dtype)
+        self.vae = self.fast.place_vae(vae)
+        self.unet = self.fast.place(unet, dtype)
+        self.fast.prepare(self.vre, self.vae, self.unet)
         self.scaling_factor = float(self.vae.config.scaling_factor)
         self._timestep = torch.tensor([config.timestep], device=device)
 
