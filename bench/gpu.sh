@@ -6,10 +6,11 @@
 #   here, first:  bash bench/gpu.sh --tiny     (CPU, tiny weights: checks the script, ~1 min)
 #
 # 1. the CUDA parity tests of tests/test_fastpath.py on tiny weights (graphs, streams, pinned
-#    copies, fp16/bf16);
+#    copies, fp16/bf16, 20-call repeatability with and without `overlap`);
 # 2. bench/model.py on full-size random weights written to /tmp in the released layout (merged):
-#    the authors'-style baseline, then plain bf16 and fast bf16/fp16 at batch 1/4/8/16, the
-#    start-up to ready, and torch.compile (bf16, batch 1) if time is left;
+#    the authors'-style baseline, then plain bf16, fast bf16/fp16, overlap fp16 and fast fp16
+#    without subpixel upsampling at batch 1/4/8/16, the start-up to ready, and torch.compile
+#    (bf16, batch 1) if time is left;
 # 3. a short summary against the targets, printed last.
 # Everything lands in $OUT: env.txt, pytest.log, bench.log, RESULTS.md, bench.json.
 # The GPU image has torch and peft but not diffusers: .whl/ holds the wheels, nothing is fetched.
@@ -32,7 +33,7 @@ else
   PY=python3
   OUT=${OUT:-/tmp/osdface-gpu-out}
   BENCH=(--device cuda --batch-sizes 1,4,8,16 --compile-batch-sizes 1 --repeats 20 --warmup 3
-         --configs plain:bfloat16,fast:bfloat16,fast:float16,compile:bfloat16
+         --configs plain:bfloat16,fast:bfloat16,fast:float16,overlap:float16,nosubpixel:float16,compile:bfloat16
          --weights-dir /tmp/osdface-bench-weights)
 fi
 export PYTHONUNBUFFERED=1

@@ -64,7 +64,7 @@ logger = logging.getLogger("bench")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-VARIANTS = ("plain", "fast", "compile")
+VARIANTS = ("plain", "fast", "overlap", "nosubpixel", "compile")
 RESULTS = REPO / "bench" / "RESULTS.md"
 
 
@@ -173,6 +173,19 @@ def count_gmacs(weights: Path) -> dict[str, float]:
             )
     out["total"] = sum(out[k] for k in STAGES)
     out["attention"] = attention / 2e9
+    # The fast path's subpixel upsampling computes the same layers with fewer products.
+    from model.upsample import use_subpixel_upsampling
+
+    use_subpixel_upsampling(unet)
+    use_subpixel_upsampling(vae)
+    with torch.inference_mode():
+        for name in ("unet", "vae_decode"):
+            with FlopCounterMode(display=False) as counter:
+                stages[name]()
+            out[f"{name}_subpixel"] = counter.get_total_flops() / 2e9
+    out["total_subpixel"] = out["total"] + sum(
+        out[f"{k}_subpixel"] - out[k] for k in ("unet", "vae_decode")
+    )
     return out
 
 
@@ -184,7 +197,7 @@ class Row:
     """One configuration at one batch size; seconds are per face, medians over repeats."""
 
     impl: str  # "baseline" or "ours"
-    variant: str  # "authors", "plain", "fast", "compile"
+    variant: str  # "authors" or one of VARIANTS
     dtype: str
     batch: int
     stages: dict[str, float] = field(default_factory=dict)
@@ -256,6 +269,8 @@ def fast_config(variant: str, args) -> FastPathConfig | None:
     return FastPathConfig(
         batch_sizes=tuple(args.batch_sizes),
         compile=variant == "compile",
+        overlap=variant == "overlap",
+        subpixel_upsample=variant != "nosubpixel",
         compile_mode=args.compile_mode,
         num_threads=args.threads,
     )
@@ -416,7 +431,9 @@ def format_report(env: dict, gmacs: dict, rows: list[Row], startups: list[dict],
         f"GMACs per face (flop counter, 512x512): VRE {g['vre']:.0f}, VAE encoder "
         f"{g['vae_encode']:.0f}, UNet {g['unet']:.0f}, VAE decoder {g['vae_decode']:.0f}; total "
         f"{g['total']:,.0f}, of which attention products {g['attention']:.0f} "
-        f"({g['total'] - g['attention']:,.0f} without them).",
+        f"({g['total'] - g['attention']:,.0f} without them). The fast path's subpixel "
+        f"upsampling does {g['total_subpixel']:,.0f} of them (UNet {g['unet_subpixel']:.0f}, "
+        f"VAE decoder {g['vae_decode_subpixel']:.0f}); TFLOP/s counts {g['total']:,.0f} for all.",
         "",
         f"Median of {args.repeats} runs after {args.warmup} warm-up; stage columns are ms per "
         "face (VRE and VAE encode run concurrently on CUDA when `overlap` is on); CPU s/face "
@@ -513,7 +530,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs",
         type=lambda s: [_config(c) for c in s.split(",")],
         help="VARIANT:DTYPE,... run in this order, compile ones last; variants: plain (merged "
-        "LoRA + batched VRE only), fast (FastPathConfig), compile (fast + torch.compile); "
+        "LoRA + batched VRE only), fast (FastPathConfig), overlap (fast + the VRE on a side "
+        "CUDA stream), nosubpixel (fast without subpixel_upsample), compile (fast + "
+        "torch.compile); "
         "default: cpu fast:float32, cuda fast:bfloat16,fast:float16",
     )
     p.add_argument("--batch-sizes", type=_ints, help="default: cpu 1, cuda 1,4,8,16")

@@ -17,11 +17,16 @@ What each setting does, and why it is faster:
   than per call as `torch.autocast` would (the UNet alone is 866 M parameters).
   `decode_dtype="auto"` decodes in bfloat16 when the compute dtype is float16: the VAE decoder's
   activations can exceed fp16's range (65504), bf16 has fp32's range.
+- `subpixel_upsample`: the VAE decoder's and UNet's nearest-2x + 3x3 convolution layers run as
+  four 2x2 convolutions at the input's resolution (model/upsample.py): 2.25x fewer
+  multiply-adds in those layers, 208 fewer GMACs per face (9% of 2,318), same function.
 - `vre_float32`: the VRE (about 5% of the work) stays in fp32, so the 77 tokens, a discrete choice
   that a rounding can flip, are the fp32 path's; its distances are fp32 in any case.
 - `overlap` (CUDA, off by default): the VRE runs on a second stream, concurrently with the VAE
   encoder (the two only share their input). Stage times then come from CUDA events, with no sync
-  between stages. Off until a GPU check explains why it was not repeatable on an H200.
+  between stages. On an H200 it was not repeatable with CUDA graphs on; the likely cause (graphs
+  captured on one stream share a cuBLAS workspace, see GraphedStage) is fixed, and it stays off
+  until tests/test_fastpath.py's repeatability test has passed on a GPU.
 - `pin_memory` (CUDA): page-locked host buffers, so copies are asynchronous DMA.
 - `cuda_graphs` (CUDA): each stage is captured once per batch size in `batch_sizes` and replayed,
   which removes the launch overhead of the UNet's ~1,500 kernels; other sizes are padded up to
@@ -52,6 +57,7 @@ import torch
 from torch import nn
 
 from model.errors import InvalidInputError
+from model.upsample import use_subpixel_upsampling
 
 logger = logging.getLogger(__name__)
 
@@ -85,10 +91,13 @@ class FastPathConfig:
 
     channels_last: bool = True
     sdpa: bool = True
+    subpixel_upsample: bool = True
     vre_float32: bool = True
     decode_dtype: DecodeDType = "auto"
     # Off by default: on an H200 (2026-11-27) the side stream gave run-to-run differences and
-    # an occasional NaN under the service's threads; every other setting was repeatable.
+    # an occasional NaN under the service's threads, likely from the cuBLAS workspace that
+    # graphs captured on one stream shared (now one capture stream per stage; see
+    # GraphedStage). On again once a GPU run of the repeatability test passes.
     overlap: bool = False
     pin_memory: bool = True
     cuda_graphs: bool = True
@@ -152,14 +161,25 @@ class GraphedStage:
     next larger graph (rows of a batch are independent, so the extra rows only cost time); larger
     batches are split.
 
-    The graphs of one stage share one memory pool: they never run at the same time. Stages do
-    not share pools, because the VRE's graph replays on the side stream while the encoder's
-    replays on the main one; graphs sharing a pool must never run concurrently.
+    The graphs of one stage share one memory pool and one capture stream: they never run at
+    the same time. Stages share neither, because the VRE's graph replays on the side stream
+    while the encoder's replays on the main one. Graphs sharing a pool must never run
+    concurrently, and nor may graphs captured on one stream: cuBLAS keeps one workspace per
+    (handle, stream), and a captured GEMM keeps the address of its capture stream's workspace
+    (pytorch/pytorch#193402). Captured on one stream, the VRE's and the encoder's graphs would
+    write each other's GEMM workspace when replayed concurrently.
     """
 
-    def __init__(self, name: str, sizes: tuple[int, ...], lock: threading.Lock):
+    def __init__(
+        self,
+        name: str,
+        sizes: tuple[int, ...],
+        lock: threading.Lock,
+        stream: torch.cuda.Stream,
+    ):
         self.name = name
         self.sizes = sizes
+        self.stream = stream  # warm-up and capture stream, this stage's alone
         self._pool = torch.cuda.graph_pool_handle()
         self._lock = lock
         self._captured: dict[tuple, _Captured] = {}
@@ -193,19 +213,17 @@ class GraphedStage:
             return entry.output[:b].clone()
 
     def _capture(self, fn: Callable[..., torch.Tensor], static: tuple[torch.Tensor, ...]):
-        device = static[0].device
-        current = torch.cuda.current_stream(device)
+        current = torch.cuda.current_stream(static[0].device)
         # Warm up outside the capture: cuDNN's autotuning, lazy initialisation and compilation
         # must not happen while the stream is recording.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(current)
-        with torch.cuda.stream(side):
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
             for _ in range(2):
                 fn(*static)
-        current.wait_stream(side)
+        current.wait_stream(self.stream)
         graph = torch.cuda.CUDAGraph()
         start = time.perf_counter()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, stream=self.stream):
             output = fn(*static)
         logger.info(
             "captured %s for batch %d in %.2f s",
@@ -297,11 +315,26 @@ class FastPath:
         self.decode_dtype = self.dtype if c is None else resolve_decode_dtype(c, self.dtype)
         self.channels_last = c is not None and c.channels_last
         self.pin = c is not None and c.pin_memory and cuda
-        self.side = torch.cuda.Stream(self.device) if c is not None and c.overlap and cuda else None
+        self._streams: set[int] = set()  # cuda_stream handles this path already uses
+        overlap = c is not None and c.overlap and cuda
+        self.side = self._distinct_stream() if overlap else None
         inductor_graphs = c is not None and c.compile and c.compile_mode in _INDUCTOR_GRAPH_MODES
         self.graphs = c is not None and c.cuda_graphs and cuda and not inductor_graphs
         self._lock = threading.Lock()
         self._stages: dict[str, GraphedStage] = {}
+
+    def _distinct_stream(self) -> torch.cuda.Stream:
+        """A stream none of this path's other streams share.
+
+        torch.cuda.Stream() hands out streams round-robin from a fixed pool, so two calls can
+        return the same stream; the side stream and each stage's capture stream must differ
+        (see GraphedStage).
+        """
+        while True:
+            stream = torch.cuda.Stream(self.device)
+            if stream.cuda_stream not in self._streams:
+                self._streams.add(stream.cuda_stream)
+                return stream
 
     @property
     def enabled(self) -> bool:
@@ -310,15 +343,26 @@ class FastPath:
     # --- load time ------------------------------------------------------------------------
 
     def place(self, module: nn.Module, dtype: torch.dtype) -> nn.Module:
+        self._reshape_upsamplers(module)
         return _place(module, self.device, dtype, self.channels_last)
 
     def place_vae(self, vae: nn.Module) -> nn.Module:
         """Encoder side in the compute dtype, decoder side in `decode_dtype`, each cast once."""
+        self._reshape_upsamplers(vae)
         decoder_side = ("decoder", "post_quant_conv")
         for name, child in vae.named_children():
             dtype = self.decode_dtype if name in decoder_side else self.dtype
             _place(child, self.device, dtype, self.channels_last)
         return vae.eval().requires_grad_(False)
+
+    def _reshape_upsamplers(self, module: nn.Module) -> None:
+        # Before the cast: the summed kernels are rounded once, from the loaded weights.
+        if self.config is not None and self.config.subpixel_upsample:
+            replaced = use_subpixel_upsampling(module)
+            if replaced:
+                logger.info(
+                    "%s: %d upsampling layers run subpixel", type(module).__name__, replaced
+                )
 
     def prepare(self, vre: nn.Module, vae: nn.Module, unet: nn.Module) -> None:
         """Process-wide backend settings, attention processors and compilation."""
@@ -353,6 +397,7 @@ class FastPath:
         return {
             "enabled": True,
             "channels_last": self.channels_last,
+            "subpixel_upsample": self.config.subpixel_upsample,
             "vre_dtype": str(self.vre_dtype).removeprefix("torch."),
             "decode_dtype": str(self.decode_dtype).removeprefix("torch."),
             "overlap": self.side is not None,
@@ -385,9 +430,13 @@ class FastPath:
             return fn(*inputs)
         graphed = self._stages.get(stage)
         if graphed is None:
-            graphed = self._stages.setdefault(
-                stage, GraphedStage(stage, self.config.batch_sizes, self._lock)
-            )
+            with self._lock:
+                graphed = self._stages.get(stage)
+                if graphed is None:
+                    graphed = GraphedStage(
+                        stage, self.config.batch_sizes, self._lock, self._distinct_stream()
+                    )
+                    self._stages[stage] = graphed
         return graphed(fn, *inputs)
 
     def join(self, t: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,7 @@ FP32_SETTINGS = {
     "channels_last_only": dict(sdpa=False, vre_float32=False, num_threads=None),
     "no_channels_last": dict(channels_last=False),
     "no_sdpa": dict(sdpa=False),
+    "no_subpixel_upsample": dict(subpixel_upsample=False),
     "one_thread": dict(num_threads=1),
     "odd_batch_sizes": dict(batch_sizes=(3, 1)),
 }
@@ -235,7 +236,9 @@ def test_cuda_graphs_streams_pinned_equal_eager(tiny_weights_dir, batch: int, st
     eager = restore(tiny_weights_dir, x, device="cuda", cuda_graphs=False, overlap=False,
                     pin_memory=False, cudnn_benchmark=False)  # fmt: skip
     r = OSDFaceRestorer.from_pretrained(
-        tiny_weights_dir, "cuda", fast=FastPathConfig(batch_sizes=(1, 2, 4), cudnn_benchmark=False)
+        tiny_weights_dir,
+        "cuda",
+        fast=FastPathConfig(batch_sizes=(1, 2, 4), cudnn_benchmark=False, overlap=True),
     )
     assert r.fast.graphs and r.fast.side is not None
     for _ in range(3):  # capture, then replays
@@ -250,3 +253,29 @@ def test_cuda_half_precision_parity(tiny_weights_dir, images, plain_fp32, dtype)
     out = restore(tiny_weights_dir, images, dtype=dtype, device="cuda")
     assert torch.isfinite(out.images).all()
     assert psnr(out.images, plain_fp32) > 25
+
+
+@needs_cuda
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cuda_fast_path_is_repeatable_from_a_worker_thread(tiny_weights_dir, overlap) -> None:
+    """Twenty identical calls give identical images, as the service makes them: warm-up (and
+    graph capture) on the loading thread, calls from one worker thread. Deterministic cuDNN
+    algorithms, so any difference is a race between streams or graphs (on an H200 the side
+    stream once gave a NaN and differences over the whole range, before each stage's graphs
+    had their own capture stream)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        fast = FastPathConfig(batch_sizes=(1, 2), cudnn_benchmark=False, overlap=overlap)
+        r = OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cuda", torch.float16, fast=fast)
+        r.warmup(1)
+        x = faces(2, seed=7)
+        with ThreadPoolExecutor(max_workers=1) as worker:
+            outs = [worker.submit(r, x).result().images for _ in range(20)]
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+    assert (r.fast.side is not None) == overlap
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
