@@ -256,8 +256,12 @@ def test_cuda_half_precision_parity(tiny_weights_dir, images, plain_fp32, dtype)
 
 
 @needs_cuda
-@pytest.mark.parametrize("overlap", [False, True])
-def test_cuda_fast_path_is_repeatable_from_a_worker_thread(tiny_weights_dir, overlap) -> None:
+@pytest.mark.parametrize(
+    ("overlap", "graphs"), [(False, True), (True, True), (True, False)], ids=str
+)
+def test_cuda_fast_path_is_repeatable_from_a_worker_thread(
+    tiny_weights_dir, overlap: bool, graphs: bool
+) -> None:
     """Twenty identical calls give identical images, as the service makes them: warm-up (and
     graph capture) on the loading thread, calls from one worker thread. Deterministic cuDNN
     algorithms, so any difference is a race between streams or graphs (on an H200 the side
@@ -268,7 +272,9 @@ def test_cuda_fast_path_is_repeatable_from_a_worker_thread(tiny_weights_dir, ove
     saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        fast = FastPathConfig(batch_sizes=(1, 2), cudnn_benchmark=False, overlap=overlap)
+        fast = FastPathConfig(
+            batch_sizes=(1, 2), cudnn_benchmark=False, overlap=overlap, cuda_graphs=graphs
+        )
         r = OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cuda", torch.float16, fast=fast)
         r.warmup(1)
         x = faces(2, seed=7)
@@ -276,6 +282,6 @@ def test_cuda_fast_path_is_repeatable_from_a_worker_thread(tiny_weights_dir, ove
             outs = [worker.submit(r, x).result().images for _ in range(20)]
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-    assert (r.fast.side is not None) == overlap
+    assert (r.fast.side is not None) == overlap and r.fast.graphs == graphs
     assert all(torch.isfinite(o).all() for o in outs)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])

@@ -1,0 +1,70 @@
+"""The benchmark harnesses run end to end on tiny weights and report every configuration.
+
+Timings are not checked (they belong to the benchmarks); what is checked is that each
+harness measures what it says: the baseline and every configuration asked for, ratios against
+the baseline, and parity against the fp32 reference.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from pathlib import Path
+
+import pytest
+
+from bench import model as bench_model
+from bench import paired
+
+
+@pytest.fixture(scope="module")
+def bench_weights(tmp_path_factory) -> Path:
+    from bench.fullsize import ensure_weights
+
+    return ensure_weights(tmp_path_factory.mktemp("bench") / "weights", tiny=True)
+
+
+def table_rows(text: str) -> list[list[str]]:
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith("| impl") and "---" not in line
+    ]
+
+
+def test_paired_rounds_report_each_config_against_the_baseline(bench_weights, tmp_path) -> None:
+    results = tmp_path / "results.md"
+    argv = ["--tiny", "--device", "cpu", "--weights-dir", str(bench_weights), "--rounds", "3",
+            "--configs", "fast:float32,nosubpixel:float32,fast:bfloat16",
+            "--results", str(results)]  # fmt: skip
+    assert paired.main(argv) == 0
+    rows = {r[0]: r for r in table_rows(results.read_text()) if r[0] != "configuration"}
+    assert list(rows) == ["baseline fp32", "fast fp32", "nosubpixel fp32", "fast bf16"]
+    for name in ("fast fp32", "nosubpixel fp32"):
+        assert re.fullmatch(r"\*\*\d+\.\d\dx\*\*", rows[name][6])
+        assert float(rows[name][8]) > 80  # same function as fp32, up to rounding
+    assert 25 < float(rows["fast bf16"][8]) < 80
+    assert "3 rounds after 1 warm-up" in results.read_text()
+
+
+def test_model_harness_reports_baseline_configs_and_gmacs(bench_weights, tmp_path) -> None:
+    results, raw = tmp_path / "results.md", tmp_path / "raw.json"
+    argv = ["--tiny", "--device", "cpu", "--weights-dir", str(bench_weights), "--no-startup",
+            "--configs", "plain:float32,fast:float32", "--repeats", "1", "--warmup", "1",
+            "--results", str(results), "--json", str(raw)]  # fmt: skip
+    sigterm = signal.getsignal(signal.SIGTERM)  # the harness turns SIGTERM into a report
+    try:
+        assert bench_model.main(argv) == 0
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    text = results.read_text()
+    rows = table_rows(text)
+    assert [r[0] for r in rows] == [
+        "baseline", "ours (plain)", "ours/baseline", "ours (fast)", "ours/baseline"
+    ]  # fmt: skip
+    assert all(float(r[12]) > 80 for r in rows if r[0].startswith("ours ("))
+    # the tiny decoder and UNet upsample too, so subpixel upsampling counts fewer products
+    gmacs = json.loads(raw.read_text())["gmacs"]
+    assert 0 < gmacs["total_subpixel"] < gmacs["total"]
+    assert "subpixel upsampling does" in text
