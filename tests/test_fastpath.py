@@ -248,6 +248,15 @@ def test_cuda_graphs_streams_pinned_equal_eager(tiny_weights_dir, batch: int, st
 
 
 @needs_cuda
+def test_cuda_fast_path_equals_plain_path_in_fp32(tiny_weights_dir, images, strict_fp32) -> None:
+    """Every default setting on CUDA (subpixel upsampling in cuDNN, graphs, NHWC) against the
+    plain path on the same GPU, both in true fp32."""
+    plain = OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cuda")(images)
+    fast = restore(tiny_weights_dir, images, device="cuda", cudnn_benchmark=False)
+    assert_same_image(fast.images, plain.images)
+
+
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision_parity(tiny_weights_dir, images, plain_fp32, dtype) -> None:
     out = restore(tiny_weights_dir, images, dtype=dtype, device="cuda")
