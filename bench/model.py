@@ -508,13 +508,17 @@ def summarize(payload: dict) -> str:
 # --- main ------------------------------------------------------------------------------------
 
 
-def _config(text: str) -> tuple[str, str]:
-    variant, _, dtype = text.partition(":")
-    if variant not in VARIANTS or dtype not in DTYPES:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: want VARIANT:DTYPE of {VARIANTS} x {tuple(DTYPES)}"
-        )
-    return variant, dtype
+def parse_configs(text: str) -> list[tuple[str, str]]:
+    """`fast:float32,compile:bfloat16` -> [("fast", "float32"), ("compile", "bfloat16")]."""
+    configs = []
+    for item in text.split(","):
+        variant, _, dtype = item.partition(":")
+        if variant not in VARIANTS or dtype not in DTYPES:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: want VARIANT:DTYPE of {VARIANTS} x {tuple(DTYPES)}"
+            )
+        configs.append((variant, dtype))
+    return configs
 
 
 def _ints(text: str) -> list[int]:
@@ -528,7 +532,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--configs",
-        type=lambda s: [_config(c) for c in s.split(",")],
+        type=parse_configs,
         help="VARIANT:DTYPE,... run in this order, compile ones last; variants: plain (merged "
         "LoRA + batched VRE only), fast (FastPathConfig), overlap (fast + the VRE on a side "
         "CUDA stream), nosubpixel (fast without subpixel_upsample), compile (fast + "

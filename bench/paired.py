@@ -37,9 +37,9 @@ from bench.model import (  # noqa: E402
     DTYPES,
     RESULTS,
     SHORT,
-    _config,
     environment,
     fast_config,
+    parse_configs,
     psnr,
     sample_faces,
     strict_fp32,
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument(
         "--configs",
-        type=lambda s: [_config(c) for c in s.split(",")],
+        type=parse_configs,
         default=[("fast", "float32")],
         help="VARIANT:DTYPE,... as in bench/model.py (default: fast:float32)",
     )
