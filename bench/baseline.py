@@ -26,8 +26,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from model import weights as W
 from model.config import OSDFaceConfig
+from weights.layout import WeightsLayout
+from weights.load import load_scheduler, load_unet, load_vae, load_vre
 
 STAGES = ("vre", "vae_encode", "unet", "vae_decode")
 
@@ -79,13 +80,13 @@ class AuthorsStyleBaseline:
     """OSDFace inference the release's way (see the module docstring)."""
 
     def __init__(self, weights_dir: Path | str, device: str | torch.device = "cpu") -> None:
-        layout = W.WeightsLayout(Path(weights_dir))
+        layout = WeightsLayout(Path(weights_dir))
         self.config = OSDFaceConfig.load(layout.osdface)
         self.device = torch.device(device)
-        self.vre = self._ready(W.load_vre(layout, self.config))
-        self.vae = self._ready(W.load_vae(layout))
-        self.unet = self._ready(W.load_unet(layout, self.config, merged=False))
-        self.alphas_cumprod = W.load_scheduler(layout).alphas_cumprod.double()
+        self.vre = self._ready(load_vre(layout, self.config))
+        self.vae = self._ready(load_vae(layout))
+        self.unet = self._ready(load_unet(layout, self.config, merged=False))
+        self.alphas_cumprod = load_scheduler(layout).alphas_cumprod.double()
         self.scaling_factor = float(self.vae.config.scaling_factor)
 
     def _ready(self, module: nn.Module) -> nn.Module:

@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from facexlib.detection.retinaface import RetinaFace  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from model.faces import DETECTORS, FaceDetector  # noqa: E402
+from model.faces.detect import DETECTORS, FaceDetector  # noqa: E402
 
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 DEFAULT_PHOTO = DEFAULT_ASSETS / "images/gfpgan/whole_imgs/00.jpg"

@@ -4,7 +4,7 @@ The architecture is the real one: SD2.1-base UNet and VAE from the configs bundl
 `model/configs/sd21-base`, the VRE from the released `VREConfig`, a rank-16 LoRA over the UNet's
 attention, feed-forward and ResNet layers. The files are those of the release (a Lightning-style
 `associate_2.ckpt`, `embedding_change_weights.pth`, peft-style `pytorch_lora_weights.safetensors`)
-and are then converted and merged by the project's own code (`model.weights`), so loading them
+and are then converted and merged by the project's own code (`weights.load`), so loading them
 exercises and times the real start-up path. Nothing is downloaded.
 """
 
@@ -23,7 +23,8 @@ from torch import nn
 
 from model.config import OSDFaceConfig
 from model.vre import VisualRepresentationEmbedder
-from model.weights import WeightsLayout, convert_released, write_merged_unet
+from weights.convert import convert_released, write_merged_unet
+from weights.layout import WeightsLayout
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _write_released_vre(osd: Path, config: OSDFaceConfig, generator: torch.Gener
 
 
 def write_full_size_weights(root: Path, *, seed: int = 0) -> Path:
-    """Write the released layout under `root`, then convert and merge with `model.weights`."""
+    """Write the released layout under `root`, then convert and merge with `weights.load`."""
     start = time.perf_counter()
     torch.manual_seed(seed)  # the modules' default initialisers draw from the global generator
     g = torch.Generator().manual_seed(seed)

@@ -101,7 +101,7 @@ def wait_ready(base: str, process: subprocess.Popen, timeout: float = 600.0) -> 
 
 def start_server(args: argparse.Namespace, weights: Path, env: dict[str, str], log: Path):
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--weights", str(weights)]
+    command = [sys.executable, "-m", "osdface", "serve", "--weights", str(weights)]
     command += ["--detector", args.detector, "--port", str(port), "--device", args.device]
     full_env = {**os.environ, **COMMON_ENV, **env}
     out = log.open("wb")

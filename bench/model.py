@@ -57,7 +57,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from bench.baseline import AuthorsStyleBaseline  # noqa: E402
 from bench.fullsize import ensure_weights  # noqa: E402
-from model.fastpath import FastPathConfig  # noqa: E402
+from model.fastpath.core import FastPathConfig  # noqa: E402
 from model.restorer import STAGES, OSDFaceRestorer  # noqa: E402
 
 logger = logging.getLogger("bench")
@@ -174,7 +174,7 @@ def count_gmacs(weights: Path) -> dict[str, float]:
     out["total"] = sum(out[k] for k in STAGES)
     out["attention"] = attention / 2e9
     # The fast path's subpixel upsampling computes the same layers with fewer products.
-    from model.upsample import use_subpixel_upsampling
+    from model.fastpath.upsample import use_subpixel_upsampling
 
     use_subpixel_upsampling(unet)
     use_subpixel_upsampling(vae)

@@ -25,25 +25,19 @@ import cv2
 import numpy as np
 import torch
 
-from model.errors import ImageTooLargeError, InvalidInputError
-from model.faces import (
-    FACE_SIZE,
-    FFHQ_TEMPLATE_512,
-    DetectedFace,
-    FaceDetector,
-    align_face,
-    paste_faces,
-    select_faces,
-)
-from model.images import (
+from model.codecs.decode import decode_image
+from model.codecs.encode import encode_image
+from model.codecs.formats import (
     CONTENT_TYPES,
     EXTENSIONS,
     DecodedImage,
     ImageLimits,
-    decode_image,
-    encode_image,
     normalize_format,
 )
+from model.errors import ImageTooLargeError, InvalidInputError
+from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE_512, align_face
+from model.faces.detect import DetectedFace, FaceDetector, select_faces
+from model.faces.paste import paste_faces
 
 logger = logging.getLogger(__name__)
 

@@ -13,11 +13,13 @@ import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from model import weights as W
 from model.config import OSDFaceConfig
 from model.errors import InvalidInputError
-from model.fastpath import FastPath, FastPathConfig
+from model.fastpath.core import FastPath, FastPathConfig
 from model.vre import VisualRepresentationEmbedder
+from weights.convert import convert_released
+from weights.layout import SAFETENSORS_NAME, WeightsLayout, sha256_file
+from weights.load import alpha_bar, load_unet, load_vae, load_vre
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class OSDFaceRestorer:
         self.latent = latent
         self.alpha_bar = alpha_bar
         self.files = files or {}
-        # The fast path (model/fastpath.py) decides placement: per-part dtypes, memory format.
+        # The fast path (model/fastpath/) decides placement: per-part dtypes, memory format.
         # With `fast=None` it is the plain path: every part cast once to `dtype` on `device`.
         self.fast = FastPath(fast, device, dtype)
         self.vre = self.fast.place(vre, self.fast.vre_dtype)
@@ -83,30 +85,30 @@ class OSDFaceRestorer:
         latent: LatentMode = "mode",
         fast: FastPathConfig | None = None,
     ) -> OSDFaceRestorer:
-        """Load strictly from a weights folder (layout in `model.weights`).
+        """Load strictly from a weights folder (layout in `weights.layout`).
 
         The released VRE pickles are converted once to safetensors if that was not done yet
         (without executing pickled code); the LoRA is merged at load if no merged UNet exists.
-        `fast` turns on the fast path (model/fastpath.py); None keeps the plain path.
+        `fast` turns on the fast path (model/fastpath/); None keeps the plain path.
         """
-        layout = W.WeightsLayout(Path(weights_dir))
+        layout = WeightsLayout(Path(weights_dir))
         config = OSDFaceConfig.load(layout.osdface)
         if not layout.vre.is_file() and layout.released_vre.is_file():
             logger.info("converting the released VRE pickles once to %s", layout.vre)
-            W.convert_released(layout, config)
-        vre = W.load_vre(layout, config)
-        vae = W.load_vae(layout)
-        unet = W.load_unet(layout, config, merged=merge_lora)
+            convert_released(layout, config)
+        vre = load_vre(layout, config)
+        vae = load_vae(layout)
+        unet = load_unet(layout, config, merged=merge_lora)
         files = {
-            str(p.relative_to(layout.root)): W.sha256_file(p)
-            for p in (layout.vre, layout.lora, layout.merged_unet_dir / W.SAFETENSORS_NAME)
+            str(p.relative_to(layout.root)): sha256_file(p)
+            for p in (layout.vre, layout.lora, layout.merged_unet_dir / SAFETENSORS_NAME)
             if p.is_file()
         }
         return cls(
             vre,
             vae,
             unet,
-            W.alpha_bar(layout, config.timestep),
+            alpha_bar(layout, config.timestep),
             config,
             device=torch.device(device),
             dtype=dtype,

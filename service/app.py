@@ -28,7 +28,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.faces import FaceDetector
+from model.faces.detect import FaceDetector
 from model.restorer import OSDFaceRestorer
 from service import routes
 from service.errors import error_body, install_error_handlers

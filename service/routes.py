@@ -12,8 +12,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
+from model.codecs.formats import normalize_format
 from model.errors import InvalidInputError
-from model.images import normalize_format
 from model.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
 from service.batching import BatchResult, QueueFullError
 from service.errors import (

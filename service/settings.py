@@ -69,7 +69,7 @@ class Settings(BaseSettings):
 
     # --- fast path (performance area; `compile` and `channels_last` are above) --------------
     fast_path: bool = Field(
-        True, description="the restorer's fast path (model/fastpath.py); off: the plain path"
+        True, description="the restorer's fast path (model/fastpath/); off: the plain path"
     )
     cuda_graphs: bool = Field(
         True,

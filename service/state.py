@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from model.faces import FaceDetector
-from model.fastpath import FastPathConfig, batch_sizes_up_to
-from model.images import ImageLimits
+from model.codecs.formats import ImageLimits
+from model.device import resolve_device, resolve_dtype
+from model.faces.detect import FaceDetector
+from model.fastpath.core import FastPathConfig, batch_sizes_up_to
 from model.restorer import OSDFaceRestorer
 from service.batching import Batcher, BatchReport
 from service.errors import NotReadyError, TooManyRequestsError
@@ -40,20 +41,6 @@ class Phase(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
     DRAINING = "draining"
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' -> float16 on cuda, float32 elsewhere."""
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
 
 
 def image_limits(s: Settings) -> ImageLimits:

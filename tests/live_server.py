@@ -1,7 +1,7 @@
 """A real `osdface serve` process on 127.0.0.1 for the tests that need one (test_service_server,
 browser, Prometheus).
 
-Started as a subprocess exactly as a user would (`python -m service.cli serve ...`), on a free
+Started as a subprocess exactly as a user would (`python -m osdface serve ...`), on a free
 port, CPU, tiny weights and the real offline RetinaFace MobileNet detector; stopped with SIGTERM.
 """
 
@@ -98,10 +98,10 @@ E2E_ENV = {"OSDFACE_CPU_WORKERS": "1", "OSDFACE_SHUTDOWN_GRACE_S": "5"}
 def running_server(
     weights_dir: Path, log_path: Path, env: dict[str, str] | None = None
 ) -> Iterator[LiveServer]:
-    """`python -m service.cli serve` (the `osdface` console script's entry point) on a free
+    """`python -m osdface serve` (the `osdface` console script's entry point) on a free
     port, CPU, float32: wait for /readyz, yield it, stop it with SIGTERM if still running."""
     port = free_port()
-    command = [sys.executable, "-m", "service.cli", "serve", "--weights", str(weights_dir)]
+    command = [sys.executable, "-m", "osdface", "serve", "--weights", str(weights_dir)]
     command += ["--detector", "retinaface_mobile0.25", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--device", "cpu", "--dtype", "float32"]
     child_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from service.cli import main
+from osdface.cli import main
 from tests.tiny_weights import write_tiny_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def test_weights_convert_and_merge_commands(tmp_path: Path) -> None:
 def test_fetch_offline_fails_fast_naming_files(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "weights", "fetch", "--dir", str(tmp_path)],
+        [sys.executable, "-m", "osdface", "weights", "fetch", "--dir", str(tmp_path)],
         capture_output=True,
         text=True,
         env=env,

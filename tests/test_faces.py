@@ -21,23 +21,18 @@ from model.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from model.faces import (
+from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE_512, align_face, similarity_transform
+from model.faces.detect import (
     DETECTORS,
-    FACE_SIZE,
-    FFHQ_TEMPLATE_512,
     DetectedFace,
     FaceDetector,
     _priors,
-    align_face,
-    canvas_to_crop,
     load_detector_state,
-    paste_faces,
-    paste_mask,
     select_faces,
-    similarity_transform,
 )
-from model.weights import sha256_file
+from model.faces.paste import canvas_to_crop, paste_faces, paste_mask
 from tests.photo_variants import MOBILE_FILE, WHOLE_PHOTOS, detector_weights_dir, load_rgb
+from weights.layout import sha256_file
 
 MOBILE = "retinaface_mobile0.25"
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from bench.baseline import AuthorsStyleBaseline, select_codes_loop, tokens_from_codes
 from model.errors import InvalidInputError
-from model.fastpath import (
+from model.fastpath.core import (
     FastPathConfig,
     _padded,
     batch_sizes_up_to,
@@ -201,7 +201,7 @@ def test_padding_keeps_rows_and_layout() -> None:
 
 
 def test_warmup_sizes() -> None:
-    from model.fastpath import FastPath
+    from model.fastpath.core import FastPath
 
     cpu = FastPath(FastPathConfig(batch_sizes=(1, 4)), torch.device("cpu"), torch.float32)
     assert cpu.warmup_sizes(2) == (2,)  # nothing is captured per shape on the CPU

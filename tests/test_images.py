@@ -10,19 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
+from model.codecs.decode import apply_orientation, decode_image
+from model.codecs.encode import encode_image
+from model.codecs.formats import ImageLimits, normalize_format, sniff_format
 from model.errors import (
     ImageDecodeError,
     ImageTooLargeError,
     InvalidInputError,
     UnsupportedFormatError,
-)
-from model.images import (
-    ImageLimits,
-    apply_orientation,
-    decode_image,
-    encode_image,
-    normalize_format,
-    sniff_format,
 )
 from tests.photo_variants import (
     decode_output,

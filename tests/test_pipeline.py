@@ -18,9 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from model.codecs.formats import ImageLimits
 from model.errors import ImageTooLargeError, InvalidInputError
-from model.faces import FACE_SIZE, FaceDetector, paste_faces
-from model.images import ImageLimits
+from model.faces.align import FACE_SIZE
+from model.faces.detect import FaceDetector
+from model.faces.paste import paste_faces
 from model.pipeline import (
     PreparedPhoto,
     RestoreOptions,

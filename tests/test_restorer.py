@@ -11,8 +11,9 @@ from diffusers import DDPMScheduler
 
 from model.errors import InvalidInputError
 from model.restorer import OSDFaceRestorer, x0_from_eps
-from model.weights import WeightsLayout, alpha_bar
 from tests.reference_osdface import ReferenceOSDFace
+from weights.layout import WeightsLayout
+from weights.load import alpha_bar
 
 
 def _faces(n: int, seed: int = 0) -> torch.Tensor:

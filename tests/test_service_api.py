@@ -23,8 +23,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.faces import FaceDetector
-from model.images import ImageLimits
+from model.codecs.formats import ImageLimits
+from model.faces.detect import FaceDetector
 from model.pipeline import RestoreOptions, restore_photo
 from service.app import create_app
 from service.routes import wants_json

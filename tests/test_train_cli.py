@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from model.restorer import OSDFaceRestorer
-from service.cli import main as osdface
+from osdface.cli import main as osdface
 from tests.train_helpers import (
     TRAIN_VRE,
     one_thread,  # noqa: F401 - autouse fixture

@@ -11,9 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.pickle_safe import load_checkpoint, tensors_only
 from model.restorer import OSDFaceRestorer
-from service.cli import main as osdface
+from osdface.cli import main as osdface
 from tests.train_helpers import (
     fixed_batch,
     one_thread,  # noqa: F401 - autouse fixture
@@ -28,6 +27,7 @@ from train.config import Stage2Config
 from train.engine import Engine
 from train.losses import DISTS, IdentityLoss
 from train.stage2 import Stage2Task, run_stage2
+from weights.pickle_safe import load_checkpoint, tensors_only
 
 
 @pytest.fixture(scope="module")

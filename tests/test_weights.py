@@ -19,17 +19,13 @@ from model.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from model.pickle_safe import Skipped, load_checkpoint
 from model.restorer import OSDFaceRestorer
-from model.weights import (
-    SAFETENSORS_NAME,
-    WeightsLayout,
-    check_lora,
-    convert_released,
-    load_vre,
-    merge_lora,
-)
 from tests.tiny_weights import TINY_CONFIG, write_tiny_weights
+from weights.convert import convert_released
+from weights.layout import SAFETENSORS_NAME, WeightsLayout
+from weights.load import load_vre
+from weights.lora import check_lora, merge_lora
+from weights.pickle_safe import Skipped, load_checkpoint
 
 
 @pytest.fixture

@@ -145,7 +145,8 @@ def write_tiny_weights(
     if detector_dir is not None:
         _link_detectors(root / "facexlib", detector_dir)
     if prepare:
-        from model.weights import WeightsLayout, convert_released, write_merged_unet
+        from weights.convert import convert_released, write_merged_unet
+        from weights.layout import WeightsLayout
 
         layout = WeightsLayout(root)
         convert_released(layout, config)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 
-from model import weights as W
 from model.config import OSDFaceConfig, VREConfig
 from tests.tiny_weights import TINY_VAE, write_tiny_weights
 from train.config import DataConfig, EngineConfig
 from train.data import FaceDataset, list_images, validation_batch
+from weights.convert import convert_released
+from weights.layout import WeightsLayout
 
 # 32x32 faces: 32 -> 16 in the VQ encoder, so 256 token positions as at full size; the VAE
 # makes 4x4 latents of them.
@@ -92,7 +93,7 @@ def write_train_weights(root: Path) -> Path:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         AutoencoderKL(**full_res).save_pretrained(root / "sd21-base/vae", safe_serialization=True)
-    W.convert_released(W.WeightsLayout(root), TRAIN_OSDFACE)
+    convert_released(WeightsLayout(root), TRAIN_OSDFACE)
     return root
 
 

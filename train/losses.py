@@ -23,7 +23,7 @@ from torch import nn
 from torchvision.models.vgg import cfgs, make_layers
 
 from model.errors import StateDictMismatchError, WeightsError, WeightsNotFoundError
-from model.weights import check_state_dict
+from weights.strict import check_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import nn
 
-from model import weights as W
 from model.config import OSDFaceConfig
 from model.errors import LoraKeyError, StateDictMismatchError
 from model.restorer import x0_from_eps
@@ -42,6 +41,11 @@ from train.engine import Engine
 from train.losses import DISTS, IdentityLoss, ea_dists, psnr
 from train.stage1 import build_datasets, frozen
 from train.vq import TOKENIZER_PREFIXES
+from weights.convert import convert_released
+from weights.layout import WeightsLayout, require
+from weights.load import load_base_unet, load_scheduler, load_vae, load_vre
+from weights.lora import check_lora
+from weights.strict import check_state_dict, read_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +98,19 @@ class OneStepGenerator(nn.Module):
 
 def load_tokenizer(vre: VisualRepresentationEmbedder, path: Path) -> VisualRepresentationEmbedder:
     """Stage 1's exported tokenizer into `vre` strictly (all but the projection)."""
-    state = W.read_safetensors(path)
+    state = read_safetensors(path)
     tokenizer = nn.Module()
     tokenizer.encoder, tokenizer.quant_conv, tokenizer.quantize = (
         vre.encoder,
         vre.quant_conv,
         vre.quantize,
     )
-    W.check_state_dict(f"VRE tokenizer ({path})", tokenizer, state)
+    check_state_dict(f"VRE tokenizer ({path})", tokenizer, state)
     tokenizer.load_state_dict(state, strict=True)
     return vre
 
 
-def build_vre(config: Stage2Config, layout: W.WeightsLayout, model_config: OSDFaceConfig):
+def build_vre(config: Stage2Config, layout: WeightsLayout, model_config: OSDFaceConfig):
     """The VRE: the weights folder's (converted once if needed) or stage 1's tokenizer.
 
     `init == "scratch"` keeps a freshly initialised projection, as the paper trains it.
@@ -118,8 +122,8 @@ def build_vre(config: Stage2Config, layout: W.WeightsLayout, model_config: OSDFa
             logger.warning("a new tokenizer: the projection starts fresh, not from the weights")
     else:
         if not layout.vre.is_file():  # as the restorer does: convert the pickles once
-            W.convert_released(layout, OSDFaceConfig.load(layout.osdface))
-        loaded = W.load_vre(layout, model_config)
+            convert_released(layout, OSDFaceConfig.load(layout.osdface))
+        loaded = load_vre(layout, model_config)
         state = loaded.state_dict()
         if config.init == "scratch":  # the projection stays freshly initialised
             state = {k: v for k, v in state.items() if k.startswith(TOKENIZER_PREFIXES)}
@@ -129,14 +133,14 @@ def build_vre(config: Stage2Config, layout: W.WeightsLayout, model_config: OSDFa
     return vre
 
 
-def add_lora(unet: UNet2DConditionModel, config: Stage2Config, layout: W.WeightsLayout) -> None:
+def add_lora(unet: UNet2DConditionModel, config: Stage2Config, layout: WeightsLayout) -> None:
     """Inject trainable LoRA layers (rank, alpha from the config); init="osdface" loads the
     weights folder's LoRA into them (its modules become the targets)."""
     targets = list(config.lora_targets)
     lora = None
     if config.init == "osdface":
-        lora = W.read_safetensors(W.require(layout.lora, "the LoRA to start from"))
-        targets = W.check_lora(unet, lora, config.lora_rank)
+        lora = read_safetensors(require(layout.lora, "the LoRA to start from"))
+        targets = check_lora(unet, lora, config.lora_rank)
     unet.add_adapter(
         LoraConfig(
             r=config.lora_rank,
@@ -167,7 +171,7 @@ class Stage2Task:
         self, config: Stage2Config, engine: Engine, identity: IdentityLoss, dists: DISTS
     ) -> None:
         self.config, self.engine = config, engine
-        self.layout = W.WeightsLayout(Path(config.weights_dir))
+        self.layout = WeightsLayout(Path(config.weights_dir))
         base_config = OSDFaceConfig.load(self.layout.osdface)
         self.model_config = dataclasses.replace(
             base_config, lora_rank=config.lora_rank, lora_alpha=config.lora_alpha
@@ -204,9 +208,9 @@ class Stage2Task:
     def _build(self) -> tuple[OneStepGenerator, LatentDiscriminator]:
         cfg, layout, engine = self.config, self.layout, self.engine
         dtype = engine.weight_dtype
-        vae = W.load_vae(layout).requires_grad_(False).to(dtype)
-        unet = W.load_base_unet(layout).requires_grad_(False).to(dtype)
-        scheduler = W.load_scheduler(layout)
+        vae = load_vae(layout).requires_grad_(False).to(dtype)
+        unet = load_base_unet(layout).requires_grad_(False).to(dtype)
+        scheduler = load_scheduler(layout)
         disc = LatentDiscriminator(
             unet, scheduler.alphas_cumprod, cfg.disc_head_channels, cfg.disc_timesteps
         )  # copies the base UNet, before the LoRA
@@ -309,10 +313,10 @@ class Stage2Task:
 
 
 def export_weights(
-    directory: Path, gen: OneStepGenerator, model_config: OSDFaceConfig, base: W.WeightsLayout
+    directory: Path, gen: OneStepGenerator, model_config: OSDFaceConfig, base: WeightsLayout
 ) -> Path:
-    """Write a weights folder the restorer loads as it is (layout in `model.weights`)."""
-    out = W.WeightsLayout(directory)
+    """Write a weights folder the restorer loads as it is (layout in `weights.load`)."""
+    out = WeightsLayout(directory)
     out.osdface.mkdir(parents=True, exist_ok=True)
     if out.merged_unet_dir.exists():  # a stale merge would shadow the new LoRA
         shutil.rmtree(out.merged_unet_dir)

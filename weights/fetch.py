@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from tqdm import tqdm
 
 from model.errors import ChecksumMismatchError, WeightsNotFoundError
-from model.weights import sha256_file
+from weights.layout import sha256_file
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ What each setting does, and why it is faster:
   `decode_dtype="auto"` decodes in bfloat16 when the compute dtype is float16: the VAE decoder's
   activations can exceed fp16's range (65504), bf16 has fp32's range.
 - `subpixel_upsample`: the VAE decoder's and UNet's nearest-2x + 3x3 convolution layers run as
-  four 2x2 convolutions at the input's resolution (model/upsample.py): 2.25x fewer
+  four 2x2 convolutions at the input's resolution (model/fastpath/upsample.py): 2.25x fewer
   multiply-adds in those layers, 208 fewer GMACs per face (9% of 2,318), same function.
 - `vre_float32`: the VRE (about 5% of the work) stays in fp32, so the 77 tokens, a discrete choice
   that a rounding can flip, are the fp32 path's; its distances are fp32 in any case.
@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from model.errors import InvalidInputError
-from model.upsample import use_subpixel_upsampling
+from model.fastpath.upsample import use_subpixel_upsampling
 
 logger = logging.getLogger(__name__)
 

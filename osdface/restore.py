@@ -1,127 +1,24 @@
-"""`osdface` command line: weights, restore, serve, train."""
+"""`osdface restore`: faces in image files and folders, whole photos or aligned crops."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
-import sys
 from pathlib import Path
 
-logger = logging.getLogger("osdface")
+from osdface.paths import default_weights_dir
+
+logger = logging.getLogger(__name__)
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not hasattr(args, "func"):
-        parser.print_help()
-        return 2
-    from model.errors import OSDFaceError
-
-    try:
-        return int(args.func(args) or 0)
-    except OSDFaceError as e:
-        logger.error("%s", e)
-        return 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osdface", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(title="commands")
-    _add_weights(sub)
-    _add_restore(sub)
-    for module in ("service.serve_cli", "train.cli"):
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-    return parser
-
-
-# --- weights ---------------------------------------------------------------------------------
-
-
-def _add_weights(sub: argparse._SubParsersAction) -> None:
-    weights = sub.add_parser("weights", help="fetch, convert, merge and verify model weights")
-    wsub = weights.add_subparsers(title="weights commands")
-    for name, func, text in (
-        ("fetch", _weights_fetch, "download what is missing (resumable, checksummed)"),
-        ("convert", _weights_convert, "released pickles -> safetensors, without running pickle"),
-        ("merge", _weights_merge, "fuse the LoRA into the UNet and save it as safetensors"),
-        ("verify", _weights_verify, "check every file's sha256 and load everything strictly"),
-    ):
-        p = wsub.add_parser(name, help=text)
-        p.add_argument("--dir", type=Path, default=_default_weights_dir(), help="weights folder")
-        p.set_defaults(func=func)
-        if name == "fetch":
-            p.add_argument("--sd-repo", help="a mirror of stabilityai/stable-diffusion-2-1-base")
-            p.add_argument("--all", action="store_true", help="also optional files")
-            p.add_argument("--train", action="store_true", help="also the training loss networks")
-
-
-def _default_weights_dir() -> Path:
-    import os
-
-    return Path(os.environ.get("OSDFACE_WEIGHTS_DIR", "./osdface-weights"))
-
-
-def _weights_fetch(args: argparse.Namespace) -> int:
-    from weights.fetch import fetch
-
-    fetched = fetch(
-        args.dir, include_optional=args.all, include_train=args.train, sd_repo=args.sd_repo
-    )
-    logger.info("%d files fetched into %s", len(fetched), args.dir)
-    return 0
-
-
-def _weights_convert(args: argparse.Namespace) -> int:
-    from model.config import OSDFaceConfig
-    from model.weights import WeightsLayout, convert_released
-
-    layout = WeightsLayout(args.dir)
-    convert_released(layout, OSDFaceConfig.load(layout.osdface))
-    return 0
-
-
-def _weights_merge(args: argparse.Namespace) -> int:
-    from model.config import OSDFaceConfig
-    from model.weights import WeightsLayout, write_merged_unet
-
-    layout = WeightsLayout(args.dir)
-    write_merged_unet(layout, OSDFaceConfig.load(layout.osdface))
-    return 0
-
-
-def _weights_verify(args: argparse.Namespace) -> int:
-    from model.restorer import OSDFaceRestorer
-    from weights.fetch import verify
-
-    for path, digest in verify(args.dir).items():
-        print(f"{digest}  {path}")  # noqa: T201 - the command's output
-    OSDFaceRestorer.from_pretrained(args.dir)
-    logger.info("all weights load strictly")
-    return 0
-
-
-# --- restore ---------------------------------------------------------------------------------
-
-
-def _add_restore(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("restore", help="restore faces in image files or folders")
     p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
-    p.add_argument("--weights", type=Path, default=_default_weights_dir())
+    p.add_argument("--weights", type=Path, default=default_weights_dir())
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 crops")
     p.add_argument("--latent", choices=("mode", "sample"), default="mode")
     p.add_argument("--seed", type=int, default=0, help="seed for --latent sample")
@@ -162,8 +59,8 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    from model.device import resolve_device, resolve_dtype
     from model.restorer import OSDFaceRestorer
-    from service.state import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -244,7 +141,3 @@ def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, 
         seed=args.seed,
     )
     logger.info("%d images written to %s", len(written), args.output)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,8 +1,8 @@
-"""`osdface train stage1 ...` and `osdface train stage2 ...` (registered by `service/cli.py`).
+"""`osdface train stage1 ...` and `osdface train stage2 ...` (registered by `osdface/cli.py`).
 
 One process trains on one device; for several GPUs start it under a launcher, e.g.
-`accelerate launch --multi_gpu --num_processes 8 -m service.cli train stage2 ...` or
-`torchrun --nproc_per_node 8 -m service.cli train stage2 ...`.
+`accelerate launch --multi_gpu --num_processes 8 -m osdface train stage2 ...` or
+`torchrun --nproc_per_node 8 -m osdface train stage2 ...`.
 """
 
 from __future__ import annotations

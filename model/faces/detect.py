@@ -1,4 +1,4 @@
-"""Faces in whole photos: detection (RetinaFace), alignment to the FFHQ template, paste-back.
+"""Face detection in whole photos: RetinaFace with stateless pre- and post-processing.
 
 Everything here is stateless per call, so one `FaceDetector` serves concurrent threads:
 facexlib's `RetinaFace.detect_faces` stores the resize factor, scales and priors of the current
@@ -38,26 +38,11 @@ from model.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from model.weights import check_state_dict, sha256_file
+from model.faces.align import check_rgb
+from weights.layout import sha256_file
+from weights.strict import check_state_dict
 
 logger = logging.getLogger(__name__)
-
-FACE_SIZE: Final[int] = 512
-
-# Five points (left eye, right eye, nose tip, left and right mouth corners; "left" is the image's
-# left) of an FFHQ-aligned 512x512 face, in crop pixels. This is the standard template of
-# facexlib's FaceRestoreHelper and GFPGAN (their 512 template), itself derived from the FFHQ
-# alignment; OSDFace was trained on FFHQ crops, so its input must be aligned to it.
-FFHQ_TEMPLATE_512: Final[np.ndarray] = np.array(
-    [
-        [192.98138, 239.94708],
-        [318.90277, 240.19360],
-        [256.63416, 314.01935],
-        [201.26117, 371.41043],
-        [313.08905, 371.15118],
-    ],
-    dtype=np.float64,
-)
 
 # RetinaFace expects BGR pixels in 0..255 minus the training images' per-channel mean (B, G, R).
 _BGR_MEAN: Final[tuple[float, float, float]] = (104.0, 117.0, 123.0)
@@ -110,9 +95,6 @@ class DetectedFace:
     def landmarks_array(self) -> np.ndarray:
         """(5, 2) float64 (x, y)."""
         return np.asarray(self.landmarks, dtype=np.float64)
-
-
-# --- detection -----------------------------------------------------------------------------
 
 
 class FaceDetector:
@@ -226,7 +208,7 @@ class FaceDetector:
         Runs on a copy downscaled so its longer side is at most `max_side`; boxes and landmarks
         are mapped back to the full image.
         """
-        _check_rgb(rgb)
+        check_rgb(rgb)
         height, width = rgb.shape[:2]
         small = _downscale(rgb, self.max_side)
         loc, conf, landms = self._forward(small)
@@ -286,17 +268,6 @@ def load_detector_state(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _check_rgb(rgb: np.ndarray) -> None:
-    if (
-        not isinstance(rgb, np.ndarray)
-        or rgb.dtype != np.uint8
-        or rgb.ndim != 3
-        or rgb.shape[2] != 3
-    ):
-        shape = getattr(rgb, "shape", None)
-        raise InvalidInputError(f"expected an (H, W, 3) uint8 RGB array, got {shape}")
-
-
 def _downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
     height, width = rgb.shape[:2]
     scale = max_side / max(height, width)
@@ -351,159 +322,3 @@ def select_faces(
     if max_faces is not None:
         chosen = chosen[:max_faces]
     return chosen
-
-
-# --- alignment -----------------------------------------------------------------------------
-
-
-def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """Least-squares similarity (rotation, uniform scale, translation) mapping src onto dst.
-
-    Umeyama's closed form (no reflection). src, dst: (N, 2) points, N >= 2. Returns (2, 3).
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    mean_src, mean_dst = src.mean(0), dst.mean(0)
-    src_c, dst_c = src - mean_src, dst - mean_dst
-    covariance = dst_c.T @ src_c / len(src)  # (2, 2)
-    u, singular, vt = np.linalg.svd(covariance)
-    sign = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
-    rotation = u @ sign @ vt
-    variance = (src_c**2).sum() / len(src)
-    if variance <= 0:
-        raise InvalidInputError("landmarks are all at one point")
-    scale = float(np.trace(np.diag(singular) @ sign)) / variance
-    translation = mean_dst - scale * rotation @ mean_src
-    return np.hstack([scale * rotation, translation[:, None]])
-
-
-def align_face(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Warp the face with these (5, 2) landmarks onto the FFHQ 512 template.
-
-    Returns the crop, (512, 512, 3) uint8 RGB, and the (2, 3) image -> crop affine. Parts of the
-    crop outside the photo are filled by reflection, so a face cut by the border does not meet a
-    black edge inside the model's input (those parts are never pasted back).
-    """
-    _check_rgb(rgb)
-    affine = similarity_transform(landmarks, FFHQ_TEMPLATE_512)
-    crop = cv2.warpAffine(
-        rgb,
-        affine,
-        (FACE_SIZE, FACE_SIZE),
-        flags=cv2.INTER_CUBIC,
-        borderMode=cv2.BORDER_REFLECT_101,
-    )
-    return crop, affine
-
-
-# --- paste-back ----------------------------------------------------------------------------
-
-# Soft mask in crop space: 1 inside, 0 in a border band, blurred in between. Because the crop is
-# a fixed 512 square scaled onto the face, the feather is proportional to the face's size in the
-# photo. The blur radius (4 sigma) stays inside the band, so the mask is exactly 0 on the crop's
-# edge and no crop border (or beyond) ever reaches the photo.
-_MASK_BAND: Final[int] = 48
-_MASK_SIGMA: Final[float] = 10.0
-
-
-@functools.cache
-def paste_mask() -> np.ndarray:
-    """(512, 512) float32 in [0, 1]: the eroded, blurred paste mask in crop coordinates."""
-    mask = np.zeros((FACE_SIZE, FACE_SIZE), np.float32)
-    mask[_MASK_BAND:-_MASK_BAND, _MASK_BAND:-_MASK_BAND] = 1.0  # erosion of the full crop
-    radius = int(4 * _MASK_SIGMA)
-    mask = cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), _MASK_SIGMA)
-    mask.flags.writeable = False
-    return mask
-
-
-def canvas_to_crop(affine: np.ndarray, scale: int, x0: int = 0, y0: int = 0) -> np.ndarray:
-    """(2, 3) map from pixels of a canvas `scale` times the photo (offset x0, y0) to the crop.
-
-    A canvas pixel X is the photo position (X + 0.5) / scale - 0.5 (pixel centres line up, as
-    in OpenCV's resize), which `affine` then takes into the crop.
-    """
-    s = 1.0 / scale
-    to_photo = np.array(
-        [[s, 0.0, (x0 + 0.5) * s - 0.5], [0.0, s, (y0 + 0.5) * s - 0.5], [0.0, 0.0, 1.0]]
-    )
-    return np.asarray(affine, np.float64) @ to_photo
-
-
-def paste_faces(
-    canvas: np.ndarray,
-    faces: Sequence[np.ndarray],
-    affines: Sequence[np.ndarray],
-    *,
-    scale: int = 1,
-    strength: float = 1.0,
-    feather: bool = True,
-) -> np.ndarray:
-    """Paste restored crops back into `canvas` through their inverse transforms.
-
-    canvas: (H', W', 3) uint8 RGB, the photo or its `scale`-times upscaled copy (modified in
-    place and returned). faces: (512, 512, 3) float32 RGB in [0, 1], pasted in order, each over
-    the result of the previous ones, so overlapping faces blend into each other without seams.
-    affines: the photo -> crop transforms from `align_face`. strength: blend weight of the
-    restored face against what is under it (0 leaves the canvas exactly as it was).
-    `feather=False` pastes the whole crop with no mask (input that was an aligned crop).
-    """
-    if len(faces) != len(affines):
-        raise InvalidInputError(f"{len(faces)} faces for {len(affines)} transforms")
-    for face, affine in zip(faces, affines, strict=True):
-        _paste_one(canvas, face, affine, scale, strength, feather)
-    return canvas
-
-
-def _paste_one(
-    canvas: np.ndarray,
-    face: np.ndarray,
-    affine: np.ndarray,
-    scale: int,
-    strength: float,
-    feather: bool,
-) -> None:
-    roi = _footprint(affine, scale, canvas.shape[1], canvas.shape[0])
-    if roi is None:
-        return
-    x0, y0, x1, y1 = roi
-    to_crop = canvas_to_crop(affine, scale, x0, y0)
-    size = (x1 - x0, y1 - y0)
-    inverse = cv2.WARP_INVERSE_MAP
-    warped = cv2.warpAffine(
-        np.asarray(face, np.float32) * 255.0,
-        to_crop,
-        size,
-        flags=cv2.INTER_CUBIC | inverse,
-        borderMode=cv2.BORDER_REPLICATE,
-    )
-    if feather:
-        weight = cv2.warpAffine(
-            paste_mask(),
-            to_crop,
-            size,
-            flags=cv2.INTER_LINEAR | inverse,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=0.0,
-        )[..., None]
-    else:
-        weight = np.ones((size[1], size[0], 1), np.float32)
-    under = canvas[y0:y1, x0:x1].astype(np.float32)
-    blended = under + (strength * weight) * (warped - under)
-    canvas[y0:y1, x0:x1] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-
-
-def _footprint(
-    affine: np.ndarray, scale: int, width: int, height: int
-) -> tuple[int, int, int, int] | None:
-    """Canvas box (x0, y0, x1, y1), end-exclusive, covering the crop; None when off-canvas."""
-    to_canvas = cv2.invertAffineTransform(canvas_to_crop(affine, scale))
-    edge = FACE_SIZE - 0.5
-    corners = np.array([[-0.5, -0.5, 1], [edge, -0.5, 1], [-0.5, edge, 1], [edge, edge, 1]])
-    points = corners @ to_canvas.T  # (4, 2)
-    x0, y0 = np.floor(points.min(0)).astype(int)
-    x1, y1 = np.ceil(points.max(0)).astype(int) + 1
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if x0 >= x1 or y0 >= y1:
-        return None
-    return int(x0), int(y0), int(x1), int(y1)

@@ -1,0 +1,83 @@
+"""Alignment of a face to the FFHQ 512 template through its five landmarks.
+
+Conventions: images are (H, W, 3) uint8 RGB. Points are (x, y) in pixels. An "affine" is a
+(2, 3) float64 matrix mapping image coordinates to aligned-crop coordinates (OpenCV's convention:
+pixel i has coordinate i).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import cv2
+import numpy as np
+
+from model.errors import InvalidInputError
+
+FACE_SIZE: Final[int] = 512
+
+# Five points (left eye, right eye, nose tip, left and right mouth corners; "left" is the image's
+# left) of an FFHQ-aligned 512x512 face, in crop pixels. This is the standard template of
+# facexlib's FaceRestoreHelper and GFPGAN (their 512 template), itself derived from the FFHQ
+# alignment; OSDFace was trained on FFHQ crops, so its input must be aligned to it.
+FFHQ_TEMPLATE_512: Final[np.ndarray] = np.array(
+    [
+        [192.98138, 239.94708],
+        [318.90277, 240.19360],
+        [256.63416, 314.01935],
+        [201.26117, 371.41043],
+        [313.08905, 371.15118],
+    ],
+    dtype=np.float64,
+)
+
+
+def check_rgb(rgb: np.ndarray) -> None:
+    if (
+        not isinstance(rgb, np.ndarray)
+        or rgb.dtype != np.uint8
+        or rgb.ndim != 3
+        or rgb.shape[2] != 3
+    ):
+        shape = getattr(rgb, "shape", None)
+        raise InvalidInputError(f"expected an (H, W, 3) uint8 RGB array, got {shape}")
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src onto dst.
+
+    Umeyama's closed form (no reflection). src, dst: (N, 2) points, N >= 2. Returns (2, 3).
+    """
+    src = np.asarray(src, dtype=np.float64)
+    dst = np.asarray(dst, dtype=np.float64)
+    mean_src, mean_dst = src.mean(0), dst.mean(0)
+    src_c, dst_c = src - mean_src, dst - mean_dst
+    covariance = dst_c.T @ src_c / len(src)  # (2, 2)
+    u, singular, vt = np.linalg.svd(covariance)
+    sign = np.diag([1.0, np.sign(np.linalg.det(u) * np.linalg.det(vt)) or 1.0])
+    rotation = u @ sign @ vt
+    variance = (src_c**2).sum() / len(src)
+    if variance <= 0:
+        raise InvalidInputError("landmarks are all at one point")
+    scale = float(np.trace(np.diag(singular) @ sign)) / variance
+    translation = mean_dst - scale * rotation @ mean_src
+    return np.hstack([scale * rotation, translation[:, None]])
+
+
+def align_face(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Warp the face with these (5, 2) landmarks onto the FFHQ 512 template.
+
+    Returns the crop, (512, 512, 3) uint8 RGB, and the (2, 3) image -> crop affine. Parts of the
+    crop outside the photo are filled by reflection, so a face cut by the border does not meet a
+    black edge inside the model's input (those parts are never pasted back).
+    """
+    check_rgb(rgb)
+    affine = similarity_transform(landmarks, FFHQ_TEMPLATE_512)
+    crop = cv2.warpAffine(
+        rgb,
+        affine,
+        (FACE_SIZE, FACE_SIZE),
+        flags=cv2.INTER_CUBIC,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+    return crop, affine

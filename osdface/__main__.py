@@ -1,0 +1,7 @@
+"""`python -m osdface`."""
+
+import sys
+
+from osdface.cli import main
+
+sys.exit(main())

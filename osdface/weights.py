@@ -1,0 +1,70 @@
+"""`osdface weights fetch|convert|merge|verify`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from osdface.paths import default_weights_dir
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    weights = sub.add_parser("weights", help="fetch, convert, merge and verify model weights")
+    wsub = weights.add_subparsers(title="weights commands")
+    for name, func, text in (
+        ("fetch", _weights_fetch, "download what is missing (resumable, checksummed)"),
+        ("convert", _weights_convert, "released pickles -> safetensors, without running pickle"),
+        ("merge", _weights_merge, "fuse the LoRA into the UNet and save it as safetensors"),
+        ("verify", _weights_verify, "check every file's sha256 and load everything strictly"),
+    ):
+        p = wsub.add_parser(name, help=text)
+        p.add_argument("--dir", type=Path, default=default_weights_dir(), help="weights folder")
+        p.set_defaults(func=func)
+        if name == "fetch":
+            p.add_argument("--sd-repo", help="a mirror of stabilityai/stable-diffusion-2-1-base")
+            p.add_argument("--all", action="store_true", help="also optional files")
+            p.add_argument("--train", action="store_true", help="also the training loss networks")
+
+
+def _weights_fetch(args: argparse.Namespace) -> int:
+    from weights.fetch import fetch
+
+    fetched = fetch(
+        args.dir, include_optional=args.all, include_train=args.train, sd_repo=args.sd_repo
+    )
+    logger.info("%d files fetched into %s", len(fetched), args.dir)
+    return 0
+
+
+def _weights_convert(args: argparse.Namespace) -> int:
+    from model.config import OSDFaceConfig
+    from weights.convert import convert_released
+    from weights.layout import WeightsLayout
+
+    layout = WeightsLayout(args.dir)
+    convert_released(layout, OSDFaceConfig.load(layout.osdface))
+    return 0
+
+
+def _weights_merge(args: argparse.Namespace) -> int:
+    from model.config import OSDFaceConfig
+    from weights.convert import write_merged_unet
+    from weights.layout import WeightsLayout
+
+    layout = WeightsLayout(args.dir)
+    write_merged_unet(layout, OSDFaceConfig.load(layout.osdface))
+    return 0
+
+
+def _weights_verify(args: argparse.Namespace) -> int:
+    from model.restorer import OSDFaceRestorer
+    from weights.fetch import verify
+
+    for path, digest in verify(args.dir).items():
+        print(f"{digest}  {path}")  # noqa: T201 - the command's output
+    OSDFaceRestorer.from_pretrained(args.dir)
+    logger.info("all weights load strictly")
+    return 0
