@@ -4,10 +4,14 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WEIGHTS ?= $(or $(OSDFACE_WEIGHTS_DIR),./osdface-weights)
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
-.PHONY: venv test lint serve weights bench clean
+.PHONY: venv dev test lint serve weights bench clean
 
+# venv: what serving needs (requirements.lock); dev: plus tests, lint, training
+# (requirements-dev.lock, the `train` and `dev` extras).
 venv: $(STAMP)
+dev: $(DEV_STAMP)
 
 # torch comes first and pinned, so no resolver ever picks a different (multi-GB) build.
 $(STAMP): pyproject.toml requirements.lock
@@ -18,11 +22,15 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
-lint: venv
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check model service train weights bench tests
+$(DEV_STAMP): $(STAMP) requirements-dev.lock
+	$(BIN)/pip install -q -r requirements-dev.lock
+	touch $(DEV_STAMP)
 
-test: venv lint
+lint: dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: dev lint
 	$(BIN)/python -m pytest -q
 
 weights: venv
@@ -33,8 +41,8 @@ weights: venv
 serve: weights
 	$(BIN)/osdface serve --weights $(WEIGHTS)
 
-bench: venv
+bench: dev
 	$(BIN)/python bench/model.py --device cpu
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

@@ -266,6 +266,10 @@ def test_dockerfile_installs_pinned_torch_then_lock_then_project(builder: str) -
     assert torch_at < lock_at < project_at, "torch first, then the lock, then the project"
     project_pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"torch=={lock['torch']}" in project_pins
+    # The serving image carries no test, lint or training tools: the runtime lock only, and the
+    # project without extras.
+    assert "requirements-dev.lock" not in text and "[" not in text.split("--no-deps /src")[-1]
+    assert "requirements-dev.lock" not in " ".join(stage(stages, builder).all("COPY"))
 
 
 def test_dockerfile_runtime_is_non_root_with_weights_volume_and_readyz_healthcheck() -> None:
@@ -315,10 +319,11 @@ def test_dockerignore_keeps_sources_and_drops_weights_and_envs() -> None:
 
     includes = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     packages = [p.rstrip("*") for p in includes["packages"]["find"]["include"]]
-    needed = ["pyproject.toml", "requirements.lock", "README.md", *packages]
+    needed = ["pyproject.toml", "requirements.lock", "README.md", "LICENSE", *packages]
     for path in needed:
         assert not ignored(path), f"{path} is needed by the build but .dockerignore drops it"
-        # pyproject's `readme` and the lock are read by `pip install /src`: missing, it fails.
+        # pyproject's `readme` and `license-files` and the lock are read by `pip install /src`:
+        # missing, it fails.
         assert (REPO / path).exists() or path in packages, f"{path} missing: the build needs it"
     for path in [".venv", ".git", "osdface-weights", "artifacts", "model/x.safetensors"]:
         assert ignored(path), f"{path} must stay out of the build context"
