@@ -22,7 +22,7 @@ class Settings(BaseSettings):
 
     # --- model ---------------------------------------------------------------------------
     weights_dir: Path = Field(
-        Path("./osdface-weights"), description="weights folder (layout in README)"
+        Path("./osdface-weights"), description="weights folder (layout in docs/weights.md)"
     )
     device: Device = Field("auto", description="cuda when available, else cpu")
     dtype: DType = Field("auto", description="float16 on cuda, float32 on cpu")

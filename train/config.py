@@ -92,7 +92,7 @@ def _second_stage() -> DegradationStage:
 
 @dataclass
 class DegradationConfig:
-    """Two stages, then a resize back to the training size. See README.md (Training)."""
+    """Two stages, then a resize back to the training size. See docs/training.md."""
 
     first: DegradationStage = field(default_factory=_first_stage)
     second: DegradationStage = field(default_factory=_second_stage)
@@ -245,7 +245,7 @@ class Stage2Config:
     """The one-step generator: LoRA on the SD2.1-base UNet and the prompt projection.
 
     Loss = mse_weight * MSE + id_weight * (1 - cos ArcFace) + per_weight * EA-DISTS
-    + gan_weight * GAN. The weights below are ours (see README.md, Training), not
+    + gan_weight * GAN. The weights below are ours (see docs/training.md), not
     numbers taken from the paper.
     """
 

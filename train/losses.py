@@ -41,7 +41,7 @@ def train_weight_path(weights_dir: Path, name: str) -> Path:
     path = weights_dir / "train" / TRAIN_WEIGHT_FILES[name]
     if not path.is_file():
         raise WeightsNotFoundError(
-            f"{path} is missing: the training losses need it (README.md, Training, lists "
+            f"{path} is missing: the training losses need it (docs/training.md lists "
             "the files and where they come from)"
         )
     return path

@@ -29,7 +29,7 @@ def check_state_dict(what: str, model: nn.Module, state: dict[str, torch.Tensor]
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file; a truncated or corrupt file raises WeightsError naming it."""
-    require(path, "see README: Weights")
+    require(path, "see docs/weights.md")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -40,7 +40,7 @@ What each setting does, and why it is faster:
 On the CPU, PyTorch's allocator returns big activations to the OS after each use and page-faults
 them back in; `THP_MEM_ALLOC_ENABLE=1` in the environment (read by PyTorch once, at its first
 allocation, so it must be set before the process starts) backs them with 2 MB pages. It is a
-process setting, not one of this module's: see README.md (Performance).
+process setting, not one of this module's: see docs/performance.md.
 """
 
 from __future__ import annotations
