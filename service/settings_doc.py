@@ -34,11 +34,11 @@ the environment. A value the class refuses stops the server at start-up with the
 Lists are written as JSON, e.g. `{{prefix}}CORS_ORIGINS='["https://app.example.com"]'`; an unset
 optional setting is left out of the environment.
 
-The same class is read by the Docker image, compose and Kubernetes files
-(`tests/test_docker_files.py` refuses a name that is not a setting), and whole-photo
-`osdface restore` takes its detection and image limits from it. How the batching, queue and
-shutdown settings interact is in [operations.md](operations.md); the fast-path switches are
-explained in [performance.md](performance.md).
+The Docker image, compose and Kubernetes files set the same variables
+(`tests/test_docker_files.py` refuses a name that is not a setting or a value the class
+refuses). How the batching, queue and shutdown settings interact is in
+[operations.md](operations.md); the fast-path switches are explained in
+[performance.md](performance.md).
 
 | variable | `osdface serve` flag | values | default | meaning |
 |---|---|---|---|---|
