@@ -42,7 +42,7 @@ serve: weights
 	$(BIN)/osdface serve --weights $(WEIGHTS)
 
 bench: dev
-	$(BIN)/python bench/model.py --device cpu
+	$(BIN)/python -m bench.speed --device cpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist *.egg-info

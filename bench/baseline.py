@@ -1,7 +1,11 @@
-"""A baseline that runs like the authors' released inference, for bench/model.py to compare with.
+"""The authors'-style reference: OSDFace inference the way the release runs it.
 
-Built from the same weights folder and modules as `OSDFaceRestorer`, so outputs are comparable,
-but run the way the release runs them:
+bench/speed.py and bench/paired.py time it as the baseline; the tests use it, with parts
+written independently of `model/` (tests/reference_osdface.py), as the reference to check the
+restorer against.
+
+`from_weights` builds it from the same weights folder and modules as `OSDFaceRestorer`, so
+outputs are comparable, but run the way the release runs them:
 
 - fp32, NCHW, one image at a time (the release restores faces one by one);
 - the UNet is the base UNet with the LoRA attached as unmerged peft adapter layers;
@@ -10,23 +14,27 @@ but run the way the release runs them:
 - the latent is `latent_dist.sample()` (the release), seeded here so runs repeat;
 - diffusers' defaults otherwise (attention processors, cuDNN settings as PyTorch ships them).
 
-It is a measuring stick, not a product path: nothing in the service uses it.
+It is a measuring stick and a reference, not a product path: nothing in the service uses it.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from model.config import OSDFaceConfig
+from model.image_processor import denormalize, normalize
+from model.vre import VisualRepresentationEmbedder
 from weights.layout import WeightsLayout
 from weights.load import load_scheduler, load_unet, load_vae, load_vre
 
@@ -76,21 +84,43 @@ class BaselineOutput:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
 class AuthorsStyleBaseline:
-    """OSDFace inference the release's way (see the module docstring)."""
+    """OSDFace inference the release's way (see the module docstring), one image at a time.
 
-    def __init__(self, weights_dir: Path | str, device: str | torch.device = "cpu") -> None:
+    The parts are given: `from_weights` loads the project's (VRE modules, peft LoRA adapters,
+    ᾱ from the scheduler); tests/reference_osdface.py passes parts written independently of
+    `model/` (a functional VQ encoder, a LoRA added by hand, ᾱ from the formula).
+    """
+
+    prompt: Callable[[torch.Tensor], torch.Tensor]  # (1, 3, S, S) [-1, 1] -> (1, 77, 1024)
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    alpha_bar: float
+    timestep: int
+    device: torch.device
+
+    @classmethod
+    def from_weights(
+        cls, weights_dir: Path | str, device: str | torch.device = "cpu"
+    ) -> AuthorsStyleBaseline:
         layout = WeightsLayout(Path(weights_dir))
-        self.config = OSDFaceConfig.load(layout.osdface)
-        self.device = torch.device(device)
-        self.vre = self._ready(load_vre(layout, self.config))
-        self.vae = self._ready(load_vae(layout))
-        self.unet = self._ready(load_unet(layout, self.config, merged=False))
-        self.alphas_cumprod = load_scheduler(layout).alphas_cumprod.double()
-        self.scaling_factor = float(self.vae.config.scaling_factor)
+        config = OSDFaceConfig.load(layout.osdface)
+        device = torch.device(device)
+        vre = _ready(load_vre(layout, config), device)
+        alphas_cumprod = load_scheduler(layout).alphas_cumprod.double()
+        return cls(
+            prompt=partial(prompt_by_loop, vre, config.vre.num_tokens),
+            vae=_ready(load_vae(layout), device),
+            unet=_ready(load_unet(layout, config, merged=False), device),
+            alpha_bar=alphas_cumprod[config.timestep].item(),
+            timestep=config.timestep,
+            device=device,
+        )
 
-    def _ready(self, module: nn.Module) -> nn.Module:
-        return nn.Module.to(module, device=self.device, dtype=torch.float32).eval()
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.vae.config.scaling_factor)
 
     @torch.no_grad()
     def __call__(
@@ -106,9 +136,9 @@ class AuthorsStyleBaseline:
         return BaselineOutput(torch.cat(outs), timings)
 
     def _one(self, image: torch.Tensor, latent: str, seed: int, timings: dict) -> torch.Tensor:
-        lq = image.to(self.device, torch.float32) * 2 - 1
+        lq = normalize(image.to(self.device, torch.float32))
         with _stage("vre", timings, self.device):
-            prompt = self._prompt(lq)
+            prompt = self.prompt(lq)
         with _stage("vae_encode", timings, self.device):
             dist = self.vae.encode(lq).latent_dist
             if latent == "sample":
@@ -117,23 +147,27 @@ class AuthorsStyleBaseline:
             else:
                 z = dist.mode() * self.scaling_factor
         with _stage("unet", timings, self.device):
-            t = self.config.timestep
-            eps = self.unet(z, t, encoder_hidden_states=prompt).sample
-            a = self.alphas_cumprod[t].item()
+            eps = self.unet(z, self.timestep, encoder_hidden_states=prompt).sample
+            a = self.alpha_bar  # the release's formula, apart from model.restorer.x0_from_eps
             x0 = ((z.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)).float()
         with _stage("vae_decode", timings, self.device):
-            out = self.vae.decode(x0 / self.scaling_factor).sample
-            out = (out.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
+            out = denormalize(self.vae.decode(x0 / self.scaling_factor).sample)
         return out.cpu()
 
-    def _prompt(self, lq: torch.Tensor) -> torch.Tensor:
-        """(1, 3, S, S) in [-1, 1] -> (1, 77, 1024), through the selection loop."""
-        features = self.vre.features(lq)[0]  # (N, C)
-        codebook = self.vre.quantize.embedding.weight
-        n = self.config.vre.num_tokens
-        codes = select_codes_loop(features, codebook, n)
-        tokens = tokens_from_codes(codes, codebook, n)
-        return self.vre.projection(tokens[None])
+
+def prompt_by_loop(
+    vre: VisualRepresentationEmbedder, num_tokens: int, lq: torch.Tensor
+) -> torch.Tensor:
+    """(1, 3, S, S) in [-1, 1] -> (1, 77, 1024): the VRE's modules, the selection loop."""
+    features = vre.features(lq)[0]  # (N, C)
+    codebook = vre.quantize.embedding.weight
+    codes = select_codes_loop(features, codebook, num_tokens)
+    tokens = tokens_from_codes(codes, codebook, num_tokens)
+    return vre.projection(tokens[None])
+
+
+def _ready(module: nn.Module, device: torch.device) -> nn.Module:
+    return nn.Module.to(module, device=device, dtype=torch.float32).eval()
 
 
 @contextmanager

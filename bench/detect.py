@@ -5,37 +5,31 @@ of the listed sizes; every size is detected with the service's default downscale
 1024) and, up to 2048, without it (`max_side` = the image's own side). Detection includes the
 downscale, the network, decoding, thresholds and NMS: what one `FaceDetector.detect` call costs.
 
-    python bench/detect.py --weights ./osdface-weights --detector retinaface_resnet50
-    python bench/detect.py --weights <dir with facexlib/detection_mobilenet0.25_Final.pth>
+    python -m bench.detect --weights ./osdface-weights --detector retinaface_resnet50
+    python -m bench.detect --weights <dir with facexlib/detection_mobilenet0.25_Final.pth>
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+from facexlib.detection.retinaface import RetinaFace
+from PIL import Image
+
+from model.config import DetectorConfig
+from model.faces.detect import DETECTORS, FaceDetector
+
 REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    # Run as a script, bench/ comes first on sys.path and bench/model.py would shadow the
-    # `model` package; the repository root goes there instead.
-    sys.path[0] = str(REPO)
-
-import argparse  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from facexlib.detection.retinaface import RetinaFace  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from model.faces.detect import DETECTORS, FaceDetector  # noqa: E402
-
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 DEFAULT_PHOTO = DEFAULT_ASSETS / "images/gfpgan/whole_imgs/00.jpg"
 
@@ -52,7 +46,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--photo", type=Path, default=DEFAULT_PHOTO)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    p.add_argument("--max-side", type=int, default=1024, help="the service's detect_max_side")
+    p.add_argument(
+        "--max-side", type=int, default=DetectorConfig.max_side, help="the detector's max_side"
+    )
     p.add_argument("--full-up-to", type=int, default=2048, help="also time without downscale")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.config import OSDFaceConfig
+from model.image_processor import normalize
 from model.vre import VisualRepresentationEmbedder
 from weights.convert import convert_released, write_merged_unet
 from weights.layout import WeightsLayout
@@ -70,7 +71,7 @@ def trained_like_codebook(vre: VisualRepresentationEmbedder, generator: torch.Ge
     coarse = torch.rand(n_images, 3, 8, 8, generator=generator)
     images = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic")
     with torch.no_grad():
-        features = vre.features(images.clamp(0, 1) * 2 - 1).reshape(-1, dim)  # (n * N, C)
+        features = vre.features(normalize(images.clamp(0, 1))).reshape(-1, dim)  # (n * N, C)
     picked = features[torch.randperm(features.shape[0], generator=generator)[:k]]
     return picked + 0.1 * picked.std() * torch.randn(k, dim, generator=generator)
 

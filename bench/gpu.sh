@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU measurements in one prepared run, for a lent H100/H200: about 5 minutes,
+# The GPU measurements in one prepared run, for a lent H100/H200: about 5 minutes,
 # at most 7.5 (the tests stop at 120 s, the benchmark reports what it has at 310 s).
 #
 #   device tool:  command "bash bench/gpu.sh", carry [".whl"], timeout_s 480
@@ -7,7 +7,7 @@
 #
 # 1. the CUDA parity tests of tests/test_fastpath.py on tiny weights (graphs, streams, pinned
 #    copies, fp16/bf16, 20-call repeatability with and without `overlap`);
-# 2. bench/model.py on full-size random weights written to /tmp in the released layout (merged):
+# 2. bench/speed.py on full-size random weights written to /tmp in the released layout (merged):
 #    the authors'-style baseline, then plain bf16, fast bf16/fp16, overlap fp16 and fast fp16
 #    without subpixel upsampling at batch 1/4/8/16, the start-up to ready, and torch.compile
 #    (bf16, batch 1) if time is left;
@@ -54,7 +54,7 @@ echo "pytest exit $?: $(tail -n 1 "$OUT/pytest.log")"
 
 echo "== benchmark"
 # SIGTERM at the limit makes the harness report what it measured so far.
-timeout -s TERM 310 "$PY" bench/model.py "${BENCH[@]}" --time-budget 200 \
+timeout -s TERM 310 "$PY" -m bench.speed "${BENCH[@]}" --time-budget 200 \
   --results "$OUT/RESULTS.md" --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
 status=$?
 grep -E "bench (baseline|ours .*(batch|failed)|start-up)|Error|Traceback|interrupted|failed" \
@@ -63,7 +63,7 @@ cat "$OUT/RESULTS.md" 2>/dev/null
 
 echo "== summary (bench exit $status)"
 if [[ -f "$OUT/bench.json" ]]; then
-  "$PY" bench/model.py --summarize "$OUT/bench.json"
+  "$PY" -m bench.speed --summarize "$OUT/bench.json"
 else
   echo "no bench.json: see bench.log"; tail -n 30 "$OUT/bench.log"
 fi

@@ -11,8 +11,8 @@ Each is driven at concurrency 1, 4 and 16 (closed loop: each client sends its ne
 when the previous answer arrives) and the table gives throughput and p50/p95/p99 latency, and
 the throughput ratio batched / baseline per concurrency.
 
-    python bench/load.py --tiny                       # tiny random weights (CPU smoke numbers)
-    python bench/load.py --weights ./osdface-weights  # the real model
+    python -m bench.load --tiny                       # tiny random weights (CPU smoke numbers)
+    python -m bench.load --weights ./osdface-weights  # the real model
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 logger = logging.getLogger("bench.load")
 

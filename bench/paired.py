@@ -1,39 +1,33 @@
 """Paired, interleaved timing of the restorer against the authors'-style baseline.
 
-bench/model.py times one configuration after another. On a shared machine (a VM whose host
+bench/speed.py times one configuration after another. On a shared machine (a VM whose host
 runs other guests) the speed drifts by 10-15% over minutes, so a ratio of two figures taken
 minutes apart moves by as much. Here every configuration is loaded and warmed up first, then
 the calls take turns, round after round (baseline, config 1, config 2, ...): each round's
 ratio compares calls made seconds apart, and the median over rounds is the figure.
 
-Batch 1, full-size random weights in the released layout (bench/fullsize.py), as bench/model.py.
+Batch 1, full-size random weights in the released layout (bench/fullsize.py), as bench/speed.py.
 Every configuration stays loaded: about 6 GiB each in fp32 on the CPU.
 
-    python bench/paired.py --device cpu --configs fast:float32,compile:float32 --rounds 7
+    python -m bench.paired --device cpu --configs fast:float32,compile:float32 --rounds 7
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
+import statistics
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    sys.path[0] = str(REPO)  # as in bench/model.py: the repository root, not this folder
+import torch
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import logging  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-
-import torch  # noqa: E402
-
-from bench.baseline import AuthorsStyleBaseline  # noqa: E402
-from bench.fullsize import ensure_weights  # noqa: E402
-from bench.model import (  # noqa: E402
+from bench.baseline import AuthorsStyleBaseline
+from bench.common import (
     DTYPES,
     RESULTS,
     SHORT,
@@ -44,14 +38,15 @@ from bench.model import (  # noqa: E402
     sample_faces,
     strict_fp32,
 )
-from model.restorer import STAGES, OSDFaceRestorer  # noqa: E402
+from bench.fullsize import ensure_weights
+from model.restorer import STAGES, OSDFaceRestorer
 
 logger = logging.getLogger("bench.paired")
 
 
 def load_contenders(weights: Path, device: torch.device, face: torch.Tensor, args):
     """Name -> call, baseline first; every one warmed up; plus the fp32 reference image."""
-    baseline = AuthorsStyleBaseline(weights, device)
+    baseline = AuthorsStyleBaseline.from_weights(weights, device)
     with strict_fp32(device):
         reference = baseline(face, latent="mode").images
     calls: dict[str, Callable] = {"baseline fp32": lambda: baseline(face, latent="sample")}
@@ -93,7 +88,8 @@ def report(times: dict, parity: dict[str, float], env: dict, args) -> str:
     lines = [
         f"### {env['date']}: {env['device']} (paired rounds)",
         "",
-        f"torch {env['torch']}, diffusers {env['diffusers']}; `python {' '.join(sys.argv)}`",
+        f"torch {env['torch']}, diffusers {env['diffusers']}; "
+        f"`python -m bench.paired {' '.join(sys.argv[1:])}`",
         "",
         f"Batch 1. {args.rounds} rounds after {args.warmup} warm-up; in each round every "
         "configuration runs once, in turn. Seconds are medians over rounds; the ratio is the "
@@ -129,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--configs",
         type=parse_configs,
         default=[("fast", "float32")],
-        help="VARIANT:DTYPE,... as in bench/model.py (default: fast:float32)",
+        help="VARIANT:DTYPE,... as in bench/speed.py (default: fast:float32)",
     )
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds, >= 1")

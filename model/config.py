@@ -1,7 +1,8 @@
-"""Model constants, typed and stored beside the weights (`<weights>/osdface/config.json`).
+"""Model constants, typed and stored beside the weights (`<weights>/osdface/config.json`),
+and the names and defaults the service's settings, the command line and the fast path share.
 
 The defaults are the released OSDFace model; tests write tiny configs to disk and load them the
-same way the service does.
+same way the service does. Nothing here imports torch, so settings and `--help` stay fast.
 """
 
 from __future__ import annotations
@@ -9,8 +10,30 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 CONFIG_FILENAME = "config.json"
+
+# "cuda:N" is accepted wherever a device name is resolved (model/device.py); settings list these.
+Device = Literal["auto", "cpu", "cuda"]
+# "auto": float16 on CUDA, float32 elsewhere.
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+# The VAE latent: the posterior's mode (deterministic) or a seeded sample (the release's).
+LatentMode = Literal["mode", "sample"]
+# torch.compile modes (the fast path's `compile_mode`).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# The RetinaFace variants model/faces/detect.py can load.
+DetectorName = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Which face detector, and what it counts as a face (model/faces/detect.py)."""
+
+    name: DetectorName = "retinaface_resnet50"
+    threshold: float = 0.97  # confidence a face must exceed, in (0, 1)
+    max_side: int = 1024  # detect on a copy downscaled so its longer side is at most this
+    min_face_size: int = 16  # smallest face side kept, in input pixels
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,15 @@ from model.codecs.formats import (
     normalize_format,
 )
 from model.errors import ImageTooLargeError, InvalidInputError
-from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE_512, align_face
+from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE, align_face
 from model.faces.detect import DetectedFace, FaceDetector, select_faces
 from model.faces.paste import paste_faces
 
 logger = logging.getLogger(__name__)
 
-MAX_UPSCALE = 4
+# What a caller may ask for; the command line and the HTTP form validate against these too.
+MIN_UPSCALE, MAX_UPSCALE = 1, 4
+MIN_QUALITY, MAX_QUALITY = 1, 100
 
 
 class _RestoredBatch(Protocol):
@@ -62,25 +64,27 @@ class FaceRestorer(Protocol):
 class RestoreOptions:
     """What the caller asks for one photo; `validated()` checks and normalises it."""
 
-    aligned: bool = False  # the input is already a 512x512 FFHQ-aligned crop
+    aligned: bool = False  # the input is already a FACE_SIZE square FFHQ-aligned crop
     only_center_face: bool = False
     max_faces: int | None = None
     strength: float = 1.0  # 1 = fully restored, 0 = the original
-    upscale: int = 1  # 1..4; the background is upscaled with Lanczos
+    upscale: int = 1  # MIN_UPSCALE..MAX_UPSCALE; the background is upscaled with Lanczos
     output_format: str | None = None  # jpeg, png, webp; None = the input's
-    quality: int = 95  # JPEG and lossy WebP
+    quality: int = 95  # MIN_QUALITY..MAX_QUALITY, for JPEG and lossy WebP
 
     def validated(self) -> RestoreOptions:
         if not (isinstance(self.strength, int | float) and 0.0 <= self.strength <= 1.0):
             raise InvalidInputError(f"strength must be in [0, 1], got {self.strength}")
-        if not (isinstance(self.upscale, int) and 1 <= self.upscale <= MAX_UPSCALE):
-            raise InvalidInputError(f"upscale must be an integer 1..{MAX_UPSCALE}")
+        if not (isinstance(self.upscale, int) and MIN_UPSCALE <= self.upscale <= MAX_UPSCALE):
+            raise InvalidInputError(f"upscale must be an integer {MIN_UPSCALE}..{MAX_UPSCALE}")
         if self.max_faces is not None and not (
             isinstance(self.max_faces, int) and self.max_faces >= 1
         ):
             raise InvalidInputError(f"max_faces must be a positive integer, got {self.max_faces}")
-        if not (isinstance(self.quality, int) and 1 <= self.quality <= 100):
-            raise InvalidInputError(f"quality must be an integer 1..100, got {self.quality}")
+        if not (isinstance(self.quality, int) and MIN_QUALITY <= self.quality <= MAX_QUALITY):
+            raise InvalidInputError(
+                f"quality must be an integer {MIN_QUALITY}..{MAX_QUALITY}, got {self.quality}"
+            )
         fmt = normalize_format(self.output_format) if self.output_format else None
         return replace(self, strength=float(self.strength), output_format=fmt)
 
@@ -162,7 +166,7 @@ def _prepare_aligned(
         raise InvalidInputError(
             f"an aligned face must be {FACE_SIZE}x{FACE_SIZE}, got {image.width}x{image.height}"
         )
-    landmarks = tuple((float(x), float(y)) for x, y in FFHQ_TEMPLATE_512)
+    landmarks = tuple((float(x), float(y)) for x, y in FFHQ_TEMPLATE)
     face = DetectedFace((0.0, 0.0, float(FACE_SIZE), float(FACE_SIZE)), landmarks, 1.0)
     identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     timings.update(detect=0.0, align=0.0)

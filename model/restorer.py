@@ -5,31 +5,31 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import get_args
 
 import diffusers
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from model.config import OSDFaceConfig
+from model.config import LatentMode, OSDFaceConfig
 from model.errors import InvalidInputError
-from model.fastpath.core import FastPath, FastPathConfig
+from model.fastpath import FastPath, FastPathConfig
+from model.fastpath.clock import StageClock
+from model.fastpath.placement import Transfer, place
+from model.image_processor import denormalize, normalize
 from model.vre import VisualRepresentationEmbedder
-from weights.convert import convert_released
 from weights.layout import SAFETENSORS_NAME, WeightsLayout, sha256_file
 from weights.load import alpha_bar, load_unet, load_vae, load_vre
 
 logger = logging.getLogger(__name__)
 
-LatentMode = Literal["mode", "sample"]
 STAGES = ("vre", "vae_encode", "unet", "vae_decode")
 
 
 @dataclass
 class RestoreOutput:
-    """images: (B, 3, 512, 512) float32 in [0, 1], RGB, on the CPU; timings in seconds."""
+    """images: (B, 3, S, S) float32 in [0, 1], RGB, on the CPU; timings in seconds."""
 
     images: torch.Tensor
     timings: dict[str, float] = field(default_factory=dict)
@@ -64,15 +64,21 @@ class OSDFaceRestorer:
         self.latent = latent
         self.alpha_bar = alpha_bar
         self.files = files or {}
-        # The fast path (model/fastpath/) decides placement: per-part dtypes, memory format.
-        # With `fast=None` it is the plain path: every part cast once to `dtype` on `device`.
-        self.fast = FastPath(fast, device, dtype)
-        self.vre = self.fast.place(vre, self.fast.vre_dtype)
-        self.vae = self.fast.place_vae(vae)
-        self.unet = self.fast.place(unet, dtype)
-        self.fast.prepare(self.vre, self.vae, self.unet)
-        self.scaling_factor = float(self.vae.config.scaling_factor)
+        self.vre, self.vae, self.unet = vre, vae, unet
+        self.scaling_factor = float(vae.config.scaling_factor)
         self._timestep = torch.tensor([config.timestep], device=device)
+        self.fast: FastPath | None = None
+        if fast is None:  # the plain path: every network cast once to `dtype` on `device`
+            for network in (vre, vae, unet):
+                place(network, device, dtype)
+            self.vre_dtype = self.decode_dtype = dtype
+            self.transfer = Transfer(device, dtype)
+        else:  # places the networks and wraps their calls (model/fastpath/)
+            self.fast = FastPath.load(
+                fast, vre, vae, unet, device=device, dtype=dtype, timestep=self._timestep
+            )
+            self.vre_dtype, self.decode_dtype = self.fast.vre_dtype, self.fast.decode_dtype
+            self.transfer = self.fast.transfer
 
     @classmethod
     def from_pretrained(
@@ -85,17 +91,14 @@ class OSDFaceRestorer:
         latent: LatentMode = "mode",
         fast: FastPathConfig | None = None,
     ) -> OSDFaceRestorer:
-        """Load strictly from a weights folder (layout in `weights.layout`).
+        """Load strictly from a weights folder (layout in `weights.layout`); never unpickles.
 
-        The released VRE pickles are converted once to safetensors if that was not done yet
-        (without executing pickled code); the LoRA is merged at load if no merged UNet exists.
-        `fast` turns on the fast path (model/fastpath/); None keeps the plain path.
+        The VRE is read from `vre.safetensors` (`osdface weights convert` writes it from the
+        released pickles); the LoRA is merged at load if no merged UNet exists. `fast` turns
+        on the fast path (model/fastpath/); None keeps the plain path.
         """
         layout = WeightsLayout(Path(weights_dir))
         config = OSDFaceConfig.load(layout.osdface)
-        if not layout.vre.is_file() and layout.released_vre.is_file():
-            logger.info("converting the released VRE pickles once to %s", layout.vre)
-            convert_released(layout, config)
         vre = load_vre(layout, config)
         vae = load_vae(layout)
         unet = load_unet(layout, config, merged=merge_lora)
@@ -134,46 +137,39 @@ class OSDFaceRestorer:
         """
         latent = latent or self.latent
         self._check_input(images, latent)
-        clock, run = self.fast.clock(), self.fast.run  # run: eager, or a CUDA graph's replay
-        lq = self.fast.to_device(images) * 2 - 1  # [-1, 1]
+        clock = self._clock()
+        lq = normalize(self.transfer.to_device(images))  # (B, 3, S, S) in [-1, 1]
 
-        # 1. tokens: the VRE's prompt, (B, 77, 1024). Independent of 2., so the fast path
-        #    runs it on a second CUDA stream, overlapped with the encode.
+        # 1. tokens: the VRE's prompt, (B, 77, 1024). Independent of 2., so with `overlap` it
+        #    runs on a second CUDA stream, concurrently with the encoder.
         with clock("vre", side=True):
-            prompt = run("vre", self._tokens, lq)
+            prompt = self.vre(lq.to(self.vre_dtype)).to(self.dtype)
         # 2. encode: z_L, (B, 4, S/8, S/8)
         with clock("vae_encode"):
-            encode = partial(self._encode, latent=latent, seed=seed)
-            z = run("vae_encode", encode, lq.to(self.dtype), graph=latent == "mode")
-        prompt = self.fast.join(prompt)
+            posterior = self.vae.encode(lq.to(self.dtype)).latent_dist
+            z = self._latent(posterior, latent, seed) * self.scaling_factor
+        prompt = clock.join(prompt)
         # 3. one UNet step at T_L, then the clean latent
         with clock("unet"):
-            x0 = run("unet", self._denoise, z, prompt)
-        # 4. decode
+            eps = self.unet(z, self._timestep, encoder_hidden_states=prompt).sample
+            x0 = x0_from_eps(z, eps, self.alpha_bar)
+        # 4. decode, back to [0, 1]
         with clock("vae_decode"):
-            out = run("vae_decode", self._decode, x0)
-        return RestoreOutput(self.fast.to_host(out), clock.seconds())
+            decoded = self.vae.decode((x0 / self.scaling_factor).to(self.decode_dtype)).sample
+            out = denormalize(decoded)
+        return RestoreOutput(self.transfer.to_host(out), clock.seconds())
 
-    def _tokens(self, lq: torch.Tensor) -> torch.Tensor:
-        return self.vre(lq.to(self.fast.vre_dtype)).to(self.dtype)
+    def _clock(self) -> StageClock:
+        if self.fast is None:  # a device sync after each stage
+            return StageClock(self.device, events=False)
+        return StageClock(self.device, events=True, side=self.fast.side)
 
-    def _denoise(self, z: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        eps = self.unet(z, self._timestep, encoder_hidden_states=prompt).sample
-        return x0_from_eps(z, eps, self.alpha_bar)
-
-    def _decode(self, x0: torch.Tensor) -> torch.Tensor:
-        out = self.vae.decode((x0 / self.scaling_factor).to(self.fast.decode_dtype)).sample
-        return (out.clamp(-1, 1) * 0.5 + 0.5).clamp(0, 1)
-
-    def _encode(self, lq: torch.Tensor, latent: LatentMode, seed: int | None) -> torch.Tensor:
-        dist = self.vae.encode(lq).latent_dist
+    def _latent(self, posterior, latent: LatentMode, seed: int | None) -> torch.Tensor:
         if latent == "mode":
-            z = dist.mode()
-        else:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(0 if seed is None else seed)
-            z = dist.sample(generator=generator)
-        return z * self.scaling_factor
+            return posterior.mode()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(0 if seed is None else seed)
+        return posterior.sample(generator=generator)
 
     def _check_input(self, images: torch.Tensor, latent: str) -> None:
         s = self.config.image_size
@@ -185,7 +181,7 @@ class OSDFaceRestorer:
             )
         if not images.is_floating_point():
             raise InvalidInputError(f"expected a float tensor in [0, 1], got {images.dtype}")
-        if latent not in ("mode", "sample"):
+        if latent not in get_args(LatentMode):
             raise InvalidInputError(f"latent must be 'mode' or 'sample', got {latent!r}")
         lo, hi = images.aminmax()
         if not (torch.isfinite(lo) and torch.isfinite(hi)) or lo < 0 or hi > 1:
@@ -199,7 +195,8 @@ class OSDFaceRestorer:
         With CUDA graphs or compilation on, every batch size the fast path captures is run.
         """
         s = self.config.image_size
-        for size in self.fast.warmup_sizes(batch_size):
+        sizes = (batch_size,) if self.fast is None else self.fast.warmup_sizes(batch_size)
+        for size in sizes:
             self(torch.full((size, 3, s, s), 0.5))
 
     def describe(self) -> dict:
@@ -211,5 +208,5 @@ class OSDFaceRestorer:
             "timestep": self.config.timestep,
             "num_tokens": self.config.vre.num_tokens,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-            "fast_path": self.fast.describe(),
+            "fast_path": {"enabled": False} if self.fast is None else self.fast.describe(),
         }

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import get_args
 
+from model.codecs.formats import FORMATS
+from model.config import DetectorConfig, DetectorName, DType, LatentMode
 from osdface.paths import default_weights_dir
 
 logger = logging.getLogger(__name__)
 
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -20,28 +22,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--weights", type=Path, default=default_weights_dir())
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 crops")
-    p.add_argument("--latent", choices=("mode", "sample"), default="mode")
+    p.add_argument("--latent", choices=get_args(LatentMode), default="mode")
     p.add_argument("--seed", type=int, default=0, help="seed for --latent sample")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--dtype", choices=get_args(DType), default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="aligned crops per model call")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower)")
-    p.add_argument(
-        "--detector",
-        default="retinaface_resnet50",
-        choices=("retinaface_resnet50", "retinaface_mobile0.25"),
-    )
+    p.add_argument("--detector", default=DetectorConfig.name, choices=get_args(DetectorName))
     p.add_argument("--only-center-face", action="store_true")
     p.add_argument("--max-faces", type=int, default=None)
     p.add_argument("--strength", type=float, default=1.0, help="1 = fully restored")
-    p.add_argument("--upscale", type=int, default=1, help="1..4, background Lanczos-upscaled")
+    p.add_argument(
+        "--upscale", type=int, default=1, help="output scale; the background is Lanczos-upscaled"
+    )
     p.add_argument(
         "--format",
-        choices=("png", "jpeg", "webp"),
+        choices=FORMATS,
         default=None,
         help="output format (default: png for --aligned, else the input's)",
     )
-    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality")
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
     p.set_defaults(func=_restore)
 
@@ -113,10 +113,10 @@ def restore_aligned(
 
 
 def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, device) -> None:
-    """Detect, align, restore and paste back every face of each photo (limits from settings)."""
+    """Detect, align, restore and paste back every face of each photo (default limits)."""
+    from model.codecs.formats import ImageLimits
+    from model.faces.detect import FaceDetector
     from model.pipeline import RestoreOptions, restore_files
-    from service.settings import Settings
-    from service.state import image_limits, load_detector
 
     options = RestoreOptions(
         only_center_face=args.only_center_face,
@@ -126,16 +126,14 @@ def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, 
         output_format=args.format,
         quality=args.quality,
     ).validated()
-    settings = Settings(weights_dir=args.weights, detector=args.detector)
-    detector = load_detector(settings, device)
-    limits = image_limits(settings)
+    detector = FaceDetector.from_config(args.weights, DetectorConfig(name=args.detector), device)
     written = restore_files(
         files,
         args.output,
         detector,
         restorer,
         options,
-        limits,
+        ImageLimits(),
         save_faces=args.save_faces,
         batch_size=args.batch_size,
         seed=args.seed,

@@ -18,7 +18,8 @@ from typing import get_args
 import uvicorn
 from pydantic import ValidationError
 
-from service.settings import DetectorName, Device, DType, Settings
+from model.config import DetectorName, Device, DType
+from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -6,6 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.pipeline import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
+
 
 class ErrorDetail(BaseModel):
     type: str = Field(description="stable machine-readable kind, e.g. invalid_image, queue_full")
@@ -21,17 +23,33 @@ class RestoreForm(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    aligned: bool = Field(False, description="the image is already a 512x512 FFHQ-aligned face")
-    only_center_face: bool = Field(False, description="restore only the face nearest the centre")
+    aligned: bool = Field(
+        RestoreOptions.aligned, description="the image is already a 512x512 FFHQ-aligned face"
+    )
+    only_center_face: bool = Field(
+        RestoreOptions.only_center_face, description="restore only the face nearest the centre"
+    )
     max_faces: int | None = Field(
-        None, ge=1, description="restore at most this many (largest) faces"
+        RestoreOptions.max_faces, ge=1, description="restore at most this many (largest) faces"
     )
-    strength: float = Field(1.0, ge=0.0, le=1.0, description="1 = fully restored, 0 = original")
-    upscale: int = Field(1, ge=1, le=4, description="output scale; background Lanczos-upscaled")
+    strength: float = Field(
+        RestoreOptions.strength, ge=0.0, le=1.0, description="1 = fully restored, 0 = original"
+    )
+    upscale: int = Field(
+        RestoreOptions.upscale,
+        ge=MIN_UPSCALE,
+        le=MAX_UPSCALE,
+        description="output scale; background Lanczos-upscaled",
+    )
     output_format: str | None = Field(
-        None, description="png, jpeg or webp; default: the input's format"
+        RestoreOptions.output_format, description="png, jpeg or webp; default: the input's format"
     )
-    quality: int = Field(95, ge=1, le=100, description="JPEG / lossy WebP quality")
+    quality: int = Field(
+        RestoreOptions.quality,
+        ge=MIN_QUALITY,
+        le=MAX_QUALITY,
+        description="JPEG / lossy WebP quality",
+    )
 
 
 class FaceOut(BaseModel):

@@ -11,10 +11,8 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Device = Literal["auto", "cpu", "cuda"]
-DType = Literal["auto", "float32", "float16", "bfloat16"]
-DetectorName = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
-LatentMode = Literal["mode", "sample"]
+from model.codecs.formats import FORMATS, ImageFormat, ImageLimits
+from model.config import CompileMode, DetectorConfig, DetectorName, Device, DType, LatentMode
 
 
 class Settings(BaseSettings):
@@ -26,7 +24,7 @@ class Settings(BaseSettings):
     )
     device: Device = Field("auto", description="cuda when available, else cpu")
     dtype: DType = Field("auto", description="float16 on cuda, float32 on cpu")
-    detector: DetectorName = "retinaface_resnet50"
+    detector: DetectorName = DetectorConfig.name
     latent: LatentMode = Field("mode", description="VAE latent: deterministic mode or sample")
     seed: int = Field(0, description="seed for latent=sample")
     compile: bool = Field(False, description="torch.compile the UNet and VAE (CUDA)")
@@ -34,9 +32,13 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run one batch before reporting ready")
 
     # --- detection ------------------------------------------------------------------------
-    detect_max_side: PositiveInt = Field(1024, description="detect on a copy downscaled to this")
-    detect_threshold: float = Field(0.97, ge=0.0, le=1.0)
-    min_face_size: PositiveInt = Field(16, description="smallest face side in pixels")
+    detect_max_side: PositiveInt = Field(
+        DetectorConfig.max_side, description="detect on a copy downscaled to this"
+    )
+    detect_threshold: float = Field(DetectorConfig.threshold, ge=0.0, le=1.0)
+    min_face_size: PositiveInt = Field(
+        DetectorConfig.min_face_size, description="smallest face side in pixels"
+    )
 
     # --- batching -------------------------------------------------------------------------
     max_batch_faces: PositiveInt = 8
@@ -46,11 +48,11 @@ class Settings(BaseSettings):
     cpu_workers: PositiveInt = Field(2, description="threads for decode, detect and paste")
 
     # --- limits ---------------------------------------------------------------------------
-    max_upload_bytes: PositiveInt = 20 * 1024 * 1024
-    max_pixels: PositiveInt = 40_000_000
-    max_output_pixels: PositiveInt = 64_000_000
+    max_upload_bytes: PositiveInt = ImageLimits.max_bytes
+    max_pixels: PositiveInt = ImageLimits.max_pixels
+    max_output_pixels: PositiveInt = ImageLimits.max_output_pixels
     max_faces: PositiveInt = Field(16, description="faces restored per image at most")
-    allowed_formats: tuple[Literal["jpeg", "png", "webp"], ...] = ("jpeg", "png", "webp")
+    allowed_formats: tuple[ImageFormat, ...] = FORMATS
 
     # --- HTTP -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -76,7 +78,7 @@ class Settings(BaseSettings):
         description="replay each model stage from CUDA graphs captured at warm-up for batch "
         "sizes 1, 2, 4, ... up to max_batch_faces (CUDA)",
     )
-    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
+    compile_mode: CompileMode = Field(
         "default", description="torch.compile mode when compile is on"
     )
     torch_threads: PositiveInt | None = Field(

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from model.codecs.formats import ImageLimits
+from model.config import DetectorConfig
 from model.device import resolve_device, resolve_dtype
 from model.faces.detect import FaceDetector
-from model.fastpath.core import FastPathConfig, batch_sizes_up_to
+from model.fastpath import FastPathConfig, batch_sizes_up_to
 from model.restorer import OSDFaceRestorer
 from service.batching import Batcher, BatchReport
 from service.errors import NotReadyError, TooManyRequestsError
@@ -52,16 +53,18 @@ def image_limits(s: Settings) -> ImageLimits:
     )
 
 
-def load_detector(s: Settings, device: torch.device) -> FaceDetector:
-    """The face detector the settings name, from `<weights_dir>/facexlib/`."""
-    return FaceDetector.load(
-        s.weights_dir,
-        s.detector,
-        device,
+def detector_config(s: Settings) -> DetectorConfig:
+    return DetectorConfig(
+        name=s.detector,
         threshold=s.detect_threshold,
         max_side=s.detect_max_side,
         min_face_size=s.min_face_size,
     )
+
+
+def load_detector(s: Settings, device: torch.device) -> FaceDetector:
+    """The face detector the settings name, from `<weights_dir>/facexlib/`."""
+    return FaceDetector.from_config(s.weights_dir, detector_config(s), device)
 
 
 def fast_path_config(s: Settings) -> FastPathConfig | None:

@@ -1,21 +1,24 @@
 """An independent OSDFace reference, written plainly from the facts sheet for the parity tests.
 
-Per image, as the authors' inference does it: a functional VQ encoder over the raw checkpoint
-tensors, the per-token selection loop, the projection as explicit conv1d calls, the LoRA
-added by hand (W + B @ A) to a fresh UNet, ᾱ computed from the scheduler's formula, the x0
-formula in float64. It shares no code with `model/` beyond the diffusers classes.
+The parts, written without `model/` or `weights/`: a functional VQ encoder over the raw
+checkpoint tensors, the projection as explicit conv1d calls, the LoRA added by hand (W + B @ A)
+to a fresh UNet, ᾱ computed from the scheduler's formula. They run in the authors'-style
+per-image inference of bench/baseline.py (the selection loop, the x0 formula in float64), the
+one reference the benchmarks time as their baseline.
 """
 
 from __future__ import annotations
 
 import json
-import math
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
+
+from bench.baseline import AuthorsStyleBaseline, select_codes_loop, tokens_from_codes
 
 # --- VRE, functional -----------------------------------------------------------------------
 
@@ -66,34 +69,16 @@ def vq_encoder(x, s, cfg) -> torch.Tensor:
     return _conv(h, s, "quant_conv")
 
 
-def select_tokens_loop(z: torch.Tensor, codebook: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The authors' loop for ONE image. z: (N, C) features; returns (num_tokens, C)."""
-    d = (z**2).sum(1, keepdim=True) + (codebook**2).sum(1) - 2 * z @ codebook.t()
-    min_d, idx = d.min(dim=1)
-    order = torch.sort(min_d, stable=True).indices
-    kept: list[int] = []
-    for pos in order.tolist():
-        code = int(idx[pos].item())
-        if code not in kept:
-            kept.append(code)
-        if len(kept) == num_tokens:
-            break
-    tokens = torch.zeros(num_tokens, codebook.shape[1])
-    for row, code in enumerate(kept):
-        tokens[row] = codebook[code]
-    return tokens
-
-
-def prompt_for(face01: torch.Tensor, vre_state: dict, proj_state: dict, cfg: dict) -> torch.Tensor:
-    """face01: (3, H, W) in [0, 1] -> (num_tokens, prompt_dim)."""
-    lq = face01.unsqueeze(0) * 2 - 1
+def prompt_by_hand(lq: torch.Tensor, vre_state: dict, proj_state: dict, cfg: dict) -> torch.Tensor:
+    """lq: (1, 3, H, W) in [-1, 1] -> (1, num_tokens, prompt_dim); the authors' selection loop."""
     h = vq_encoder((lq - 0.5) / 0.5, vre_state, cfg)  # double normalisation, as released
     z = h[0].reshape(h.shape[1], -1).t()  # (N, C)
-    tokens = select_tokens_loop(z, vre_state["quantize.embedding.weight"], cfg["num_tokens"])
+    codebook, n = vre_state["quantize.embedding.weight"], cfg["num_tokens"]
+    tokens = tokens_from_codes(select_codes_loop(z, codebook, n), codebook, n)
     x = tokens.t().unsqueeze(0)  # (1, C, T)
     x = F.silu(F.conv1d(x, proj_state["conv1.weight"], proj_state["conv1.bias"]))
     x = F.silu(F.conv1d(x, proj_state["conv2.weight"], proj_state["conv2.bias"]))
-    return x[0].t()
+    return x.transpose(1, 2)  # (1, T, prompt_dim)
 
 
 # --- diffusion part --------------------------------------------------------------------------
@@ -128,28 +113,22 @@ def unet_with_lora_by_hand(root: Path, lora_scale: float) -> UNet2DConditionMode
     return unet.eval()
 
 
-class ReferenceOSDFace:
-    def __init__(self, root: Path, released_vre: dict, released_proj: dict) -> None:
-        cfg = json.loads((root / "osdface/config.json").read_text())
-        self.vre_cfg = cfg["vre"]
-        self.t = cfg["timestep"]
-        self.vre_state = {
-            k[len("vqvae_LQ.") :]: v
-            for k, v in released_vre.items()
-            if k.startswith("vqvae_LQ.") and ".decoder." not in k
-        }
-        self.proj_state = released_proj
-        self.unet = unet_with_lora_by_hand(root, cfg["lora_alpha"] / cfg["lora_rank"])
-        self.vae = AutoencoderKL.from_pretrained(root / "sd21-base/vae").eval()
-        self.a = alpha_bar_by_hand(root / "sd21-base/scheduler/scheduler_config.json", self.t)
-
-    @torch.no_grad()
-    def __call__(self, face01: torch.Tensor) -> torch.Tensor:
-        """One face (3, H, W) in [0, 1] -> restored (3, H, W) in [0, 1]."""
-        prompt = prompt_for(face01, self.vre_state, self.proj_state, self.vre_cfg).unsqueeze(0)
-        lq = face01.unsqueeze(0) * 2 - 1
-        z = self.vae.encode(lq).latent_dist.mode() * 0.18215
-        eps = self.unet(z, self.t, encoder_hidden_states=prompt).sample
-        x0 = ((z.double() - math.sqrt(1 - self.a) * eps.double()) / math.sqrt(self.a)).float()
-        out = self.vae.decode(x0 / 0.18215).sample.clamp(-1, 1) * 0.5 + 0.5
-        return out[0].clamp(0, 1)
+def reference_osdface(root: Path, released_vre: dict, released_proj: dict) -> AuthorsStyleBaseline:
+    """The authors'-style per-image inference (bench/baseline.py) on the parts above."""
+    cfg = json.loads((root / "osdface/config.json").read_text())
+    vre_state = {
+        k[len("vqvae_LQ.") :]: v
+        for k, v in released_vre.items()
+        if k.startswith("vqvae_LQ.") and ".decoder." not in k
+    }
+    t = cfg["timestep"]
+    return AuthorsStyleBaseline(
+        prompt=partial(
+            prompt_by_hand, vre_state=vre_state, proj_state=released_proj, cfg=cfg["vre"]
+        ),
+        vae=AutoencoderKL.from_pretrained(root / "sd21-base/vae").eval(),
+        unet=unet_with_lora_by_hand(root, cfg["lora_alpha"] / cfg["lora_rank"]),
+        alpha_bar=alpha_bar_by_hand(root / "sd21-base/scheduler/scheduler_config.json", t),
+        timestep=t,
+        device=torch.device("cpu"),
+    )

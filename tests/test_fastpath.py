@@ -16,12 +16,9 @@ import torch.nn.functional as F
 
 from bench.baseline import AuthorsStyleBaseline, select_codes_loop, tokens_from_codes
 from model.errors import InvalidInputError
-from model.fastpath.core import (
-    FastPathConfig,
-    _padded,
-    batch_sizes_up_to,
-    resolve_decode_dtype,
-)
+from model.fastpath import FastPathConfig, batch_sizes_up_to
+from model.fastpath.config import resolve_decode_dtype
+from model.fastpath.graphs import CudaGraphs, install_cuda_graphs, padded
 from model.restorer import STAGES, OSDFaceRestorer
 from model.vre import nearest_codes, select_token_indices
 
@@ -127,7 +124,7 @@ def test_fast_path_equals_authors_style_baseline(tiny_weights_dir, images) -> No
     With `.sample()` latents too, for one image: the same seed draws the same posterior noise
     (for a batch the draws differ: one generator per image in the baseline, one per batch here).
     """
-    baseline = AuthorsStyleBaseline(tiny_weights_dir)
+    baseline = AuthorsStyleBaseline.from_weights(tiny_weights_dir)
     fast = OSDFaceRestorer.from_pretrained(tiny_weights_dir, fast=FastPathConfig())
     assert_same_image(fast(images).images, baseline(images, latent="mode").images)
     one = images[:1]
@@ -194,23 +191,54 @@ def test_config_validation_and_helpers() -> None:
 
 def test_padding_keeps_rows_and_layout() -> None:
     x = torch.randn(3, 4, 5, 6).contiguous(memory_format=torch.channels_last)
-    p = _padded(x, 8)
+    p = padded(x, 8)
     assert p.shape == (8, 4, 5, 6) and p.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(p[:3], x, atol=0, rtol=0)
     torch.testing.assert_close(p[3:], x[-1:].expand(5, 4, 5, 6), atol=0, rtol=0)
 
 
-def test_warmup_sizes() -> None:
-    from model.fastpath.core import FastPath
+def test_warmup_sizes(tiny_weights_dir) -> None:
+    def fast_path(**settings):
+        r = OSDFaceRestorer.from_pretrained(tiny_weights_dir, fast=FastPathConfig(**settings))
+        return r.fast
 
-    cpu = FastPath(FastPathConfig(batch_sizes=(1, 4)), torch.device("cpu"), torch.float32)
+    cpu = fast_path(batch_sizes=(1, 4))
+    assert cpu.graphs is None and cpu.side is None  # CUDA-only settings are off on the CPU
     assert cpu.warmup_sizes(2) == (2,)  # nothing is captured per shape on the CPU
-    compiled = FastPath(
-        FastPathConfig(batch_sizes=(1, 4), compile=True), torch.device("cpu"), torch.float32
-    )
+    compiled = fast_path(batch_sizes=(1, 4), compile=True)  # compiles lazily, at the first call
     assert compiled.warmup_sizes(2) == (1, 2, 4)
-    plain = FastPath(None, torch.device("cpu"), torch.float32)
-    assert plain.warmup_sizes(1) == (1,)
+
+
+class EagerStages(CudaGraphs):
+    """Stages that call their function instead of replaying a graph: the CUDA-graph wrappers
+    of the networks, checked on the CPU (capture and replay need a GPU, see below)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def stage(self, name, fn):
+        def run(*inputs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*inputs)
+
+        return run
+
+
+def test_graph_wrappers_keep_the_networks_calls(tiny_weights_dir, images, plain_fp32) -> None:
+    """With the wrappers installed, every network call goes through its stage once per batch,
+    and the restorer computes what it did before, for both latents."""
+    r = OSDFaceRestorer.from_pretrained(tiny_weights_dir, fast=FastPathConfig())
+    sampled = r(images[:1], latent="sample", seed=3).images
+    stages = EagerStages()
+    install_cuda_graphs(stages, r.vre, r.vae, r.unet, r._timestep)
+    assert_same_image(r(images).images, plain_fp32)
+    assert stages.calls == dict.fromkeys(STAGES, 1)
+    torch.testing.assert_close(r(images[:1], latent="sample", seed=3).images, sampled)
+    prompt = torch.zeros(1, r.config.vre.num_tokens, r.config.vre.prompt_dim)
+    with torch.inference_mode():
+        z = r.vae.encode(images[:1] * 2 - 1).latent_dist.mode()
+        r.unet(z, torch.tensor([r.config.timestep]), encoder_hidden_states=prompt)
+    assert stages.calls["unet"] == 2, "another timestep tensor runs eagerly, not from the graph"
 
 
 # --- CUDA ------------------------------------------------------------------------------------
@@ -240,11 +268,13 @@ def test_cuda_graphs_streams_pinned_equal_eager(tiny_weights_dir, batch: int, st
         "cuda",
         fast=FastPathConfig(batch_sizes=(1, 2, 4), cudnn_benchmark=False, overlap=True),
     )
-    assert r.fast.graphs and r.fast.side is not None
+    assert r.fast.graphs is not None and r.fast.side is not None
     for _ in range(3):  # capture, then replays
         out = r(x)
         assert_same_image(out.images, eager.images)
     assert set(out.timings) == set(STAGES)
+    assert set(r.fast.graphs.stages) == set(STAGES) and r.fast.graphs.failures() == {}
+    assert all(stage.captured_sizes() for stage in r.fast.graphs.stages.values())
 
 
 @needs_cuda
@@ -291,6 +321,7 @@ def test_cuda_fast_path_is_repeatable_from_a_worker_thread(
             outs = [worker.submit(r, x).result().images for _ in range(20)]
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
-    assert (r.fast.side is not None) == overlap and r.fast.graphs == graphs
+    assert (r.fast.side is not None) == overlap and (r.fast.graphs is not None) == graphs
+    assert not r.fast.graphs or r.fast.graphs.failures() == {}
     assert all(torch.isfinite(o).all() for o in outs)
     assert all(torch.equal(o, outs[0]) for o in outs[1:])

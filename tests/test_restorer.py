@@ -9,9 +9,10 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
+from bench.baseline import AuthorsStyleBaseline
 from model.errors import InvalidInputError
 from model.restorer import OSDFaceRestorer, x0_from_eps
-from tests.reference_osdface import ReferenceOSDFace
+from tests.reference_osdface import reference_osdface
 from weights.layout import WeightsLayout
 from weights.load import alpha_bar
 
@@ -24,12 +25,12 @@ def _faces(n: int, seed: int = 0) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_weights_dir: Path) -> ReferenceOSDFace:
+def reference(tiny_weights_dir: Path) -> AuthorsStyleBaseline:
     osd = tiny_weights_dir / "osdface"
     # the test wrote these pickles itself, so a full unpickle is fine here (never in model/)
     vre = torch.load(osd / "associate_2.ckpt", weights_only=False)["state_dict"]
     proj = torch.load(osd / "embedding_change_weights.pth", weights_only=False)
-    return ReferenceOSDFace(tiny_weights_dir, vre, proj)
+    return reference_osdface(tiny_weights_dir, vre, proj)
 
 
 # CPU convolutions pick batch-size-dependent kernels; their fp32 rounding differences grow
@@ -41,7 +42,7 @@ def test_matches_independent_reference(tiny_restorer: OSDFaceRestorer, reference
     faces = _faces(2)
     batched = tiny_restorer(faces).images
     for i in range(2):
-        ref = reference(faces[i])
+        ref = reference(faces[i : i + 1], latent="mode").images[0]
         single = tiny_restorer(faces[i : i + 1]).images[0]
         assert (single - ref).abs().max().item() < 1e-5
         assert (batched[i] - ref).abs().max().item() < BATCH_ATOL
@@ -66,6 +67,8 @@ def test_merged_equals_unmerged_lora(tiny_weights_dir: Path, tiny_restorer) -> N
 
 
 def test_output_contract(tiny_restorer: OSDFaceRestorer) -> None:
+    assert tiny_restorer.fast is None  # the plain path: no fast path object at all
+    assert tiny_restorer.describe()["fast_path"] == {"enabled": False}
     out = tiny_restorer(_faces(1))
     assert out.images.shape == (1, 3, 512, 512)
     assert out.images.dtype == torch.float32 and out.images.device.type == "cpu"

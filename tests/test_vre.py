@@ -7,11 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.baseline import select_codes_loop, tokens_from_codes
 from model.config import VREConfig
 from model.vre import VisualRepresentationEmbedder, nearest_codes, select_token_indices
-from tests.reference_osdface import select_tokens_loop
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared/reference/vre_checkpoint_keys.tsv"
+
+
+def select_tokens_loop(z: torch.Tensor, codebook: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The authors' loop for one image's (N, C) features: (num_tokens, C), zero rows after."""
+    return tokens_from_codes(select_codes_loop(z, codebook, num_tokens), codebook, num_tokens)
 
 
 def _vectorised(z: torch.Tensor, codebook: torch.Tensor, num_tokens: int) -> torch.Tensor:

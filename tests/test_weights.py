@@ -154,10 +154,18 @@ def test_truncated_files_are_named(released: WeightsLayout) -> None:
     with pytest.raises(WeightsError, match=r"associate_2\.ckpt"):
         convert_released(released, TINY_CONFIG)
     released.released_vre.write_bytes(data)
+    convert_released(released, TINY_CONFIG)
     lora = released.lora.read_bytes()
     released.lora.write_bytes(lora[:100])
     with pytest.raises(WeightsError, match=r"pytorch_lora_weights\.safetensors"):
         OSDFaceRestorer.from_pretrained(released.root)
+
+
+def test_loading_never_converts_the_released_pickles(released: WeightsLayout) -> None:
+    """The pickles are there, but only `osdface weights convert` reads them."""
+    with pytest.raises(WeightsNotFoundError, match=r"vre\.safetensors.*osdface weights convert"):
+        OSDFaceRestorer.from_pretrained(released.root)
+    assert not released.vre.exists()
 
 
 def test_missing_file_says_what_to_run(released: WeightsLayout) -> None:

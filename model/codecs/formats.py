@@ -5,12 +5,14 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
 from model.errors import ImageDecodeError, InvalidInputError, UnsupportedFormatError
 
-FORMATS: tuple[str, ...] = ("jpeg", "png", "webp")
+ImageFormat = Literal["jpeg", "png", "webp"]
+FORMATS: tuple[ImageFormat, ...] = get_args(ImageFormat)
 CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 _FORMAT_ALIASES: dict[str, str] = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
@@ -23,11 +25,14 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds on what a caller may send and receive (decompression-bomb guards)."""
+    """Bounds on what a caller may send and receive (decompression-bomb guards).
 
-    max_bytes: int
-    max_pixels: int
-    max_output_pixels: int
+    The defaults are the service's and the command line's (`OSDFACE_MAX_*` override them).
+    """
+
+    max_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    max_output_pixels: int = 64_000_000
     allowed_formats: tuple[str, ...] = FORMATS
 
 

@@ -12,9 +12,11 @@ from typing import Final
 import cv2
 import numpy as np
 
+from model.config import OSDFaceConfig
 from model.errors import InvalidInputError
 
-FACE_SIZE: Final[int] = 512
+# The restorer's input side: aligned crops are made at the size the model was trained on.
+FACE_SIZE: Final[int] = OSDFaceConfig.image_size
 
 # Five points (left eye, right eye, nose tip, left and right mouth corners; "left" is the image's
 # left) of an FFHQ-aligned 512x512 face, in crop pixels. This is the standard template of
@@ -30,6 +32,8 @@ FFHQ_TEMPLATE_512: Final[np.ndarray] = np.array(
     ],
     dtype=np.float64,
 )
+# The template is defined for 512 pixels; scaled to the face size (exactly itself at 512).
+FFHQ_TEMPLATE: Final[np.ndarray] = FFHQ_TEMPLATE_512 * (FACE_SIZE / 512)
 
 
 def check_rgb(rgb: np.ndarray) -> None:
@@ -65,14 +69,14 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 
 
 def align_face(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Warp the face with these (5, 2) landmarks onto the FFHQ 512 template.
+    """Warp the face with these (5, 2) landmarks onto the FFHQ template.
 
-    Returns the crop, (512, 512, 3) uint8 RGB, and the (2, 3) image -> crop affine. Parts of the
-    crop outside the photo are filled by reflection, so a face cut by the border does not meet a
-    black edge inside the model's input (those parts are never pasted back).
+    Returns the crop, (FACE_SIZE, FACE_SIZE, 3) uint8 RGB, and the (2, 3) image -> crop affine.
+    Parts of the crop outside the photo are filled by reflection, so a face cut by the border
+    does not meet a black edge inside the model's input (those parts are never pasted back).
     """
     check_rgb(rgb)
-    affine = similarity_transform(landmarks, FFHQ_TEMPLATE_512)
+    affine = similarity_transform(landmarks, FFHQ_TEMPLATE)
     crop = cv2.warpAffine(
         rgb,
         affine,

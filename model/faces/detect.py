@@ -31,6 +31,7 @@ import torchvision
 from facexlib.detection.retinaface import RetinaFace, generate_config
 from facexlib.detection.retinaface_utils import decode, decode_landm
 
+from model.config import DetectorConfig, DetectorName
 from model.errors import (
     ChecksumMismatchError,
     DetectorError,
@@ -60,7 +61,7 @@ class DetectorSpec:
 
 # The sha256 values are fixed here, independent of any manifest: a lookalike mobile0.25 file
 # with the same name and size circulates; it loads and returns bogus boxes.
-DETECTORS: Final[dict[str, DetectorSpec]] = {
+DETECTORS: Final[dict[DetectorName, DetectorSpec]] = {
     "retinaface_resnet50": DetectorSpec(
         "resnet50",
         "detection_Resnet50_Final.pth",
@@ -105,9 +106,9 @@ class FaceDetector:
         network: RetinaFace,
         name: str,
         *,
-        threshold: float = 0.97,
-        max_side: int = 1024,
-        min_face_size: int = 16,
+        threshold: float = DetectorConfig.threshold,
+        max_side: int = DetectorConfig.max_side,
+        min_face_size: int = DetectorConfig.min_face_size,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise InvalidInputError(f"detection threshold must be in (0, 1), got {threshold}")
@@ -134,12 +135,12 @@ class FaceDetector:
     def load(
         cls,
         weights_dir: Path,
-        name: str = "retinaface_resnet50",
+        name: str = DetectorConfig.name,
         device: str | torch.device = "cpu",
         *,
-        threshold: float = 0.97,
-        max_side: int = 1024,
-        min_face_size: int = 16,
+        threshold: float = DetectorConfig.threshold,
+        max_side: int = DetectorConfig.max_side,
+        min_face_size: int = DetectorConfig.min_face_size,
     ) -> FaceDetector:
         """Build the network and load `<weights_dir>/facexlib/<file>` after checking its sha256.
 
@@ -163,15 +164,29 @@ class FaceDetector:
         return detector
 
     @classmethod
+    def from_config(
+        cls, weights_dir: Path, config: DetectorConfig, device: str | torch.device = "cpu"
+    ) -> FaceDetector:
+        """`load` with the name and thresholds of `config`."""
+        return cls.load(
+            weights_dir,
+            config.name,
+            device,
+            threshold=config.threshold,
+            max_side=config.max_side,
+            min_face_size=config.min_face_size,
+        )
+
+    @classmethod
     def from_state_dict(
         cls,
         state: dict[str, torch.Tensor],
         name: str,
         device: str | torch.device = "cpu",
         *,
-        threshold: float = 0.97,
-        max_side: int = 1024,
-        min_face_size: int = 16,
+        threshold: float = DetectorConfig.threshold,
+        max_side: int = DetectorConfig.max_side,
+        min_face_size: int = DetectorConfig.min_face_size,
     ) -> FaceDetector:
         """Build facexlib's RetinaFace for `name` and load `state` strictly (all keys, shapes)."""
         if name not in DETECTORS:
