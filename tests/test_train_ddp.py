@@ -74,10 +74,10 @@ def worker(weights: Path, faces: Path, out: Path) -> None:
 
     `init="scratch"` puts LoRA layers on every default target (attention, feed-forward, ResNet
     and resampling convolutions, conv_out): DDP must find all of them used in each step."""
+    from train.common import build_datasets
     from train.config import DataConfig, EngineConfig, Stage2Config
     from train.engine import Engine, trainable_state
     from train.losses import DISTS, IdentityLoss
-    from train.stage1 import build_datasets
     from train.stage2 import Stage2Task
 
     torch.set_num_threads(1)

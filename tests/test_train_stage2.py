@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from model.image_processor import denormalize
 from model.restorer import OSDFaceRestorer
 from osdface.cli import main as osdface
 from tests.train_helpers import (
@@ -72,7 +73,7 @@ def restored(task: Stage2Task, lq: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out, _ = gen(lq)
     gen.train()
-    return (out * 0.5 + 0.5).clamp(0, 1)
+    return denormalize(out)
 
 
 def lora_and_projection(name: str) -> bool:

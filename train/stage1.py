@@ -17,10 +17,8 @@ both full autoencoders, and `vre_config.json`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -29,8 +27,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from model.image_processor import denormalize, normalize
+from train.common import build_datasets, frozen
 from train.config import Stage1Config, to_dict
-from train.data import FaceDataset, list_images, validation_batch
 from train.discriminator import PatchDiscriminator, patch_d_loss
 from train.engine import Engine
 from train.losses import (
@@ -46,20 +45,6 @@ logger = logging.getLogger(__name__)
 
 Phase = Literal["hq", "lq", "assoc"]
 TOKENIZER_FILE = "vre_tokenizer.safetensors"
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[nn.Module]:
-    """Temporarily no gradients for `module`'s parameters (the discriminator while the
-    generator's loss goes through it); those that required grad are restored after."""
-    trainable = [p for p in module.parameters() if p.requires_grad]
-    for p in trainable:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in trainable:
-            p.requires_grad_(True)
 
 
 class Stage1Task:
@@ -108,7 +93,7 @@ class Stage1Task:
     ) -> dict[str, float]:
         phase = self.phase(step)
         which = ["hq", "lq"] if phase == "assoc" else [phase]
-        targets = {"hq": batch["gt"] * 2 - 1, "lq": batch["lq"] * 2 - 1}  # [-1, 1]
+        targets = {"hq": normalize(batch["gt"]), "lq": normalize(batch["lq"])}  # [-1, 1]
         logs: dict[str, float] = {"phase": ["hq", "lq", "assoc"].index(phase)}
         outputs: dict[str, VQOutput] = {}
         with self.engine.autocast():
@@ -186,9 +171,9 @@ class Stage1Task:
         for w, key in (("lq", "lq"), ("hq", "gt")):
             model = self.engine.unwrap(self.ae[w]).eval()
             with self.engine.autocast():
-                out = model(batch[key] * 2 - 1)
+                out = model(normalize(batch[key]))
             model.train()
-            recon = (out.recon.float().clamp(-1, 1) + 1) / 2
+            recon = denormalize(out.recon.float())
             metrics[f"psnr_{w}"] = float(psnr(recon, batch[key]).mean())
             metrics[f"codes_used_{w}"] = float(
                 out.indices.unique().numel() / self.config.vre.codebook_size
@@ -211,23 +196,6 @@ class Stage1Task:
             json.dumps(to_dict(self.config)["vre"], indent=2)
         )
         return directory / TOKENIZER_FILE
-
-
-def build_datasets(config, seed: int) -> tuple[FaceDataset, dict[str, torch.Tensor] | None]:
-    """Training faces and the fixed validation batch (None without a val folder)."""
-    data = config.data
-    if data.train_dir is None:
-        raise ValueError("data.train_dir is required (a folder of aligned HQ faces)")
-    train = FaceDataset(
-        list_images(data.train_dir), data.image_size, data.degradation, seed=seed, hflip=data.hflip
-    )
-    val = None
-    if data.val_dir is not None and data.val_images > 0:
-        held_out = FaceDataset(
-            list_images(data.val_dir), data.image_size, data.degradation, seed=seed + 1, hflip=False
-        )
-        val = validation_batch(held_out, data.val_images)
-    return train, val
 
 
 def run_stage1(config: Stage1Config, *, perceptual: VGGPerceptual | None = None) -> Path | None:

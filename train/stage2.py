@@ -33,13 +33,14 @@ from torch import nn
 
 from model.config import OSDFaceConfig
 from model.errors import LoraKeyError, StateDictMismatchError
+from model.image_processor import denormalize, normalize
 from model.restorer import x0_from_eps
 from model.vre import VisualRepresentationEmbedder
+from train.common import build_datasets, frozen
 from train.config import Stage2Config, to_dict
 from train.discriminator import LatentDiscriminator
 from train.engine import Engine
 from train.losses import DISTS, IdentityLoss, ea_dists, psnr
-from train.stage1 import build_datasets, frozen
 from train.vq import TOKENIZER_PREFIXES
 from weights.convert import convert_released
 from weights.layout import WeightsLayout, require
@@ -79,8 +80,11 @@ class OneStepGenerator(nn.Module):
         dtype = self.vae.dtype
         return self.vae.encode(image.to(dtype)).latent_dist.mode() * self.scaling_factor
 
+    # Copied from model.restorer.OSDFaceRestorer.__call__ (steps 1-4), with gradients through
+    # the projection, the LoRA UNet and the decoder, the tokens in fp32 outside autocast, and
+    # the output left in [-1, 1] for the losses. tests/test_train_stage2.py checks the two agree.
     def forward(self, lq01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lq = lq01 * 2 - 1
+        lq = normalize(lq01)
         # The tokenizer is frozen and runs in fp32 outside autocast: nearest-code distances
         # decide which tokens are picked and must not be rounded to bf16.
         with torch.no_grad(), torch.autocast(lq.device.type, enabled=False):
@@ -121,7 +125,7 @@ def build_vre(config: Stage2Config, layout: WeightsLayout, model_config: OSDFace
         if config.init == "osdface":
             logger.warning("a new tokenizer: the projection starts fresh, not from the weights")
     else:
-        if not layout.vre.is_file():  # as the restorer does: convert the pickles once
+        if not layout.vre.is_file():  # training converts the pickles once; serving never does
             convert_released(layout, OSDFaceConfig.load(layout.osdface))
         loaded = load_vre(layout, model_config)
         state = loaded.state_dict()
@@ -238,7 +242,7 @@ class Stage2Task:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
         """Forward and loss of the generator; returns (loss, x0 latents, logs)."""
         c = self.config
-        gt = batch["gt"] * 2 - 1
+        gt = normalize(batch["gt"])
         out, x0 = self.generator(batch["lq"])
         mse = F.mse_loss(out.float(), gt)
         loss = c.mse_weight * mse
@@ -248,7 +252,7 @@ class Stage2Task:
             loss = loss + c.id_weight * identity
             logs["id"] = float(identity.detach())
         if c.per_weight > 0:
-            per = ea_dists(self.dists, out * 0.5 + 0.5, batch["gt"])
+            per = ea_dists(self.dists, denormalize(out, clamp=False), batch["gt"])
             loss = loss + c.per_weight * per
             logs["ea_dists"] = float(per.detach())
         if self.gan_on(step):
@@ -279,7 +283,7 @@ class Stage2Task:
         self, batch: dict[str, torch.Tensor], fake: torch.Tensor, generator: torch.Generator
     ) -> float:
         """One update of the heads on real (gt) and fake (detached x0) latents."""
-        real = self.engine.unwrap(self.generator).encode(batch["gt"] * 2 - 1)
+        real = self.engine.unwrap(self.generator).encode(normalize(batch["gt"]))
         with self.engine.autocast():
             d_loss = self.disc(fake, generator, real=real)  # through DDP; fake detached inside
         self.disc_opt.zero_grad(set_to_none=True)
@@ -299,7 +303,7 @@ class Stage2Task:
         gen = self.engine.unwrap(self.generator)
         with self.engine.autocast():
             out, _ = gen(batch["lq"])
-        out01 = (out.float() * 0.5 + 0.5).clamp(0, 1)
+        out01 = denormalize(out.float())
         metrics = {
             "psnr": float(psnr(out01, batch["gt"]).mean()),
             "psnr_lq": float(psnr(batch["lq"], batch["gt"]).mean()),
