@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
-import importlib.util
 import json
 import logging
 import re
@@ -30,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.faces.detect import FaceDetector
 from model.restorer import OSDFaceRestorer
-from service import routes
+from service import routes, web
 from service.errors import error_body, install_error_handlers
 from service.metrics import Metrics, status_class
 from service.settings import Settings
@@ -75,7 +73,7 @@ def create_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(routes.router)
-    _include_web_page(app)
+    app.include_router(web.router)  # the browser page at GET /
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -86,12 +84,6 @@ def create_app(
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees everything
     return app
-
-
-def _include_web_page(app: FastAPI) -> None:
-    """The browser page at GET / (service/web.py), when that module is part of the build."""
-    if importlib.util.find_spec("service.web") is not None:
-        app.include_router(importlib.import_module("service.web").router)
 
 
 class RequestContextMiddleware:

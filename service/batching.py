@@ -178,11 +178,6 @@ class Batcher:
         with self._cond:
             return self._retry_after_locked()
 
-    def close(self) -> None:
-        """Refuse new work; queued work still runs."""
-        with self._cond:
-            self._accepting = False
-
     def hurry(self) -> None:
         """Stop waiting for batches to fill (shutting down: no more work is coming)."""
         with self._cond:
@@ -190,8 +185,8 @@ class Batcher:
             self._cond.notify_all()
 
     def stop(self, timeout: float | None = None) -> bool:
-        """Close, run what is queued, and end the worker. Returns False if it did not finish
-        within `timeout` seconds; work still pending then fails with `BatcherClosedError`."""
+        """Refuse new work, run what is queued, and end the worker. Returns False if it did not
+        finish within `timeout` seconds; work still pending then fails with `BatcherClosedError`."""
         with self._cond:
             self._accepting = False
             self._stopping = self._hurry = True

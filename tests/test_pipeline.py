@@ -394,7 +394,6 @@ def test_with_the_osdface_restorer(
     detector: FaceDetector, example: np.ndarray, request: pytest.FixtureRequest
 ) -> None:
     """The real restorer (tiny random weights): one batched call for all faces of the photo."""
-    pytest.importorskip("model.restorer", reason="model/restorer.py not present yet")
     restorer = request.getfixturevalue("tiny_restorer")
     calls: list[int] = []
 
