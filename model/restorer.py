@@ -14,8 +14,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from model.config import LatentMode, OSDFaceConfig
 from model.errors import InvalidInputError
-from model.fastpath import FastPath, FastPathConfig
+from model.fastpath import FastPathConfig
 from model.fastpath.clock import StageClock
+from model.fastpath.load import FastPath
 from model.fastpath.placement import Transfer, place
 from model.image_processor import denormalize, normalize
 from model.vre import VisualRepresentationEmbedder
@@ -66,6 +67,7 @@ class OSDFaceRestorer:
         self.files = files or {}
         self.vre, self.vae, self.unet = vre, vae, unet
         self.scaling_factor = float(vae.config.scaling_factor)
+        # One tensor for every call: the UNet's CUDA graph, when there is one, holds it.
         self._timestep = torch.tensor([config.timestep], device=device)
         self.fast: FastPath | None = None
         if fast is None:  # the plain path: every network cast once to `dtype` on `device`

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.codecs.formats import FORMATS, ImageFormat, ImageLimits
 from model.config import CompileMode, DetectorConfig, DetectorName, Device, DType, LatentMode
+from model.fastpath.config import FastPathConfig
 
 
 class Settings(BaseSettings):
@@ -27,8 +28,10 @@ class Settings(BaseSettings):
     detector: DetectorName = DetectorConfig.name
     latent: LatentMode = Field("mode", description="VAE latent: deterministic mode or sample")
     seed: int = Field(0, description="seed for latent=sample")
-    compile: bool = Field(False, description="torch.compile the UNet and VAE (CUDA)")
-    channels_last: bool = True
+    compile: bool = Field(
+        FastPathConfig.compile, description="torch.compile the UNet and VAE (CUDA)"
+    )
+    channels_last: bool = FastPathConfig.channels_last
     warmup: bool = Field(True, description="run one batch before reporting ready")
 
     # --- detection ------------------------------------------------------------------------
@@ -74,15 +77,16 @@ class Settings(BaseSettings):
         True, description="the restorer's fast path (model/fastpath/); off: the plain path"
     )
     cuda_graphs: bool = Field(
-        True,
+        FastPathConfig.cuda_graphs,
         description="replay each model stage from CUDA graphs captured at warm-up for batch "
         "sizes 1, 2, 4, ... up to max_batch_faces (CUDA)",
     )
     compile_mode: CompileMode = Field(
-        "default", description="torch.compile mode when compile is on"
+        FastPathConfig.compile_mode, description="torch.compile mode when compile is on"
     )
     torch_threads: PositiveInt | None = Field(
-        None, description="CPU threads for the model's operators; unset: one per core"
+        FastPathConfig.num_threads,
+        description="CPU threads for the model's operators; unset: one per core",
     )
 
     @field_validator("weights_dir")

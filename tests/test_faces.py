@@ -6,6 +6,7 @@ import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import get_args
 
 import cv2
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from facexlib.detection.retinaface import generate_config
 from facexlib.detection.retinaface_utils import PriorBox
 
+from model.config import DetectorConfig, DetectorName
 from model.errors import (
     ChecksumMismatchError,
     InvalidInputError,
@@ -31,6 +33,7 @@ from model.faces.detect import (
     select_faces,
 )
 from model.faces.paste import canvas_to_crop, paste_faces, paste_mask
+from service.settings import Settings
 from tests.photo_variants import MOBILE_FILE, WHOLE_PHOTOS, detector_weights_dir, load_rgb
 from weights.layout import sha256_file
 
@@ -84,6 +87,26 @@ def test_lookalike_file_is_refused(assets: Path, tmp_path: Path) -> None:
 def test_unknown_detector_name(weights_dir: Path) -> None:
     with pytest.raises(InvalidInputError, match="retinaface_resnet50"):
         FaceDetector.load(weights_dir, "yolo")
+
+
+def test_detector_names_and_defaults_have_one_source(weights_dir: Path) -> None:
+    """Every name settings and the CLI accept is loadable; both start from DetectorConfig."""
+    assert set(get_args(DetectorName)) == set(DETECTORS)
+    assert DetectorConfig().name in DETECTORS
+    fields = ("detector", "detect_threshold", "detect_max_side", "min_face_size")
+    assert tuple(Settings.model_fields[f].default for f in fields) == (
+        DetectorConfig.name,
+        DetectorConfig.threshold,
+        DetectorConfig.max_side,
+        DetectorConfig.min_face_size,
+    )
+    config = DetectorConfig(name=MOBILE, threshold=0.9, max_side=640, min_face_size=20)
+    described = FaceDetector.from_config(weights_dir, config).describe()
+    assert (described["threshold"], described["max_side"], described["min_face_size"]) == (
+        0.9,
+        640,
+        20,
+    )
 
 
 def test_state_dict_loading_is_strict_and_strips_module_prefix(

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from bench.baseline import AuthorsStyleBaseline, select_codes_loop, tokens_from_codes
 from model.errors import InvalidInputError
 from model.fastpath import FastPathConfig, batch_sizes_up_to
-from model.fastpath.config import resolve_decode_dtype
 from model.fastpath.graphs import CudaGraphs, install_cuda_graphs, padded
+from model.fastpath.placement import resolve_decode_dtype
 from model.restorer import STAGES, OSDFaceRestorer
 from model.vre import nearest_codes, select_token_indices
 

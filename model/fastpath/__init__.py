@@ -8,7 +8,8 @@ bench/speed.py reports the PSNR of the fast path against fp32 at full size.
 The rooms: `config` (the settings), `placement` (dtypes, memory format, attention processors,
 subpixel upsampling, host <-> device copies), `graphs` (CUDA graphs and torch.compile, each
 wrapping a network's call once at load), `clock` (stage timing, the side stream), `upsample`
-(the subpixel layer). `FastPath.load` applies them all.
+(the subpixel layer). `load.FastPath.load` applies them all. Importing this package imports
+only the settings (no torch).
 
 What each setting does, and why it is faster:
 
@@ -46,7 +47,6 @@ allocation, so it must be set before the process starts) backs them with 2 MB pa
 process setting, not one of this package's: see docs/performance.md.
 """
 
-from model.fastpath.config import CompileMode, FastPathConfig, batch_sizes_up_to
-from model.fastpath.load import FastPath
+from model.fastpath.config import FastPathConfig, batch_sizes_up_to
 
-__all__ = ["CompileMode", "FastPath", "FastPathConfig", "batch_sizes_up_to"]
+__all__ = ["FastPathConfig", "batch_sizes_up_to"]

@@ -1,14 +1,14 @@
-"""The fast path's settings, one frozen dataclass (what each does: model/fastpath/__init__.py)."""
+"""The fast path's settings, one frozen dataclass (what each does: model/fastpath/__init__.py).
+
+Free of torch, so the service's settings read their defaults from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
-
-import torch
+from typing import Final, get_args
 
 from model.config import CompileMode, DType
-from model.device import TORCH_DTYPES
 from model.errors import InvalidInputError
 
 # Modes in which inductor records its own CUDA graphs; ours would capture a capture.
@@ -59,19 +59,12 @@ class FastPathConfig:
         if not sizes or sizes[0] < 1:
             raise InvalidInputError(f"batch_sizes must be positive, got {self.batch_sizes}")
         object.__setattr__(self, "batch_sizes", sizes)
-        if self.decode_dtype not in ("auto", *TORCH_DTYPES):
+        if self.decode_dtype not in get_args(DType):
             raise InvalidInputError(f"unknown decode_dtype {self.decode_dtype!r}")
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidInputError(f"num_threads must be >= 1, got {self.num_threads}")
 
-    def uses_cuda_graphs(self, device: torch.device) -> bool:
+    def uses_cuda_graphs(self, device_type: str) -> bool:
         """Our CUDA graphs: on CUDA, unless inductor captures its own."""
         inductor_graphs = self.compile and self.compile_mode in INDUCTOR_GRAPH_MODES
-        return self.cuda_graphs and device.type == "cuda" and not inductor_graphs
-
-
-def resolve_decode_dtype(config: FastPathConfig, dtype: torch.dtype) -> torch.dtype:
-    """The VAE decoder's dtype: bf16 instead of fp16 (range), else the compute dtype."""
-    if config.decode_dtype != "auto":
-        return TORCH_DTYPES[config.decode_dtype]
-    return torch.bfloat16 if dtype == torch.float16 else dtype
+        return self.cuda_graphs and device_type == "cuda" and not inductor_graphs

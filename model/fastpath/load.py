@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from model.fastpath.config import FastPathConfig, resolve_decode_dtype
+from model.fastpath.config import FastPathConfig
 from model.fastpath.graphs import CudaGraphs, DistinctStreams, compile_networks, install_cuda_graphs
 from model.fastpath.placement import (
     Transfer,
     place,
     place_vae,
+    resolve_decode_dtype,
     sdpa_attention,
     subpixel_upsampling,
 )
@@ -58,7 +59,7 @@ class FastPath:
             compile_networks(vre, vae, unet, c.compile_mode)
         streams = DistinctStreams(device) if cuda else None
         graphs = None
-        if c.uses_cuda_graphs(device):
+        if c.uses_cuda_graphs(device.type):
             graphs = CudaGraphs(c.batch_sizes, streams)
             install_cuda_graphs(graphs, vre, vae, unet, timestep)
         return cls(

@@ -11,12 +11,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from model.device import TORCH_DTYPES
+from model.fastpath.config import FastPathConfig
 from model.fastpath.upsample import use_subpixel_upsampling
 
 logger = logging.getLogger(__name__)
 
 # The VAE's parts that run in the decoder's dtype; the others run in the compute dtype.
 VAE_DECODER_SIDE = ("decoder", "post_quant_conv")
+
+
+def resolve_decode_dtype(config: FastPathConfig, dtype: torch.dtype) -> torch.dtype:
+    """The VAE decoder's dtype: bf16 instead of fp16 (range), else the compute dtype."""
+    if config.decode_dtype != "auto":
+        return TORCH_DTYPES[config.decode_dtype]
+    return torch.bfloat16 if dtype == torch.float16 else dtype
 
 
 def place(
