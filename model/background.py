@@ -25,9 +25,8 @@ import numpy as np
 import torch
 
 from model.errors import InvalidInputError
-from weights.background import RELEASED, BackgroundNet, load_background_net
+from weights.background import BackgroundNet, load_background_net
 
-BACKGROUNDS: tuple[str, ...] = ("none", *RELEASED)  # "none": Lanczos resize only
 MAX_ALIGN = 2  # the largest pixel-unshuffle factor of the networks (x2)
 
 
@@ -115,7 +114,7 @@ class BackgroundUpscaler:
         dtype: torch.dtype = torch.float32,
         tiles: TileSettings | None = None,
     ) -> BackgroundUpscaler:
-        """Load `name` (a `BACKGROUNDS` entry other than 'none') strictly from `weights_dir`."""
+        """Load `name` (in `model.config.BACKGROUND_SCALES`) strictly from `weights_dir`."""
         net = load_background_net(Path(weights_dir), name, torch.device(device), dtype)
         return cls(net, tiles or TileSettings())
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 CONFIG_FILENAME = "config.json"
 
@@ -24,6 +24,12 @@ LatentMode = Literal["mode", "sample"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # The RetinaFace variants model/faces/detect.py can load.
 DetectorName = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
+# Background networks (Real-ESRGAN, model/background.py) and their output scales; "none" is a
+# Lanczos resize.
+BackgroundNet = Literal["realesrgan-x2", "realesrgan-x4"]
+BackgroundName = Literal["none", BackgroundNet]
+BACKGROUND_SCALES: dict[str, int] = {"realesrgan-x2": 2, "realesrgan-x4": 4}
+BACKGROUNDS: tuple[str, ...] = get_args(BackgroundName)
 
 
 @dataclass(frozen=True)

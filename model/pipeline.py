@@ -5,7 +5,8 @@ one model call:
 
     prepared = prepare_photo(data, detector, options, limits)   # CPU: decode, detect, align
     restored = restorer(prepared.crops).images                  # accelerator, batched
-    result = finish_photo(prepared, restored)                   # CPU: paste back, encode
+    background = make_background(prepared, backgrounds)         # accelerator (or Lanczos)
+    result = finish_photo(prepared, restored, background)       # CPU: paste back, encode
 
 `restore_photo` runs the three for one photo; `restore_files` runs it over files for the CLI.
 No face found is a result with 0 faces and the image unchanged, not an error.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -34,6 +35,8 @@ from model.codecs.formats import (
     ImageLimits,
     normalize_format,
 )
+from model.codecs.heif import writable_formats
+from model.config import BACKGROUND_SCALES, BACKGROUNDS, BackgroundName
 from model.errors import ImageTooLargeError, InvalidInputError
 from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE, align_face
 from model.faces.detect import DetectedFace, FaceDetector, select_faces
@@ -60,6 +63,15 @@ class FaceRestorer(Protocol):
     def __call__(self, images: torch.Tensor, *, seed: int | None = None) -> _RestoredBatch: ...
 
 
+class BackgroundStep(Protocol):
+    """The pluggable background step (BackgroundUpscaler is one; "none" is a Lanczos resize).
+
+    (H, W, 3) uint8 RGB and an integer scale -> (H * scale, W * scale, 3) uint8 RGB.
+    """
+
+    def __call__(self, rgb: np.ndarray, scale: int) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class RestoreOptions:
     """What the caller asks for one photo; `validated()` checks and normalises it."""
@@ -68,11 +80,16 @@ class RestoreOptions:
     only_center_face: bool = False
     max_faces: int | None = None
     strength: float = 1.0  # 1 = fully restored, 0 = the original
-    upscale: int = 1  # MIN_UPSCALE..MAX_UPSCALE; the background is upscaled with Lanczos
+    upscale: int | None = None  # MIN_UPSCALE..MAX_UPSCALE; None: the background network's scale
+    background: BackgroundName = "none"  # "none" (Lanczos) or a Real-ESRGAN network
     output_format: str | None = None  # jpeg, png, webp; None = the input's
     quality: int = 95  # MIN_QUALITY..MAX_QUALITY, for JPEG and lossy WebP
 
     def validated(self) -> RestoreOptions:
+        if self.background not in BACKGROUNDS:
+            raise InvalidInputError(f"background must be one of {', '.join(BACKGROUNDS)}")
+        if self.upscale is None:
+            return replace(self, upscale=BACKGROUND_SCALES.get(self.background, 1)).validated()
         if not (isinstance(self.strength, int | float) and 0.0 <= self.strength <= 1.0):
             raise InvalidInputError(f"strength must be in [0, 1], got {self.strength}")
         if not (isinstance(self.upscale, int) and MIN_UPSCALE <= self.upscale <= MAX_UPSCALE):
@@ -173,7 +190,8 @@ def _prepare_aligned(
     return PreparedPhoto(image, [face], _to_tensor([image.rgb]), [identity], options, timings)
 
 
-def _check_output_size(image: DecodedImage, upscale: int, limits: ImageLimits) -> None:
+def _check_output_size(image: DecodedImage, upscale: int | None, limits: ImageLimits) -> None:
+    assert upscale is not None  # validated() resolved it
     pixels = image.width * image.height * upscale * upscale
     if pixels > limits.max_output_pixels:
         raise ImageTooLargeError(
@@ -190,18 +208,53 @@ def _to_tensor(crops: Sequence[np.ndarray]) -> torch.Tensor:
     return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
-def finish_photo(prepared: PreparedPhoto, restored: torch.Tensor) -> PhotoResult:
-    """Paste the restored faces, (F, 3, 512, 512) float in [0, 1] RGB, back and encode."""
+def make_background(
+    prepared: PreparedPhoto, backgrounds: Mapping[str, BackgroundStep] | None = None
+) -> np.ndarray | None:
+    """The photo upscaled by the network `options.background` names, timed as "background".
+
+    None for "none": `finish_photo` then resizes with Lanczos. `backgrounds` maps network names
+    to loaded steps; asking for one that is not loaded is an InvalidInputError.
+    """
+    name, scale = prepared.options.background, prepared.options.upscale
+    if name == "none":
+        return None
+    step = (backgrounds or {}).get(name)
+    if step is None:
+        raise InvalidInputError(f"the background network {name!r} is not loaded")
+    assert scale is not None  # validated() resolved it
+    with _timed(prepared.timings, "background"):
+        return step(prepared.image.rgb, scale)
+
+
+def output_format(image: DecodedImage, options: RestoreOptions) -> str:
+    """The asked format, else the input's when this build can write it, else PNG (lossless)."""
+    if options.output_format:
+        return options.output_format
+    return image.format if image.format in writable_formats() else "png"
+
+
+def finish_photo(
+    prepared: PreparedPhoto, restored: torch.Tensor, background: np.ndarray | None = None
+) -> PhotoResult:
+    """Paste the restored faces, (F, 3, 512, 512) float in [0, 1] RGB, back and encode.
+
+    `background` is `make_background`'s result: (H * upscale, W * upscale, 3) uint8 RGB, or
+    None for a Lanczos resize of the photo.
+    """
     image, options = prepared.image, prepared.options
     faces = _restored_to_numpy(restored, len(prepared.faces))
     timings = dict(prepared.timings)
-    out_format = options.output_format or image.format
-    if not faces and options.upscale == 1 and out_format == image.format:
+    out_format = output_format(image, options)
+    if out_format != image.format and not options.output_format:
+        logger.info("no %s encoder: writing %s instead", image.format, out_format)
+    unchanged = background is None and options.upscale == 1 and out_format == image.format
+    if not faces and unchanged:
         # Nothing to change: the file as it came (its orientation tag still tells viewers).
         timings.update(paste=0.0, encode=0.0)
         return _result(image.data, out_format, image.width, image.height, [], timings)
     with _timed(timings, "paste"):
-        canvas = _background(image.rgb, options.upscale)
+        canvas = _canvas(image, options, background)
         paste_faces(
             canvas,
             faces,
@@ -230,6 +283,18 @@ def _restored_to_numpy(restored: torch.Tensor, count: int) -> list[np.ndarray]:
     return list(np.clip(array, 0.0, 1.0))
 
 
+def _canvas(
+    image: DecodedImage, options: RestoreOptions, background: np.ndarray | None
+) -> np.ndarray:
+    assert options.upscale is not None  # validated() resolved it
+    if background is None:
+        return _background(image.rgb, options.upscale)
+    expected = (image.height * options.upscale, image.width * options.upscale, 3)
+    if background.shape != expected or background.dtype != np.uint8:
+        raise InvalidInputError(f"the background must be {expected} uint8, got {background.shape}")
+    return background
+
+
 def _background(rgb: np.ndarray, upscale: int) -> np.ndarray:
     if upscale == 1:
         return rgb.copy()
@@ -256,11 +321,12 @@ def restore_photo(
     limits: ImageLimits,
     *,
     seed: int | None = None,
+    backgrounds: Mapping[str, BackgroundStep] | None = None,
 ) -> PhotoResult:
     """One photo end to end: all its faces go through ONE restorer call."""
     prepared = prepare_photo(data, detector, options, limits)
     restored = _restore_crops(restorer, prepared, seed=seed)
-    return finish_photo(prepared, restored)
+    return finish_photo(prepared, restored, make_background(prepared, backgrounds))
 
 
 def _restore_crops(
@@ -292,12 +358,14 @@ def restore_files(
     save_faces: bool,
     batch_size: int | None = None,
     seed: int | None = None,
+    backgrounds: Mapping[str, BackgroundStep] | None = None,
 ) -> list[Path]:
     """Restore each file into `out_dir` (`<stem>.<ext of the output format>`); the written paths.
 
     With `save_faces`, also `out_dir/faces/<stem>_<k>_aligned.png` and `..._restored.png` per
     face. A photo's faces go to the restorer in one call, or in calls of at most `batch_size`
-    faces. Errors are raised, not skipped: the exception carries a note naming the file.
+    faces; `backgrounds` holds the loaded background networks. Errors are raised, not
+    skipped: the exception carries a note naming the file.
     """
     options = options.validated()
     if batch_size is not None and batch_size < 1:
@@ -311,7 +379,8 @@ def restore_files(
         try:
             prepared = prepare_photo(Path(path).read_bytes(), detector, options, limits)
             restored = _restore_crops(restorer, prepared, batch_size=batch_size, seed=seed)
-            result = finish_photo(prepared, restored)
+            background = make_background(prepared, backgrounds)
+            result = finish_photo(prepared, restored, background)
             # The format is sniffed from the bytes; the name's extension may have been wrong.
             target = target.with_suffix(f".{EXTENSIONS[result.format]}")
             target.write_bytes(result.data)

@@ -11,6 +11,9 @@ The queue is bounded in items: a submit that would overflow it fails at once wit
 client disconnect) removes its not-yet-started items from the queue; items already inside a
 running batch finish and are thrown away, because a device call cannot be interrupted.
 
+Other device work (the background network) is queued as a *call* with `run_call`: it counts as
+one queued item, runs alone on the same worker thread between batches, in queue order.
+
 The batcher knows nothing about HTTP or faces: `fn(batch) -> (outputs, timings)` is any function
 from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds.
 """
@@ -26,12 +29,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+T = TypeVar("T")
+_ONE_ITEM = torch.empty((1, 0))  # what a call job counts as in the queue
 
 
 class QueueFullError(Exception):
@@ -73,7 +79,7 @@ class BatchResult:
 @dataclass(eq=False)
 class _Job:
     items: torch.Tensor
-    future: asyncio.Future[BatchResult]
+    future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     enqueued_at: float
     deadline: float | None
@@ -85,6 +91,7 @@ class _Job:
     batches: int = 0
     timings: dict[str, float] = field(default_factory=dict)
     out: torch.Tensor | None = None
+    call: Callable[[], Any] | None = None  # a call job: run alone, its result is the answer
 
     @property
     def size(self) -> int:
@@ -154,7 +161,21 @@ class Batcher:
         if items.ndim < 1 or items.shape[0] < 1:
             raise ValueError("submit needs at least one item")
         loop = asyncio.get_running_loop()
-        job = _Job(items, loop.create_future(), loop, time.monotonic(), deadline)
+        return await self._enqueue(
+            _Job(items, loop.create_future(), loop, time.monotonic(), deadline)
+        )
+
+    async def run_call(self, fn: Callable[[], T], *, deadline: float | None = None) -> T:
+        """Run `fn()` on the worker thread, alone, when its turn in the queue comes.
+
+        It counts as one queued item (so a full queue refuses it with `QueueFullError`);
+        `deadline` and cancellation work as for `submit`; `fn`'s exception is raised here.
+        """
+        loop = asyncio.get_running_loop()
+        job = _Job(_ONE_ITEM, loop.create_future(), loop, time.monotonic(), deadline, call=fn)
+        return await self._enqueue(job)
+
+    async def _enqueue(self, job: _Job) -> Any:
         with self._cond:
             if not self._accepting:
                 raise BatcherClosedError("the model worker is shutting down")
@@ -225,8 +246,10 @@ class Batcher:
                     self._cond.wait()
                     continue
                 # Wait for the batch to fill, but never longer than max_delay after the oldest.
-                wait = self._queue[0].enqueued_at + self.max_delay_s - time.monotonic()
-                if self._queued < self.max_batch and not self._hurry and wait > 0:
+                head = self._queue[0]
+                wait = head.enqueued_at + self.max_delay_s - time.monotonic()
+                filling = self._queued < self.max_batch and head.call is None
+                if filling and not self._hurry and wait > 0:
                     self._cond.wait(wait)
                     continue
                 self._drop_expired_locked()
@@ -245,7 +268,9 @@ class Batcher:
     def _take_locked(self) -> _Chunks:
         chunks: _Chunks = []
         room = self.max_batch
-        while self._queue and room:
+        if self._queue[0].call is not None:  # a call runs alone
+            room = 1
+        while self._queue and room and (self._queue[0].call is None or not chunks):
             job = self._queue[0]
             count = min(room, job.size - job.taken)
             chunks.append((job, job.taken, job.taken + count))
@@ -264,6 +289,9 @@ class Batcher:
             if job.started_at is None:
                 job.started_at = started
                 self._on_queue_wait(started - job.enqueued_at)
+        if chunks[0][0].call is not None:
+            self._execute_call(chunks[0][0], started)
+            return
         parts = [job.items[lo:hi] for job, lo, hi in chunks]
         inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
         try:
@@ -282,6 +310,16 @@ class Batcher:
         for job, lo, hi in chunks:
             self._deliver(job, lo, hi, outputs[offset : offset + hi - lo], seconds, timings)
             offset += hi - lo
+        self._finish_batch(started)
+
+    def _execute_call(self, job: _Job, started: float) -> None:
+        assert job.call is not None
+        try:
+            value: Any = job.call()
+        except Exception as exc:  # the awaiting request gets it; the HTTP layer maps or logs it
+            value = exc
+        job.done = 1
+        _resolve(job, value)
         self._finish_batch(started)
 
     def _deliver(
@@ -337,7 +375,7 @@ class Batcher:
                 self._cond.notify_all()
 
 
-def _resolve(job: _Job, value: BatchResult | BaseException) -> None:
+def _resolve(job: _Job, value: Any) -> None:
     """Complete a job's future from any thread; a no-op if it is done or its loop is gone."""
 
     def settle() -> None:

@@ -27,6 +27,7 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 STAGES = ("decode", "detect", "align", "vre", "vae_encode", "unet", "vae_decode", "paste", "encode")
+STAGES += ("background",)  # Real-ESRGAN, when asked for
 
 
 class Metrics:

@@ -12,9 +12,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
-from model.codecs.formats import normalize_format
+from model.codecs.formats import CONTENT_TYPES, normalize_format
 from model.errors import InvalidInputError
 from model.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
+from service.background import background_on_worker, both
 from service.batching import BatchResult, QueueFullError
 from service.errors import (
     ClientDisconnectedError,
@@ -32,6 +33,7 @@ router = APIRouter()
 
 SERVICE_NAME = "osdface-service"
 RESULT_HEADERS = ("X-Faces-Detected", "X-Queue-Time", "X-Inference-Time", "X-Total-Time")
+RESULT_HEADERS += ("X-Background-Time", "X-Output-Format")
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -101,7 +103,10 @@ async def info(service: ServiceState = Depends(get_service)) -> Info:
             "phase": str(service.phase),
             "uptime_s": round(time.time() - service.started_at, 3),
         },
-        model=service.restorer.describe(),
+        model={
+            **service.restorer.describe(),
+            "backgrounds": {n: b.describe() for n, b in service.backgrounds.items()},
+        },
         detector=service.detector.describe(),
         batching={
             "max_batch_faces": s.max_batch_faces,
@@ -151,7 +156,7 @@ _IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}}
         200: {
             "description": "the restored image (or JSON with `Accept: application/json`)",
             "model": RestoreResult,
-            "content": {t: _IMAGE_CONTENT for t in ("image/png", "image/jpeg", "image/webp")},
+            "content": {t: _IMAGE_CONTENT for t in CONTENT_TYPES.values()},
         },
         **_ERRORS,
     },
@@ -199,6 +204,11 @@ def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
         raise InvalidParameterError(_describe(exc)) from exc
     if form.max_faces is not None and form.max_faces > settings.max_faces:
         raise InvalidParameterError(f"max_faces is at most {settings.max_faces} on this server")
+    if form.background != "none" and form.background not in settings.background_models:
+        raise InvalidParameterError(
+            f"background {form.background} is not loaded on this server "
+            f"(loaded: {', '.join(settings.background_models) or 'none'})"
+        )
     fmt = normalize_format(form.output_format) if form.output_format else None
     if fmt is not None and fmt not in settings.allowed_formats:
         raise InvalidParameterError(f"output_format must be one of {settings.allowed_formats}")
@@ -208,9 +218,14 @@ def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
         max_faces=form.max_faces or settings.max_faces,
         strength=form.strength,
         upscale=form.upscale,
+        background=form.background,
         output_format=fmt,
         quality=form.quality,
     ).validated()
+
+
+async def _none() -> None:
+    return None
 
 
 def _describe(exc: ValidationError) -> str:
@@ -231,10 +246,11 @@ async def _restore_photo(
     batch = None
     restored = prepared.crops  # (0, 3, 512, 512) when no face was found
     try:
-        if count:
-            batch = await service.batcher.submit(prepared.crops, deadline=deadline)
-            restored = batch.output
-        result = await service.run_cpu(finish_photo, prepared, restored)
+        faces = service.batcher.submit(prepared.crops, deadline=deadline) if count else _none()
+        work = background_on_worker(service.batcher, prepared, service.backgrounds, deadline)
+        batch, background = await both(faces, work)
+        restored = batch.output if batch is not None else restored
+        result = await service.run_cpu(finish_photo, prepared, restored, background)
     except QueueFullError:
         service.metrics.rejected.labels(reason="queue_full").inc()
         raise
@@ -281,6 +297,8 @@ def _response(
         "X-Queue-Time": f"{queue:.4f}",
         "X-Inference-Time": f"{inference:.4f}",
         "X-Total-Time": f"{total:.4f}",
+        "X-Background-Time": f"{result.timings.get('background', 0.0):.4f}",
+        "X-Output-Format": result.format,
         "Vary": "Accept",
     }
     if not wants_json(request.headers.get("accept", "")):

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.config import BackgroundName
 from model.pipeline import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
 
 
@@ -35,14 +36,20 @@ class RestoreForm(BaseModel):
     strength: float = Field(
         RestoreOptions.strength, ge=0.0, le=1.0, description="1 = fully restored, 0 = original"
     )
-    upscale: int = Field(
+    upscale: int | None = Field(
         RestoreOptions.upscale,
         ge=MIN_UPSCALE,
         le=MAX_UPSCALE,
-        description="output scale; background Lanczos-upscaled",
+        description="output scale; default: the background network's, else 1",
+    )
+    background: BackgroundName = Field(
+        RestoreOptions.background,
+        description="how the background is upscaled: Lanczos (none), or Real-ESRGAN x2/x4",
     )
     output_format: str | None = Field(
-        RestoreOptions.output_format, description="png, jpeg or webp; default: the input's format"
+        RestoreOptions.output_format,
+        description="png, jpeg, webp, heic or avif; default: the input's format when the "
+        "server can write it, else png (the X-Output-Format header says which)",
     )
     quality: int = Field(
         RestoreOptions.quality,

@@ -12,7 +12,15 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.codecs.formats import FORMATS, ImageFormat, ImageLimits
-from model.config import CompileMode, DetectorConfig, DetectorName, Device, DType, LatentMode
+from model.config import (
+    BackgroundNet,
+    CompileMode,
+    DetectorConfig,
+    DetectorName,
+    Device,
+    DType,
+    LatentMode,
+)
 from model.fastpath.config import FastPathConfig
 
 
@@ -89,6 +97,20 @@ class Settings(BaseSettings):
         description="CPU threads for the model's operators; unset: one per core",
     )
 
+    # --- background super-resolution (docs/background.md) -----------------------------------
+    background_models: tuple[BackgroundNet, ...] = Field(
+        (),
+        description="Real-ESRGAN networks loaded at start for background=...; their files "
+        "come from `osdface weights fetch --background`",
+    )
+    background_tile: PositiveInt = Field(
+        256, description="input pixels per tile side; memory grows with its square"
+    )
+    background_tile_overlap: int = Field(
+        16, ge=0, description="context pixels around each tile, hiding the seams"
+    )
+    background_tile_batch: PositiveInt = Field(1, description="tiles per network call")
+
     @field_validator("weights_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
@@ -98,4 +120,6 @@ class Settings(BaseSettings):
     def _batching_fits_queue(self) -> Settings:
         if self.max_queue_faces < self.max_batch_faces:
             raise ValueError("max_queue_faces must be at least max_batch_faces")
+        if self.background_tile <= 2 * self.background_tile_overlap + 2:
+            raise ValueError("background_tile must be over 2 * background_tile_overlap + 2")
         return self

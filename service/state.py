@@ -20,12 +20,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from model.background import BackgroundUpscaler
 from model.codecs.formats import ImageLimits
 from model.config import DetectorConfig
 from model.device import resolve_device, resolve_dtype
 from model.faces.detect import FaceDetector
 from model.fastpath import FastPathConfig, batch_sizes_up_to
 from model.restorer import OSDFaceRestorer
+from service.background import load_backgrounds
 from service.batching import Batcher, BatchReport
 from service.errors import NotReadyError, TooManyRequestsError
 from service.metrics import Metrics
@@ -97,11 +99,13 @@ class ServiceState:
         *,
         restorer: OSDFaceRestorer | None = None,
         detector: FaceDetector | None = None,
+        backgrounds: dict[str, BackgroundUpscaler] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.restorer = restorer
         self.detector = detector
+        self.backgrounds = dict(backgrounds or {})  # Real-ESRGAN networks by name
         self.limits = image_limits(settings)
         self.batcher: Batcher | None = None
         self.pool = ThreadPoolExecutor(settings.cpu_workers, thread_name_prefix="osdface-cpu")
@@ -145,6 +149,11 @@ class ServiceState:
             )
         if self.detector is None:
             self.detector = load_detector(s, device)
+        missing = tuple(n for n in s.background_models if n not in self.backgrounds)
+        if missing:  # on the restorer's device and dtype, run by the same model worker
+            self.backgrounds |= load_backgrounds(
+                s, missing, self.restorer.device, self.restorer.dtype
+            )
 
     def _warm_up(self) -> None:
         assert self.restorer is not None and self.detector is not None

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 from torch import nn
 
+from model.config import BACKGROUND_SCALES
 from model.errors import StateDictMismatchError, WeightsError, WeightsNotFoundError
 from weights.layout import sha256_file
 from weights.pickle_safe import load_checkpoint, tensors_only
@@ -35,8 +36,7 @@ FOLDER = "realesrgan"
 # Network name -> (released file name, output scale). Both files are RRDBNet with 23 blocks;
 # the x2 file folds the input 2x2 pixels into 12 channels first (pixel unshuffle).
 RELEASED: dict[str, tuple[str, int]] = {
-    "realesrgan-x2": ("RealESRGAN_x2plus.pth", 2),
-    "realesrgan-x4": ("RealESRGAN_x4plus.pth", 4),
+    name: (f"RealESRGAN_x{scale}plus.pth", scale) for name, scale in BACKGROUND_SCALES.items()
 }
 STATE_KEYS = ("params_ema", "params")  # BasicSR keeps the EMA weights first when it has them
 GROWTH = 32  # channels each dense-block convolution adds (fixed in Real-ESRGAN and spandrel)

@@ -22,6 +22,7 @@ from model.codecs.formats import (
     ImageLimits,
     sniff_format,
 )
+from model.codecs.heif import readable
 from model.errors import (
     ImageDecodeError,
     ImageTooLargeError,
@@ -45,6 +46,8 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     if fmt not in limits.allowed_formats:
         allowed = ", ".join(limits.allowed_formats)
         raise UnsupportedFormatError(f"{fmt} images are not accepted (allowed: {allowed})")
+    if fmt in ("heic", "avif") and not readable(fmt):
+        raise UnsupportedFormatError(f"this server has no {fmt} decoder")
     image = _open_checked(data, fmt, limits)
     if fmt == "png" and _png_bit_depth(data) == 16 and image.mode not in ("I;16", "I;16B", "I"):
         # Pillow reads 16-bit colour PNGs as 8 bits; OpenCV keeps the 16 bits.

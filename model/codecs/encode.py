@@ -13,12 +13,15 @@ from PIL import Image
 
 from model.codecs.decode import to_8bit
 from model.codecs.formats import PILLOW_FORMATS, DecodedImage, normalize_format
+from model.codecs.heif import writable_formats
 from model.errors import (
     ImageEncodeError,
     InvalidInputError,
 )
 
 logger = logging.getLogger(__name__)
+
+NO_GREY = ("webp", "heic", "avif")  # written as RGB with equal channels
 
 
 def encode_image(
@@ -28,9 +31,12 @@ def encode_image(
 
     `rgb` is (H', W', 3) uint8 RGB: the processed pixels, the size of `image` or larger when
     upscaled (alpha is then resized with Lanczos). `format` defaults to the input's. JPEG has no
-    alpha: the image is composited over white. WebP has no grey mode: grey is written as RGB.
+    alpha: the image is composited over white. WebP, HEIC and AVIF are written as RGB(A), grey
+    included.
     """
     fmt = normalize_format(format) if format else image.format
+    if fmt not in writable_formats():
+        raise InvalidInputError(f"this server has no {fmt} encoder; ask for png, jpeg or webp")
     if not 1 <= quality <= 100:
         raise InvalidInputError(f"quality must be in 1..100, got {quality}")
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
@@ -42,7 +48,7 @@ def encode_image(
     if fmt == "jpeg" and alpha is not None:
         rgb = _over_white(rgb, alpha)
         alpha = None
-    pil = _to_pillow(rgb, alpha, grey=image.grey and fmt != "webp")
+    pil = _to_pillow(rgb, alpha, grey=image.grey and fmt not in NO_GREY)
     return _save_pillow(pil, fmt, image, quality)
 
 
@@ -85,6 +91,8 @@ def _save_pillow(pil: Image.Image, fmt: str, image: DecodedImage, quality: int) 
     elif fmt == "webp":
         lossless = image.webp_lossless and image.format == "webp"
         options.update(quality=quality, lossless=lossless)
+    elif fmt in ("heic", "avif"):
+        options.update(quality=quality)
     out = io.BytesIO()
     pil.save(out, format=PILLOW_FORMATS[fmt], **options)
     return out.getvalue()

@@ -9,14 +9,41 @@ from typing import Literal, get_args
 
 import numpy as np
 
+from model.codecs.heif import sniff_bmff
 from model.errors import ImageDecodeError, InvalidInputError, UnsupportedFormatError
 
-ImageFormat = Literal["jpeg", "png", "webp"]
+ImageFormat = Literal["jpeg", "png", "webp", "heic", "avif"]
 FORMATS: tuple[ImageFormat, ...] = get_args(ImageFormat)
-CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-EXTENSIONS: dict[str, str] = {"jpeg": "jpg", "png": "png", "webp": "webp"}
-_FORMAT_ALIASES: dict[str, str] = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}
-PILLOW_FORMATS: dict[str, str] = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+CONTENT_TYPES: dict[str, str] = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "heic": "image/heic",
+    "avif": "image/avif",
+}
+EXTENSIONS: dict[str, str] = {
+    "jpeg": "jpg",
+    "png": "png",
+    "webp": "webp",
+    "heic": "heic",
+    "avif": "avif",
+}
+_FORMAT_ALIASES: dict[str, str] = {
+    "jpg": "jpeg",
+    "jpeg": "jpeg",
+    "png": "png",
+    "webp": "webp",
+    "heic": "heic",
+    "heif": "heic",
+    "avif": "avif",
+}
+PILLOW_FORMATS: dict[str, str] = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "heic": "HEIF",
+    "avif": "AVIF",
+}
 EXIF_ORIENTATION = 0x0112
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Everything Pillow or a codec raises on a broken file; mapped to ImageDecodeError at one place.
@@ -87,10 +114,14 @@ def sniff_format(data: bytes) -> str:
         return "png"
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "webp"
+    if bmff := sniff_bmff(data):
+        return bmff
     others = {b"GIF87a": "gif", b"GIF89a": "gif", b"II*\x00": "tiff", b"MM\x00*": "tiff"}
     for magic, name in others.items():
         if data.startswith(magic):
             return name
     if data.startswith(b"BM"):
         return "bmp"
-    raise UnsupportedFormatError("the file is not a recognised image (expected JPEG, PNG or WebP)")
+    raise UnsupportedFormatError(
+        "the file is not a recognised image (expected JPEG, PNG, WebP, HEIC or AVIF)"
+    )

@@ -58,7 +58,8 @@ function buildForm(file) {
   if ($("opt-center").checked) body.append("only_center_face", "true");
   const strength = $("opt-strength").value;
   if (Number(strength) !== 1) body.append("strength", strength);
-  if ($("opt-upscale").value !== "1") body.append("upscale", $("opt-upscale").value);
+  if ($("opt-upscale").value) body.append("upscale", $("opt-upscale").value);
+  if ($("opt-background").value !== "none") body.append("background", $("opt-background").value);
   if ($("opt-format").value) body.append("output_format", $("opt-format").value);
   if (Number($("opt-quality").value) !== 95) body.append("quality", $("opt-quality").value);
   return body;
@@ -220,6 +221,11 @@ async function checkReady() {
       const info = await fetch("v1/info").then((r) => (r.ok ? r.json() : null)).catch(() => null);
       const model = (info && info.model) || {};
       if (model.device) badge.textContent = `ready · ${model.device}${model.dtype ? ` · ${model.dtype}` : ""}`;
+      // Only the background networks this server loaded can be chosen.
+      const loaded = Object.keys(model.backgrounds || {});
+      for (const option of $("opt-background").options) {
+        option.disabled = option.value !== "none" && !loaded.includes(option.value);
+      }
       return;
     }
     badge.dataset.ready = "false";
