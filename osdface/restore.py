@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import get_args
 
 from model.codecs.formats import FORMATS
-from model.config import DetectorConfig, DetectorName, DType, LatentMode
+from model.config import BACKGROUNDS, DetectorConfig, DetectorName, DType, LatentMode
 from osdface.paths import default_weights_dir
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".avif")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,14 +32,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only-center-face", action="store_true")
     p.add_argument("--max-faces", type=int, default=None)
     p.add_argument("--strength", type=float, default=1.0, help="1 = fully restored")
+    p.add_argument("--upscale", type=int, default=None, help="1..4 (default: --background's)")
     p.add_argument(
-        "--upscale", type=int, default=1, help="output scale; the background is Lanczos-upscaled"
+        "--background",
+        choices=BACKGROUNDS,
+        default="none",
+        help="background upscaler: Lanczos (none) or Real-ESRGAN (docs/background.md)",
     )
     p.add_argument(
         "--format",
         choices=FORMATS,
         default=None,
-        help="output format (default: png for --aligned, else the input's)",
+        help="output format (default: png for --aligned, else the input's if writable, else png)",
     )
     p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality")
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
@@ -64,6 +68,9 @@ def _restore(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.aligned and args.background != "none":
+        logger.error("--background needs whole photos, not --aligned crops")
+        return 2
     files = list_images(args.inputs)
     if not files:
         logger.error("no images found in %s", [str(p) for p in args.inputs])
@@ -114,6 +121,7 @@ def restore_aligned(
 
 def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, device) -> None:
     """Detect, align, restore and paste back every face of each photo (default limits)."""
+    from model.background import BackgroundUpscaler
     from model.codecs.formats import ImageLimits
     from model.faces.detect import FaceDetector
     from model.pipeline import RestoreOptions, restore_files
@@ -123,10 +131,14 @@ def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, 
         max_faces=args.max_faces,
         strength=args.strength,
         upscale=args.upscale,
+        background=args.background,
         output_format=args.format,
         quality=args.quality,
     ).validated()
     detector = FaceDetector.from_config(args.weights, DetectorConfig(name=args.detector), device)
+    names = [] if args.background == "none" else [args.background]
+    device, dtype = restorer.device, restorer.dtype  # the background runs beside the restorer
+    backgrounds = {n: BackgroundUpscaler.from_pretrained(args.weights, n, device, dtype) for n in names}
     written = restore_files(
         files,
         args.output,
@@ -137,5 +149,6 @@ def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, 
         save_faces=args.save_faces,
         batch_size=args.batch_size,
         seed=args.seed,
+        backgrounds=backgrounds,
     )
     logger.info("%d images written to %s", len(written), args.output)

@@ -27,13 +27,20 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument("--sd-repo", help="a mirror of stabilityai/stable-diffusion-2-1-base")
             p.add_argument("--all", action="store_true", help="also optional files")
             p.add_argument("--train", action="store_true", help="also the training loss networks")
+            p.add_argument(
+                "--background", action="store_true", help="also Real-ESRGAN x2/x4 (background)"
+            )
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:
     from weights.fetch import fetch
 
     fetched = fetch(
-        args.dir, include_optional=args.all, include_train=args.train, sd_repo=args.sd_repo
+        args.dir,
+        include_optional=args.all,
+        include_train=args.train,
+        include_background=args.background,
+        sd_repo=args.sd_repo,
     )
     logger.info("%d files fetched into %s", len(fetched), args.dir)
     return 0

@@ -36,7 +36,7 @@ class ManifestEntry:
     hf_file: str | None = None
     url: str | None = None
     optional: bool = False
-    group: str = "serve"  # "train": loss networks, only for `osdface train`
+    group: str = "serve"  # "train": loss networks for `osdface train`; "background": Real-ESRGAN
     note: str | None = None
 
     @property
@@ -81,13 +81,14 @@ def fetch(
     *,
     include_optional: bool = False,
     include_train: bool = False,
+    include_background: bool = False,
     sd_repo: str | None = None,
 ) -> list[Path]:
     """Download every manifest file missing under `root`; verify every checksum known."""
+    groups = {"serve"} | ({"train"} if include_train else set())
+    groups |= {"background"} if include_background else set()
     entries = [
-        e
-        for e in load_manifest()
-        if (include_optional or not e.optional) and (include_train or e.group == "serve")
+        e for e in load_manifest() if (include_optional or not e.optional) and e.group in groups
     ]
     if sd_repo:
         entries = [_with_repo(e, sd_repo) for e in entries]
