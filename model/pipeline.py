@@ -239,8 +239,8 @@ def finish_photo(
 ) -> PhotoResult:
     """Paste the restored faces, (F, 3, 512, 512) float in [0, 1] RGB, back and encode.
 
-    `background` is `make_background`'s result: (H * upscale, W * upscale, 3) uint8 RGB, or
-    None for a Lanczos resize of the photo.
+    `background` is `make_background`'s result: (H * upscale, W * upscale, 3) uint8 RGB (the
+    faces are pasted into it, in place), or None for a Lanczos resize of the photo.
     """
     image, options = prepared.image, prepared.options
     faces = _restored_to_numpy(restored, len(prepared.faces))
