@@ -103,6 +103,8 @@ class RestoreOptions:
                 f"quality must be an integer {MIN_QUALITY}..{MAX_QUALITY}, got {self.quality}"
             )
         fmt = normalize_format(self.output_format) if self.output_format else None
+        if fmt is not None and fmt not in writable_formats():
+            raise InvalidInputError(f"this build has no {fmt} encoder")
         return replace(self, strength=float(self.strength), output_format=fmt)
 
 

@@ -219,3 +219,11 @@ def test_http_background_runs_on_the_worker_at_its_scale(client: TestClient, upr
     assert info["model"]["backgrounds"]["realesrgan-x2"]["scale"] == 2
     refused = post(client, buf.getvalue(), background="realesrgan-x4")
     assert refused.status_code == 422 and "not loaded" in refused.json()["error"]["message"]
+
+
+def test_asking_for_a_format_without_encoder_is_refused(monkeypatch) -> None:
+    from model.errors import InvalidInputError
+
+    monkeypatch.setattr("model.pipeline.writable_formats", lambda: {"jpeg", "png", "webp"})
+    with pytest.raises(InvalidInputError, match="no heic encoder"):
+        RestoreOptions(output_format="heif").validated()
