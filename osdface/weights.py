@@ -67,11 +67,15 @@ def _weights_merge(args: argparse.Namespace) -> int:
 
 
 def _weights_verify(args: argparse.Namespace) -> int:
+    from model.background import BackgroundUpscaler
     from model.restorer import OSDFaceRestorer
+    from weights.background import present_backgrounds
     from weights.fetch import verify
 
     for path, digest in verify(args.dir).items():
         print(f"{digest}  {path}")  # noqa: T201 - the command's output
     OSDFaceRestorer.from_pretrained(args.dir)
+    for name in present_backgrounds(args.dir):
+        BackgroundUpscaler.from_pretrained(args.dir, name)
     logger.info("all weights load strictly")
     return 0

@@ -272,3 +272,25 @@ def test_background_not_loaded_is_an_input_error(photo, detector) -> None:
         make_background(prepared, {})
     with pytest.raises(InvalidInputError, match="background must be one of"):
         RestoreOptions(background="bicubic").validated()
+
+
+# --- fetching ----------------------------------------------------------------------------------
+
+
+def test_fetch_background_names_the_files_and_checks_them(tmp_path: Path, monkeypatch) -> None:
+    from model.errors import ChecksumMismatchError, WeightsNotFoundError
+    from weights.fetch import fetch, load_manifest, verify
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotFoundError) as err:
+        fetch(tmp_path, include_background=True)
+    for name in ("RealESRGAN_x2plus.pth", "RealESRGAN_x4plus.pth"):
+        assert f"realesrgan/{name}" in str(err.value)
+    with pytest.raises(WeightsNotFoundError) as err:
+        fetch(tmp_path)
+    assert "realesrgan" not in str(err.value)  # only with --background
+    entries = [e for e in load_manifest() if e.group == "background"]
+    assert len(entries) == 2 and all(e.sha256 and len(e.sha256) == 64 for e in entries)
+    write_tiny_realesrgan(tmp_path, "realesrgan-x4")  # not the released bytes
+    with pytest.raises(ChecksumMismatchError, match="RealESRGAN_x4plus"):
+        verify(tmp_path, entries)

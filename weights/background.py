@@ -64,6 +64,19 @@ def released_path(root: Path, name: str) -> Path:
     return root / FOLDER / RELEASED[name][0]
 
 
+def present_backgrounds(root: Path) -> list[str]:
+    """The networks whose released or converted file is in the weights folder `root`."""
+    return [
+        name
+        for name in RELEASED
+        if any(p.is_file() for p in (released_path(root, name), _converted(root, name)))
+    ]
+
+
+def _converted(root: Path, name: str) -> Path:
+    return released_path(root, name).with_suffix(".safetensors")
+
+
 def expected_shapes(num_blocks: int, features: int, in_channels: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Real-ESRGAN RRDBNet file (BasicSR names), with its shape."""
     shapes: dict[str, tuple[int, ...]] = {}
