@@ -28,6 +28,7 @@ from model.errors import InvalidInputError
 from weights.background import BackgroundNet, load_background_net
 
 MAX_ALIGN = 2  # the largest pixel-unshuffle factor of the networks (x2)
+MIN_SIDE = 8  # smaller windows (tiny photos) are edge-padded to this, and cropped after
 
 
 @dataclass(frozen=True)
@@ -147,9 +148,14 @@ class BackgroundUpscaler:
     def _run(self, rgb: np.ndarray, group: list[Window]) -> np.ndarray:
         """Windows of one size -> (B, h * s, w * s, 3) uint8 at the network's scale `s`."""
         crops = np.stack([rgb[w.win_y[0] : w.win_y[1], w.win_x[0] : w.win_x[1]] for w in group])
+        height, width = crops.shape[1:3]
+        if min(height, width) < MIN_SIDE:  # the x2 unshuffle's reflect padding needs pixels
+            grow = ((0, 0), (0, max(0, MIN_SIDE - height)), (0, max(0, MIN_SIDE - width)), (0, 0))
+            crops = np.pad(crops, grow, mode="edge")
         x = torch.from_numpy(crops).to(self.device).permute(0, 3, 1, 2)  # (B, 3, h, w) uint8
         y = self.net.module(x.to(self.dtype).div_(255.0))  # (B, 3, h * s, w * s) in ~[0, 1]
         y = y.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+        y = y[:, :, : height * self.scale, : width * self.scale]
         return y.permute(0, 2, 3, 1).cpu().numpy()
 
     def describe(self) -> dict:

@@ -148,6 +148,15 @@ def test_x4_file_under_the_x2_name_is_refused(tmp_path: Path) -> None:
         BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x2")
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_photos_are_upscaled_too(weights, name) -> None:
+    up = BackgroundUpscaler.from_pretrained(weights[0], name)
+    for height, width in ((1, 5), (3, 3), (7, 2)):
+        rgb = np.full((height, width, 3), 120, np.uint8)
+        out = up(rgb, 3)
+        assert out.shape == (height * 3, width * 3, 3) and out.dtype == np.uint8
+
+
 # --- tiles -------------------------------------------------------------------------------------
 
 
