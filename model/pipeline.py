@@ -82,7 +82,7 @@ class RestoreOptions:
     strength: float = 1.0  # 1 = fully restored, 0 = the original
     upscale: int | None = None  # MIN_UPSCALE..MAX_UPSCALE; None: the background network's scale
     background: BackgroundName = "none"  # "none" (Lanczos) or a Real-ESRGAN network
-    output_format: str | None = None  # jpeg, png, webp; None = the input's
+    output_format: str | None = None  # jpeg, png, webp, heic, avif; None: see output_format()
     quality: int = 95  # MIN_QUALITY..MAX_QUALITY, for JPEG and lossy WebP
 
     def validated(self) -> RestoreOptions:
