@@ -5,44 +5,39 @@ through the real loader (restricted unpickler, key checks, spandrel); a real pho
 assets is resized to each size and upscaled in tiles with the service's settings. `tiny` is the
 test architecture (8 features, 1 block); `full` is the released one (64 features, 23 blocks).
 
-    python bench/background.py --arch tiny --sizes 512x512,1024x1024
-    python bench/background.py --arch full --sizes 128x128 --nets realesrgan-x4
-    python bench/background.py --device cuda --dtype float16 --arch full --sizes 1024x1024
+    python -m bench.background --arch tiny --sizes 512x512,1024x1024
+    python -m bench.background --arch full --sizes 128x128 --nets realesrgan-x4
+    python -m bench.background --device cuda --dtype float16 --arch full --sizes 1024x1024
 """
 
 from __future__ import annotations
 
+import argparse
+import os
+import platform
+import statistics
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from model.background import BackgroundUpscaler, TileSettings, plan_windows
+from model.device import resolve_device, resolve_dtype
+from tests.tiny_realesrgan import write_tiny_realesrgan
+
 REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    sys.path[0] = str(REPO)  # bench/model.py must not shadow the `model` package
-
-import argparse  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from model.background import BackgroundUpscaler, TileSettings, plan_windows  # noqa: E402
-from model.device import resolve_device, resolve_dtype  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from tests.tiny_realesrgan import write_tiny_realesrgan  # noqa: E402
-
 ARCHS = {"tiny": {"features": 8, "blocks": 1}, "full": {"features": 64, "blocks": 23}}
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 DEFAULT_PHOTO = DEFAULT_ASSETS / "images/gfpgan/whole_imgs/00.jpg"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = Settings()
+    defaults = TileSettings()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", choices=sorted(ARCHS), default="tiny")
     p.add_argument("--nets", default="realesrgan-x2,realesrgan-x4")
@@ -50,9 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--photo", type=Path, default=DEFAULT_PHOTO)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
-    p.add_argument("--tile", type=int, default=defaults.background_tile)
-    p.add_argument("--overlap", type=int, default=defaults.background_tile_overlap)
-    p.add_argument("--batch", type=int, default=defaults.background_tile_batch)
+    p.add_argument("--tile", type=int, default=defaults.tile)
+    p.add_argument("--overlap", type=int, default=defaults.overlap)
+    p.add_argument("--batch", type=int, default=defaults.batch)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after one warm-up")
     return p.parse_args(argv)
@@ -91,14 +86,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {device} {dtype}"
     )
-    print(f"`python bench/background.py {' '.join(sys.argv[1:])}`\n")
+    print(f"`python -m bench.background {' '.join(sys.argv[1:])}`\n")
     print("| net | arch | input | windows | s wall | s CPU | s/MP in, wall | s/MP in, CPU ", end="")
     print("| s/MP out, CPU |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in args.nets.split(","):
         write_tiny_realesrgan(root, name, **ARCHS[args.arch])
         up = BackgroundUpscaler.from_pretrained(root, name, device, dtype, tiles)
-        (root / "realesrgan" / f"RealESRGAN_x{up.scale}plus.safetensors").unlink()
         for size in args.sizes.split(","):
             width, height = (int(v) for v in size.split("x"))
             rgb = cv2.resize(photo, (width, height), interpolation=cv2.INTER_AREA)

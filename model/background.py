@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 import torch
 
+from model.config import TileConfig
 from model.errors import InvalidInputError
 from weights.background import BackgroundNet, load_background_net
 
@@ -32,12 +33,8 @@ MIN_SIDE = 8  # smaller windows (tiny photos) are edge-padded to this, and cropp
 
 
 @dataclass(frozen=True)
-class TileSettings:
-    """Input pixels per window side, context pixels around each core, windows per call."""
-
-    tile: int = 256
-    overlap: int = 16
-    batch: int = 1
+class TileSettings(TileConfig):
+    """`TileConfig`, checked: input pixels per window side, context, windows per call."""
 
     def __post_init__(self) -> None:
         if self.overlap < 0 or self.batch < 1 or self.tile <= 2 * self.overlap + MAX_ALIGN:

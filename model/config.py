@@ -33,6 +33,15 @@ BACKGROUNDS: tuple[str, ...] = get_args(BackgroundName)
 
 
 @dataclass(frozen=True)
+class TileConfig:
+    """Background tiles: input pixels per side, context around each core, tiles per call."""
+
+    tile: int = 256
+    overlap: int = 16
+    batch: int = 1
+
+
+@dataclass(frozen=True)
 class DetectorConfig:
     """Which face detector, and what it counts as a face (model/faces/detect.py)."""
 

@@ -138,7 +138,9 @@ def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, 
     detector = FaceDetector.from_config(args.weights, DetectorConfig(name=args.detector), device)
     names = [] if args.background == "none" else [args.background]
     device, dtype = restorer.device, restorer.dtype  # the background runs beside the restorer
-    backgrounds = {n: BackgroundUpscaler.from_pretrained(args.weights, n, device, dtype) for n in names}
+    backgrounds = {
+        n: BackgroundUpscaler.from_pretrained(args.weights, n, device, dtype) for n in names
+    }
     written = restore_files(
         files,
         args.output,

@@ -43,15 +43,23 @@ def _weights_fetch(args: argparse.Namespace) -> int:
         sd_repo=args.sd_repo,
     )
     logger.info("%d files fetched into %s", len(fetched), args.dir)
+    if args.background:  # ready to load: the pickles converted to safetensors, without pickle
+        from weights.background import RELEASED, convert_background
+
+        for name in RELEASED:
+            convert_background(args.dir, name)
     return 0
 
 
 def _weights_convert(args: argparse.Namespace) -> int:
     from model.config import OSDFaceConfig
+    from weights.background import convert_background, present_backgrounds
     from weights.convert import convert_released
     from weights.layout import WeightsLayout
 
     layout = WeightsLayout(args.dir)
+    for name in present_backgrounds(args.dir):
+        convert_background(args.dir, name)
     convert_released(layout, OSDFaceConfig.load(layout.osdface))
     return 0
 

@@ -20,6 +20,7 @@ from model.config import (
     Device,
     DType,
     LatentMode,
+    TileConfig,
 )
 from model.fastpath.config import FastPathConfig
 
@@ -104,12 +105,14 @@ class Settings(BaseSettings):
         "come from `osdface weights fetch --background`",
     )
     background_tile: PositiveInt = Field(
-        256, description="input pixels per tile side; memory grows with its square"
+        TileConfig.tile, description="input pixels per tile side; memory grows with its square"
     )
     background_tile_overlap: int = Field(
-        16, ge=0, description="context pixels around each tile, hiding the seams"
+        TileConfig.overlap, ge=0, description="context pixels around each tile, hiding the seams"
     )
-    background_tile_batch: PositiveInt = Field(1, description="tiles per network call")
+    background_tile_batch: PositiveInt = Field(
+        TileConfig.batch, description="tiles per network call"
+    )
 
     @field_validator("weights_dir")
     @classmethod

@@ -22,12 +22,18 @@ from PIL import Image
 
 from model.background import BackgroundUpscaler, TileSettings, axis_windows, plan_windows
 from model.codecs.formats import ImageLimits
-from model.errors import InvalidInputError, StateDictMismatchError, WeightsError
+from model.errors import (
+    InvalidInputError,
+    StateDictMismatchError,
+    WeightsError,
+    WeightsNotFoundError,
+)
 from model.faces.align import FACE_SIZE
 from model.faces.detect import FaceDetector
 from model.pipeline import RestoreOptions, finish_photo, make_background, prepare_photo
 from tests.tiny_realesrgan import released_keys, tiny_rrdbnet, write_tiny_realesrgan
-from weights.background import released_path
+from weights.background import convert_background, released_path
+from weights.layout import sha256_file
 
 LIMITS = ImageLimits(max_bytes=20_000_000, max_pixels=40_000_000, max_output_pixels=64_000_000)
 NAMES = ("realesrgan-x2", "realesrgan-x4")
@@ -83,19 +89,18 @@ def test_released_file_loads_and_reproduces_the_written_network(weights, photo, 
     assert out.std() > 5  # not a constant image
 
 
-def test_pickle_is_read_once_then_safetensors(tmp_path: Path, photo) -> None:
-    module = write_tiny_realesrgan(tmp_path, "realesrgan-x4", seed=3)
-    first = BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")
-    converted = released_path(tmp_path, "realesrgan-x4").with_suffix(".safetensors")
-    assert converted.is_file() and set(first.net.files) == {
-        "realesrgan/RealESRGAN_x4plus.pth",
-        "realesrgan/RealESRGAN_x4plus.safetensors",
-    }
-    released_path(tmp_path, "realesrgan-x4").unlink()  # later loads need no pickle at all
-    again = BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")
+def test_loading_reads_only_the_converted_file(tmp_path: Path, photo) -> None:
+    module = write_tiny_realesrgan(tmp_path, "realesrgan-x4", seed=3, convert=False)
+    with pytest.raises(WeightsNotFoundError, match="osdface weights convert"):
+        BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")  # loading never unpickles
+    converted = convert_background(tmp_path, "realesrgan-x4")
+    released_path(tmp_path, "realesrgan-x4").unlink()
+    up = BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")
+    assert up.net.files == {"realesrgan/RealESRGAN_x4plus.safetensors": sha256_file(converted)}
     crop = photo[:40, :48].copy()
-    assert np.array_equal(again(crop, 4), first(crop, 4))
-    assert np.abs(again(crop, 4).astype(int) - reference(module, crop)).max() <= 1
+    assert np.abs(up(crop, 4).astype(int) - reference(module, crop)).max() <= 1
+    with pytest.raises(WeightsNotFoundError, match="fetch --background"):
+        BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x2")
 
 
 class _Payload:
@@ -115,11 +120,11 @@ def test_pickled_code_in_a_pth_is_never_executed(tmp_path: Path) -> None:
     target.parent.mkdir(parents=True)
     state = released_keys(net, blocks=1)
     torch.save({"params_ema": state, "hook": _Payload(marker)}, target)
-    BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")  # loads; payload skipped
-    target.with_suffix(".safetensors").unlink()
+    convert_background(tmp_path, "realesrgan-x4")  # the tensors are read, the payload skipped
+    BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")
     torch.save({"params_ema": _Payload(marker)}, target)
     with pytest.raises(WeightsError, match="params_ema"):
-        BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")
+        convert_background(tmp_path, "realesrgan-x4")
     assert not marker.exists()
 
 
@@ -137,7 +142,7 @@ def test_key_and_shape_errors_name_the_tensor(tmp_path: Path, damage: str) -> No
     torch.save({"params_ema": state}, target)
     expected = {"missing": "conv_hr.bias", "unexpected": "conv_extra.weight"}
     with pytest.raises(StateDictMismatchError, match=expected.get(damage, "conv_up1.weight")):
-        BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x4")
+        convert_background(tmp_path, "realesrgan-x4")
 
 
 def test_x4_file_under_the_x2_name_is_refused(tmp_path: Path) -> None:
@@ -145,7 +150,7 @@ def test_x4_file_under_the_x2_name_is_refused(tmp_path: Path) -> None:
     target.parent.mkdir(parents=True)
     torch.save({"params_ema": released_keys(tiny_rrdbnet(4), blocks=1)}, target)
     with pytest.raises(StateDictMismatchError, match=r"conv_first\.weight"):
-        BackgroundUpscaler.from_pretrained(tmp_path, "realesrgan-x2")
+        convert_background(tmp_path, "realesrgan-x2")
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,8 +2,9 @@
 
 spandrel's RRDBNet is built small (few features, one or two blocks), its old-style keys are
 renamed here, by hand, to the BasicSR names the released files use, and the result is saved
-with `torch.save({"params_ema": state})` like `RealESRGAN_x{2,4}plus.pth`. The module itself is
-returned too, as the reference the loaded network must reproduce.
+with `torch.save({"params_ema": state})` like `RealESRGAN_x{2,4}plus.pth`, then converted by the
+real `convert_background` (as `osdface weights convert` does). The module itself is returned
+too, as the reference the loaded network must reproduce.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from spandrel.architectures.ESRGAN import ESRGAN
 from torch import nn
 
-from weights.background import FOLDER, RELEASED
+from weights.background import FOLDER, RELEASED, convert_background
 
 
 def tiny_rrdbnet(scale: int, *, features: int = 8, blocks: int = 1, seed: int = 0) -> nn.Module:
@@ -58,12 +59,20 @@ def released_keys(module: nn.Module, blocks: int) -> dict[str, torch.Tensor]:
 
 
 def write_tiny_realesrgan(
-    root: Path, name: str, *, features: int = 8, blocks: int = 1, seed: int = 0
+    root: Path,
+    name: str,
+    *,
+    features: int = 8,
+    blocks: int = 1,
+    seed: int = 0,
+    convert: bool = True,
 ) -> nn.Module:
-    """Write `<root>/realesrgan/RealESRGAN_x?plus.pth`; return the reference module."""
+    """Write `<root>/realesrgan/RealESRGAN_x?plus.pth` (and convert it); the reference module."""
     filename, scale = RELEASED[name]
     net = tiny_rrdbnet(scale, features=features, blocks=blocks, seed=seed)
     target = root / FOLDER / filename
     target.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"params_ema": released_keys(net, blocks)}, target)
+    if convert:
+        convert_background(root, name)
     return net

@@ -1,13 +1,14 @@
 """Real-ESRGAN weight files for background super-resolution: read without pickle, checked, built.
 
 The released files (`RealESRGAN_x2plus.pth`, `RealESRGAN_x4plus.pth`) are `torch.save` pickles
-holding `{"params_ema": state_dict}` in BasicSR's RRDBNet key layout. They are read once through
-the restricted unpickler (`weights.pickle_safe`, nothing pickled is executed), their keys and
-shapes checked against the layout the architecture implies, and saved beside them as
-`.safetensors`; later loads read only the safetensors. spandrel builds the network from the
-checked state dict (`ModelLoader().load_from_state_dict`), so no RRDBNet code lives here.
+holding `{"params_ema": state_dict}` in BasicSR's RRDBNet key layout. `osdface weights convert`
+(and `fetch --background`) reads them through the restricted unpickler (`weights.pickle_safe`,
+nothing pickled is executed), checks their keys and shapes against the layout the architecture
+implies, and saves them beside as `.safetensors`. Loading reads only the safetensors, checks
+them again, and hands them to spandrel (`ModelLoader().load_from_state_dict`), which builds the
+network: no RRDBNet code lives here.
 
-Layout: `<weights>/realesrgan/RealESRGAN_x{2,4}plus.pth` (+ `.safetensors` written on first load).
+Layout: `<weights>/realesrgan/RealESRGAN_x{2,4}plus.pth` and the `.safetensors` converted from it.
 """
 
 from __future__ import annotations
@@ -131,26 +132,39 @@ def read_released(path: Path) -> dict[str, torch.Tensor]:
     raise WeightsError(f"{path}: no {' or '.join(STATE_KEYS)} state dict inside")
 
 
-def load_background_net(
-    root: Path, name: str, device: torch.device, dtype: torch.dtype
-) -> BackgroundNet:
-    """Load `name` ('realesrgan-x2' / 'realesrgan-x4') from the weights folder `root`, strictly."""
+def convert_background(root: Path, name: str) -> Path:
+    """The released `.pth` of `name` -> checked `.safetensors` beside it (no pickled code runs)."""
     pth = released_path(root, name)
-    converted = pth.with_suffix(".safetensors")
-    scale = RELEASED[name][1]
-    if converted.is_file():
-        state = read_safetensors(converted)
-        check_released_state(f"{name} ({converted})", state, scale)
-    elif pth.is_file():
-        state = read_released(pth)
-        check_released_state(f"{name} ({pth})", state, scale)
-        _save_converted(state, converted, pth)
-    else:
+    if not pth.is_file():
         raise WeightsNotFoundError(
             f"{pth} is missing: run `osdface weights fetch --background --dir {root}`"
         )
+    state = read_released(pth)
+    check_released_state(f"{name} ({pth})", state, RELEASED[name][1])
+    target = _converted(root, name)
+    metadata = {"source": json.dumps({pth.name: sha256_file(pth)})}
+    part = target.with_suffix(".safetensors.part")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(part), metadata=metadata)
+    os.replace(part, target)
+    logger.info("wrote %s (%d tensors)", target, len(state))
+    return target
+
+
+def load_background_net(
+    root: Path, name: str, device: torch.device, dtype: torch.dtype
+) -> BackgroundNet:
+    """Load `name` ('realesrgan-x2' / 'realesrgan-x4') from the weights folder `root`, strictly.
+
+    Only the converted safetensors are read; loading never unpickles.
+    """
+    converted, scale = _converted(root, name), RELEASED[name][1]
+    if not converted.is_file():
+        step = "convert" if released_path(root, name).is_file() else "fetch --background"
+        raise WeightsNotFoundError(f"{converted} is missing: run `osdface weights {step}`")
+    state = read_safetensors(converted)
+    check_released_state(f"{name} ({converted})", state, scale)
     net = _build(name, state, scale)
-    files = {str(p.relative_to(root)): sha256_file(p) for p in (converted, pth) if p.is_file()}
+    files = {str(converted.relative_to(root)): sha256_file(converted)}
     return BackgroundNet(name, net.to(device=device, dtype=dtype).eval(), scale, files)
 
 
@@ -168,16 +182,3 @@ def _build(name: str, state: dict[str, torch.Tensor], scale: int) -> nn.Module:
     if built != len(state):
         raise WeightsError(f"{name}: {len(state)} tensors in the file, {built} in the network")
     return descriptor.model
-
-
-def _save_converted(state: dict[str, torch.Tensor], target: Path, source: Path) -> None:
-    """Write the checked tensors as safetensors (atomically), so later loads skip the pickle."""
-    metadata = {"source": json.dumps({source.name: sha256_file(source)})}
-    part = target.with_suffix(".safetensors.part")
-    try:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(part), metadata=metadata)
-        os.replace(part, target)
-        logger.info("wrote %s (%d tensors)", target, len(state))
-    except OSError as exc:  # a read-only weights volume: carry on from memory
-        logger.warning("cannot write %s (%s); the .pth will be read again next time", target, exc)
-        part.unlink(missing_ok=True)
