@@ -150,6 +150,23 @@ def test_cli_restores_a_heic_upright(tmp_path: Path, tiny_weights_dir: Path, hei
     assert not np.array_equal(restored, decode_image(heic, LIMITS).rgb)  # faces restored
 
 
+def test_cli_background_upscales_with_the_network(tmp_path: Path, tiny_weights_dir: Path, upright):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for entry in tiny_weights_dir.iterdir():
+        (weights / entry.name).symlink_to(entry)
+    write_tiny_realesrgan(weights, "realesrgan-x2")
+    source = tmp_path / "photo.png"
+    Image.fromarray(upright[:232, :350]).save(source)
+    argv = ["restore", str(source), "-o", str(tmp_path / "out"), "--weights", str(weights)]
+    argv += ["--device", "cpu", "--detector", "retinaface_mobile0.25"]
+    assert main([*argv, "--background", "realesrgan-x2"]) == 0
+    with Image.open(tmp_path / "out/photo.png") as im:
+        assert im.size == (700, 464)  # the network's scale, by default
+    missing = [*argv[:3], str(tmp_path / "out4"), *argv[4:], "--background", "realesrgan-x4"]
+    assert main(missing) == 1  # not fetched: a clear error, exit 1
+
+
 # --- HTTP --------------------------------------------------------------------------------------
 
 
