@@ -89,6 +89,33 @@ class ImageEncodeError(OSDFaceError):
     """The processed image could not be written in the asked format (a server-side failure)."""
 
 
+# --- video ---------------------------------------------------------------------------------
+
+
+class VideoError(OSDFaceError):
+    """Base class for problems with a video file; the message names the file."""
+
+
+class VideoDecodeError(VideoError):
+    """The file is not a readable video container, or its stream is truncated or corrupt."""
+
+
+class NoVideoStreamError(VideoError):
+    """The container holds no video stream (audio only, subtitles, data)."""
+
+
+class UnsupportedVideoCodecError(VideoError):
+    """The video stream's codec is not on the allow-list, or this build cannot decode it."""
+
+
+class VideoEncodeError(OSDFaceError):
+    """The restored video could not be written (encoder or muxer failure; server-side)."""
+
+
+class VideoCancelledError(OSDFaceError):
+    """The caller asked the running video restore to stop; nothing was written."""
+
+
 # --- faces ---------------------------------------------------------------------------------
 
 

@@ -9,16 +9,18 @@ from typing import get_args
 
 from model.codecs.formats import FORMATS
 from model.config import BACKGROUNDS, DetectorConfig, DetectorName, DType, LatentMode
+from osdface import video
 from osdface.paths import default_weights_dir
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".avif")
+INPUT_SUFFIXES = IMAGE_SUFFIXES + video.VIDEO_SUFFIXES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("restore", help="restore faces in image files or folders")
-    p.add_argument("inputs", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("inputs", nargs="+", type=Path, help="image or video files, or folders")
     p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     p.add_argument("--weights", type=Path, default=default_weights_dir())
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 crops")
@@ -47,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality")
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
+    video.add_video_arguments(p)
     p.set_defaults(func=_restore)
 
 
@@ -54,7 +57,7 @@ def list_images(inputs: list[Path]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(p for p in item.iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
         elif item.is_file():
             files.append(item)
         else:
@@ -72,18 +75,23 @@ def _restore(args: argparse.Namespace) -> int:
         logger.error("--background needs whole photos, not --aligned crops")
         return 2
     files = list_images(args.inputs)
-    if not files:
-        logger.error("no images found in %s", [str(p) for p in args.inputs])
+    videos = [f for f in files if video.is_video(f)]
+    files = [f for f in files if not video.is_video(f)]
+    if not files and not videos:
+        logger.error("no images or videos found in %s", [str(p) for p in args.inputs])
         return 1
+    if videos:
+        video.video_options(args)  # bad video flags fail before the weights load
     restorer = OSDFaceRestorer.from_pretrained(
         args.weights, device, dtype, merge_lora=not args.no_merge, latent=args.latent
     )
     args.output.mkdir(parents=True, exist_ok=True)
-    if args.aligned:
+    if args.aligned and files:
         restore_aligned(files, args.output, restorer, args.batch_size, args.latent, args.seed)
-    else:
+    elif files:
         restore_whole_photos(args, files, restorer, device)
-    return 0
+    failed = video.restore_videos(args, videos, restorer, device) if videos else 0
+    return 1 if failed else 0
 
 
 def restore_aligned(
