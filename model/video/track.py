@@ -26,10 +26,10 @@ class SmoothingConfig:
     """One-euro parameters in frames and face sizes; `enabled=False` passes landmarks through."""
 
     enabled: bool = True
-    min_cutoff: float = 0.05  # cycles per frame while still (1.5 Hz at 30 fps)
-    beta: float = 40.0  # cut-off rise per (face size per frame) of speed
-    d_cutoff: float = 0.3  # cycles per frame for the speed estimate
-    dead_band: float = 0.004  # fraction of the face size under which the output holds still
+    min_cutoff: float = 0.02  # cycles per frame while still (0.6 Hz at 30 fps)
+    beta: float = 10.0  # cut-off rise per (face size per frame) of speed
+    d_cutoff: float = 0.1  # cycles per frame for the speed estimate
+    dead_band: float = 0.01  # fraction of the face size under which the output holds still
     iou_threshold: float = 0.3  # a detection continues a track when the boxes overlap this much
     max_missed: int = 5  # frames a track survives without a detection
 

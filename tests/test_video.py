@@ -1,0 +1,249 @@
+"""Video in, video out: the real CLI on a clip made from the real photos, tracking, bad input.
+
+Clips are small (256x170, a few dozen frames) and the weights tiny; the real mobile0.25
+RetinaFace finds the faces. References are independent of the code under test: the input
+clip's own packets, timestamps and pixels, read back with PyAV.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from model.errors import NoVideoStreamError, UnsupportedVideoCodecError, VideoDecodeError
+from model.faces.align import align_face
+from model.faces.detect import FaceDetector, select_faces
+from model.video.io import VideoSource
+from model.video.restore import VideoOptions, restore_video
+from model.video.track import FaceTracker, OneEuroFilter, SmoothingConfig, box_iou
+from tests.video_helpers import clip_facts, decoded_frames, photo_frame, write_clip
+
+REPO = Path(__file__).resolve().parents[1]
+FRAMES = 12  # two faces each: 24 faces, 3 restorer calls of 8
+
+
+def noisy_copies(rgb: np.ndarray, count: int, seed: int = 0) -> list[np.ndarray]:
+    """A still scene: the same photo with +-2 levels of fresh noise per frame (sensor noise)."""
+    rng = np.random.default_rng(seed)
+    noise = [rng.integers(-2, 3, rgb.shape) for _ in range(count)]
+    return [np.clip(rgb.astype(np.int16) + n, 0, 255).astype(np.uint8) for n in noise]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # On a shared 2-core machine, one thread per process is far faster than two competing.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_weights_dir: Path) -> FaceDetector:
+    return FaceDetector.load(tiny_weights_dir, "retinaface_mobile0.25", torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def still_clip(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    path = tmp_path_factory.mktemp("clips") / "still.mp4"
+    write_clip(path, noisy_copies(photo_frame(assets), FRAMES), fps=25, rotation=90)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights_dir: Path, still_clip: Path):
+    """One real `osdface restore` over a folder: the clip, a photo, and a truncated clip."""
+    folder = tmp_path_factory.mktemp("inputs")
+    (folder / "clip.mp4").write_bytes(still_clip.read_bytes())
+    data = still_clip.read_bytes()
+    (folder / "broken.mp4").write_bytes(data[: len(data) // 2])
+    first = decoded_frames(still_clip)[0]
+    cv2.imwrite(str(folder / "photo.png"), first[..., ::-1])  # BGR for cv2
+    out = tmp_path_factory.mktemp("out")
+    command = [sys.executable, "-m", "osdface", "restore", str(folder), "-o", str(out)]
+    command += ["--weights", str(tiny_weights_dir), "--detector", "retinaface_mobile0.25"]
+    command += ["--device", "cpu", "--batch-size", "8", "--crf", "12"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    return folder, out, result
+
+
+def test_cli_keeps_frames_rate_size_duration_audio_and_rotation(cli_run, still_clip) -> None:
+    _, out, result = cli_run
+    assert (out / "clip.mp4").is_file(), result.stderr[-3000:]
+    src, dst = clip_facts(still_clip), clip_facts(out / "clip.mp4")
+    assert dst.frames == src.frames == FRAMES
+    assert (dst.rate, dst.width, dst.height) == (src.rate, src.width, src.height)
+    assert dst.time_base == src.time_base and dst.video_pts == src.video_pts
+    assert dst.duration_s == pytest.approx(src.duration_s, abs=1e-3)
+    assert src.audio_packets and dst.audio_packets == src.audio_packets  # bytes equal
+    assert src.rotation == dst.rotation == 90
+
+
+def test_cli_restores_faces_in_every_frame_and_leaves_the_rest(cli_run, detector) -> None:
+    folder, out, _ = cli_run
+    before = decoded_frames(folder / "clip.mp4")
+    after = decoded_frames(out / "clip.mp4")
+    for k, (src, dst) in enumerate(zip(before, after, strict=True)):
+        faces = detector.detect(src)
+        assert len(faces) == 2, f"frame {k}: the clip has two faces"
+        far = np.ones(src.shape[:2], bool)
+        for face in faces:
+            x1, y1, x2, y2 = (round(v) for v in face.box)
+            inner = (slice(y1 + 4, y2 - 4), slice(x1 + 4, x2 - 4))
+            diff = np.abs(src[inner].astype(int) - dst[inner].astype(int)).mean()
+            assert diff > 8, f"frame {k}: face {face.box} not restored (mean diff {diff:.1f})"
+            w, h = x2 - x1, y2 - y1
+            far[max(0, y1 - 2 * h) : y2 + 2 * h, max(0, x1 - 2 * w) : x2 + 2 * w] = False
+        if far.any():  # re-encoding at CRF 12 moves far pixels by a level or two, no more
+            rest = np.abs(src[far].astype(int) - dst[far].astype(int)).mean()
+            assert rest < 3, f"frame {k}: pixels far from faces changed by {rest:.1f}"
+
+
+def test_cli_mixed_folder_one_bad_file_does_not_stop_the_others(cli_run) -> None:
+    folder, out, result = cli_run
+    assert result.returncode == 1, "a failed file makes the exit code non-zero"
+    assert (out / "clip.mp4").is_file() and (out / "photo.png").is_file()
+    assert not (out / "broken.mp4").exists()
+    assert not [p for p in out.iterdir() if "partial" in p.name], "no half-written file"
+    assert "broken.mp4" in result.stderr
+    assert (folder / "clip.mp4").read_bytes()[:4], "inputs untouched"
+
+
+def test_still_face_crops_do_not_move(still_clip, detector) -> None:
+    """Real detections on a still clip: smoothed crops are identical; raw ones jitter."""
+    frames = decoded_frames(still_clip)
+
+    def affines(smoothing: SmoothingConfig) -> np.ndarray:
+        tracker, out = FaceTracker(smoothing), []
+        for rgb in frames:
+            faces = select_faces(detector.detect(rgb), rgb.shape[1], rgb.shape[0])
+            tracked = sorted(tracker.update(faces), key=lambda t: t.track_id)
+            out.append([align_face(rgb, t.landmarks)[1] for t in tracked])
+        return np.array(out)  # (frames, faces, 2, 3)
+
+    smooth, raw = affines(SmoothingConfig()), affines(SmoothingConfig(enabled=False))
+    assert np.abs(np.diff(smooth, axis=0)).max() == 0.0, "a still face's crop moved"
+    assert np.abs(np.diff(raw, axis=0)).max() > 0.0, "raw landmarks jitter (test is sensitive)"
+
+
+def test_one_euro_still_noise_held_and_motion_followed() -> None:
+    rng = np.random.default_rng(1)
+    base = rng.uniform(100, 170, (5, 2))
+    still = OneEuroFilter(SmoothingConfig())
+    held = [still(base + rng.normal(0, 0.3, (5, 2)), 70.0) for _ in range(60)]
+    assert np.abs(np.diff(held[5:], axis=0)).max() == 0.0
+    assert np.abs(held[-1] - base).max() < 1.0
+    for speed in (0.5, 2.0, 6.0):  # pixels per frame
+        moving, lags = OneEuroFilter(SmoothingConfig()), []
+        for t in range(60):
+            true = base + np.array([speed * t, 0.0])
+            lags.append((true - moving(true + rng.normal(0, 0.3, (5, 2)), 70.0))[:, 0].mean())
+        assert np.mean(lags[20:]) / speed < 2.0, f"lag over 2 frames at {speed} px/frame"
+
+
+def test_tracker_keeps_ids_across_order_changes_and_drops_lost_faces() -> None:
+    from model.faces.detect import DetectedFace
+
+    def face(x: float) -> DetectedFace:
+        points = tuple(
+            (x + dx, 50.0 + dy) for dx, dy in ((10, 10), (30, 10), (20, 20), (12, 30), (28, 30))
+        )
+        return DetectedFace((x, 40.0, x + 40, 90.0), points, 0.99)
+
+    tracker = FaceTracker(SmoothingConfig(max_missed=2))
+    a, b = tracker.update([face(0), face(100)])
+    swapped = tracker.update([face(102), face(1)])
+    assert [t.track_id for t in swapped] == [b.track_id, a.track_id]
+    for _ in range(3):
+        tracker.update([face(103)])
+    assert [t.id for t in tracker.tracks] == [b.track_id]
+    assert tracker.update([face(0)])[0].track_id not in (a.track_id, b.track_id)
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
+
+
+def test_start_and_duration_cut_video_and_audio(tmp_path: Path, detector) -> None:
+    rng = np.random.default_rng(2)
+    frames = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(50)]
+    src = tmp_path / "noise.mkv"
+    write_clip(src, frames, fps=25)
+    options = VideoOptions(start_s=0.4, duration_s=0.8)
+    result = restore_video(src, tmp_path / "out.mkv", detector, _never, options)
+    facts = clip_facts(result.path)
+    assert result.frames == facts.frames == 20
+    assert facts.video_pts[0] == 0, "the piece starts at time 0"
+    full = clip_facts(src)
+    assert 0 < len(facts.audio_packets) < len(full.audio_packets)
+    assert all(p in full.audio_packets for p in facts.audio_packets), "audio bytes unchanged"
+
+
+def _never(crops: torch.Tensor) -> torch.Tensor:
+    raise AssertionError("no face, so the restorer must not be called")
+
+
+def test_bad_inputs_raise_specific_errors_naming_the_file(tmp_path: Path, still_clip) -> None:
+    data = still_clip.read_bytes()
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage = tmp_path / "garbage.mkv"
+    garbage.write_bytes(b"\x1a\x45\xdf\xa3" + bytes(1000))
+    audio_only = tmp_path / "audio.mp4"
+    _write_audio_only(audio_only)
+    lossless = tmp_path / "ffv1.mkv"
+    write_clip(lossless, [np.zeros((32, 32, 3), np.uint8)] * 3, audio=False, codec="ffv1")
+    cases = [
+        (truncated, VideoDecodeError),
+        (garbage, VideoDecodeError),
+        (audio_only, NoVideoStreamError),
+        (lossless, UnsupportedVideoCodecError),
+    ]
+    for path, error in cases:
+        target = tmp_path / f"out-{path.name}"
+        with pytest.raises(error, match=path.name):
+            restore_video(path, target, None, _never, VideoOptions())  # type: ignore[arg-type]
+        assert not target.exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def _write_audio_only(path: Path) -> None:
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        stream.layout = "mono"
+        block = av.AudioFrame.from_ndarray(
+            np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
+        )
+        block.sample_rate, block.pts = 16000, 0
+        out.mux(stream.encode(block))
+        out.mux(stream.encode(None))
+
+
+def test_memory_stays_flat_on_a_long_clip(tmp_path: Path, detector) -> None:
+    """2,000 tiny frames through the real streaming path: RSS does not grow with length."""
+    rng = np.random.default_rng(3)
+    # 96x128: holding every frame would add 1,600 x 36 KiB = 56 MiB, far over the bound.
+    frame = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    src = tmp_path / "long.mp4"
+    write_clip(src, (np.roll(frame, k, axis=1) for k in range(2000)), fps=50)
+    process, samples = psutil.Process(), []
+
+    def progress(p) -> None:
+        samples.append((p.frames, process.memory_info().rss))
+
+    options = VideoOptions(window_frames=16)
+    result = restore_video(src, tmp_path / "out.mp4", detector, _never, options, progress=progress)
+    assert result.frames == 2000
+    settled = [rss for frames, rss in samples if frames >= 400]
+    growth = (max(settled) - settled[0]) / 2**20
+    assert growth < 16, f"RSS grew {growth:.1f} MiB from frame 400 to 2000"
+    with VideoSource(result.path) as source:
+        assert source.info.frames == 2000
