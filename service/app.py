@@ -28,8 +28,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.faces.detect import FaceDetector
 from model.restorer import OSDFaceRestorer
-from service import routes, web
+from service import job_routes, routes, web
 from service.errors import error_body, install_error_handlers
+from service.jobs import JobManager
 from service.metrics import Metrics, status_class
 from service.settings import Settings
 from service.state import ServiceState
@@ -49,13 +50,17 @@ def create_app(
     settings = settings or Settings()
     metrics = Metrics()
     state = ServiceState(settings, metrics, restorer=restorer, detector=detector)
+    jobs = JobManager(settings, metrics.registry)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loader = asyncio.create_task(state.load(), name="osdface-load")
+        jobs_start = asyncio.create_task(jobs.start_after(loader, state), name="osdface-jobs")
         try:
             yield
         finally:
+            jobs_start.cancel()
+            await jobs.stop()
             state.begin_drain()
             if not loader.done():  # shut down while loading: the thread finishes on its own
                 loader.cancel()
@@ -71,14 +76,16 @@ def create_app(
     )
     app.state.service = state
     app.state.metrics = metrics
+    app.state.jobs = jobs
     install_error_handlers(app)
     app.include_router(routes.router)
+    app.include_router(job_routes.router)
     app.include_router(web.router)  # the browser page at GET /
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-Id"],
             expose_headers=[*routes.RESULT_HEADERS, "X-Request-Id", "Retry-After"],
         )

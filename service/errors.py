@@ -21,7 +21,10 @@ from model.errors import (
     ImageDecodeError,
     ImageTooLargeError,
     InvalidInputError,
+    NoVideoStreamError,
     UnsupportedFormatError,
+    UnsupportedVideoCodecError,
+    VideoDecodeError,
 )
 from service.batching import BatcherClosedError, QueueFullError
 
@@ -112,6 +115,9 @@ _MODEL_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
     (ImageTooLargeError, 413, "too_large"),
     (UnsupportedFormatError, 415, "unsupported_format"),
     (InvalidInputError, 422, "invalid_parameter"),
+    (VideoDecodeError, 400, "invalid_video"),
+    (NoVideoStreamError, 400, "invalid_video"),
+    (UnsupportedVideoCodecError, 415, "unsupported_format"),
 )
 
 _HTTP_TYPES = {

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -114,7 +115,27 @@ class Settings(BaseSettings):
         TileConfig.batch, description="tiles per network call"
     )
 
-    @field_validator("weights_dir")
+    # --- video jobs (video area; docs/video.md) ---------------------------------------------
+    jobs_dir: Path = Field(
+        Path(tempfile.gettempdir()) / "osdface-jobs",
+        description="folder for the uploaded and restored videos of /v1/jobs",
+    )
+    max_jobs: PositiveInt = Field(
+        8, description="video jobs kept at once (queued, running or finished); beyond it 429"
+    )
+    max_job_bytes: PositiveInt = Field(512 * 1024 * 1024, description="largest video upload")
+    max_job_frames: PositiveInt = Field(
+        54_000, description="most frames a video job may have (30 min at 30 fps)"
+    )
+    job_retention_s: float = Field(
+        3600.0, gt=0.0, description="finished jobs and their files are removed after this"
+    )
+    job_window_frames: PositiveInt = Field(
+        16, description="frames a video job holds at once; their faces share model calls"
+    )
+    job_crf: int = Field(18, ge=0, le=51, description="x264 quality of restored videos")
+
+    @field_validator("weights_dir", "jobs_dir")
     @classmethod
     def _expand(cls, v: Path) -> Path:
         return v.expanduser()

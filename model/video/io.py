@@ -153,7 +153,7 @@ class VideoSource:
         if self.start_s > 0:
             self._seek()
         origin_s: float | None = None if self.start_s > 0 else 0.0
-        decoded = 0
+        decoded, last_s = 0, 0.0
         try:
             for packet in self._container.demux(*streams):
                 if packet.stream is self.audio:
@@ -172,11 +172,11 @@ class VideoSource:
                         return
                     if origin_s is None:
                         origin_s = t
-                    decoded += 1
+                    decoded, last_s = decoded + 1, t
                     yield self._frame(frame, 0 if origin_s == 0.0 else round(origin_s / tb))
         except av.FFmpegError as exc:
             raise _fail(self.path, f"decoding failed after {decoded} frames", exc) from exc
-        self._check_complete(decoded)
+        self._check_complete(decoded, last_s)
 
     def _seek(self) -> None:
         target = int(self.start_s / self.video.time_base)
@@ -209,13 +209,21 @@ class VideoSource:
             )
         return Frame(rgb, frame.pts - shift, int(frame.duration or 0), _display_matrix(frame))
 
-    def _check_complete(self, decoded: int) -> None:
+    def _check_complete(self, decoded: int, last_s: float) -> None:
+        """A stream cut short decodes without error; the container's own counts tell."""
         if decoded == 0:
             raise _fail(self.path, "no video frame could be decoded in the asked range")
-        expected = self.info.frames
-        whole = self.start_s == 0.0 and self.end_s is None
-        if whole and expected and decoded < expected:
-            raise _fail(self.path, f"truncated: {decoded} of {expected} frames could be decoded")
+        info = self.info
+        if self.start_s > 0.0 or self.end_s is not None:
+            return
+        if info.frames and decoded < info.frames:
+            raise _fail(self.path, f"truncated: {decoded} of {info.frames} frames could be decoded")
+        slack = max(0.5, 3 / float(info.rate))  # audio may run a little past the video
+        if info.duration_s and last_s < info.duration_s - slack:
+            raise _fail(
+                self.path,
+                f"truncated: the video stops at {last_s:.2f} s of {info.duration_s:.2f} s",
+            )
 
     def close(self) -> None:
         self._container.close()

@@ -1,0 +1,280 @@
+"""HTTP endpoints of video jobs: POST /v1/jobs, GET /v1/jobs/{id}, its /result, DELETE.
+
+The upload is streamed to the job's folder through python-multipart and refused the moment it
+passes `max_job_bytes`; the file is probed (container, video stream, codec, frame count) before
+the 202, so bad input is a 4xx at once. A truncated stream can only be found while decoding:
+the job then ends `failed` with the error that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
+
+from model.errors import InvalidInputError
+from model.video.formats import VIDEO_SUFFIXES
+from model.video.io import VideoSource
+from model.video.restore import VideoOptions
+from service.errors import (
+    ClientDisconnectedError,
+    InvalidParameterError,
+    MalformedRequestError,
+    PayloadTooLargeError,
+    ServiceError,
+    TooManyRequestsError,
+    UnsupportedMediaTypeError,
+)
+from service.jobs import Job, JobManager, JobState
+from service.routes import get_service, require_api_key
+from service.state import ServiceState
+
+router = APIRouter(prefix="/v1/jobs", tags=["video jobs"])
+
+VIDEO_FIELD = "video"
+FIELDS = ("start", "duration", "crf", "strength", "max_faces")
+MAX_FIELD_BYTES = 64
+MULTIPART_OVERHEAD = 64 * 1024
+MEDIA_TYPES = {
+    ".mp4": "video/mp4",
+    ".mov": "video/quicktime",
+    ".mkv": "video/x-matroska",
+    ".webm": "video/webm",
+    ".avi": "video/x-msvideo",
+}
+
+
+class JobNotFoundError(ServiceError):
+    status_code, error_type = 404, "not_found"
+
+
+class JobNotDoneError(ServiceError):
+    """The result of a job that has not succeeded (yet)."""
+
+    status_code, error_type = 409, "job_not_done"
+
+
+def get_jobs(request: Request) -> JobManager:
+    return request.app.state.jobs
+
+
+class _VideoPart:
+    """python-multipart callbacks: the `video` field streamed to a file, short text fields."""
+
+    def __init__(self, target_dir: Path, max_bytes: int) -> None:
+        self.target_dir, self.max_bytes = target_dir, max_bytes
+        self.path: Path | None = None
+        self.filename = ""
+        self.fields: dict[str, str] = {}
+        self.ended = False
+        self._name: str | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._field, self._value = bytearray(), bytearray()
+        self._file = None
+        self._size = 0
+        self._text = bytearray()
+
+    def callbacks(self) -> dict[str, Any]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": lambda d, a, b: self._field.extend(d[a:b]),
+            "on_header_value": lambda d, a, b: self._value.extend(d[a:b]),
+            "on_header_end": self._header_end,
+            "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data,
+            "on_part_end": self._end,
+            "on_end": lambda: setattr(self, "ended", True),
+        }
+
+    def _begin(self) -> None:
+        self._headers, self._name, self._text = {}, None, bytearray()
+
+    def _header_end(self) -> None:
+        self._headers[bytes(self._field).lower()] = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
+
+    def _headers_finished(self) -> None:
+        kind, params = parse_options_header(self._headers.get(b"content-disposition", b""))
+        name = params.get(b"name")
+        if kind != b"form-data" or not name:
+            raise MalformedRequestError("a multipart field has no Content-Disposition name")
+        self._name = name.decode("utf-8", "replace")
+        if self._name == VIDEO_FIELD:
+            if self.path is not None:
+                raise InvalidParameterError("send exactly one 'video' field")
+            self.filename = Path(params.get(b"filename", b"").decode("utf-8", "replace")).name
+            suffix = Path(self.filename).suffix.lower()
+            if suffix not in VIDEO_SUFFIXES:
+                raise UnsupportedMediaTypeError(
+                    f"the video's file name must end in one of {' '.join(VIDEO_SUFFIXES)}"
+                )
+            self.path = self.target_dir / f"input{suffix}"
+            self._file = self.path.open("wb")
+        elif self._name not in FIELDS:
+            raise InvalidParameterError(f"unknown form field {self._name!r}; known: {FIELDS}")
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self._size += end - start
+            if self._size > self.max_bytes:
+                raise PayloadTooLargeError(f"the video is over the {self.max_bytes} byte limit")
+            self._file.write(data[start:end])
+        else:
+            self._text += data[start:end]
+            if len(self._text) > MAX_FIELD_BYTES:
+                raise PayloadTooLargeError(f"form field {self._name!r} is too long")
+
+    def _end(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        elif self._name is not None:
+            self.fields[self._name] = bytes(self._text).decode("utf-8", "replace").strip()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoPart:
+    kind, params = parse_options_header(request.headers.get("content-type"))
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        raise UnsupportedMediaTypeError("send multipart/form-data with the file in 'video'")
+    limit = max_bytes + MULTIPART_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"the request body is over {limit} bytes")
+    part = _VideoPart(folder, max_bytes)
+    parser = MultipartParser(params[b"boundary"], part.callbacks())
+    try:
+        received = 0
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLargeError(f"the request body is over {limit} bytes")
+            parser.write(chunk)
+        parser.finalize()
+    except ClientDisconnect as exc:
+        raise ClientDisconnectedError("the client disconnected during the upload") from exc
+    except (MultipartParseError, ValueError) as exc:
+        raise MalformedRequestError(f"the multipart body cannot be parsed: {exc}") from exc
+    finally:
+        part.close()
+    if not part.ended:
+        raise MalformedRequestError("the multipart body ended before its closing boundary")
+    if part.path is None:
+        raise InvalidParameterError("the multipart field 'video' is missing")
+    return part
+
+
+def _options(fields: dict[str, str], service: ServiceState) -> VideoOptions:
+    s = service.settings
+    try:
+        given = {k: v for k, v in fields.items() if v != ""}
+        options = VideoOptions(
+            crf=int(given.get("crf", s.job_crf)),
+            start_s=float(given.get("start", 0.0)),
+            duration_s=float(given["duration"]) if "duration" in given else None,
+            strength=float(given.get("strength", 1.0)),
+            max_faces=min(int(given.get("max_faces", s.max_faces)), s.max_faces),
+            batch_faces=s.max_batch_faces,
+            window_frames=s.job_window_frames,
+        )
+        return options.validated()
+    except (ValueError, InvalidInputError) as exc:
+        raise InvalidParameterError(f"bad video option: {exc}") from exc
+
+
+def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) -> None:
+    """Open the upload as the job will (VideoError for bad input); refuse too many frames."""
+    with VideoSource(path, start_s=options.start_s, duration_s=options.duration_s) as source:
+        frames = source.expected_frames()
+    if frames is not None and frames > max_frames:
+        raise PayloadTooLargeError(
+            f"{filename} has {frames} frames in the asked range, over the {max_frames} limit; "
+            "send a shorter piece (start, duration)"
+        )
+
+
+@router.post("", status_code=202, dependencies=[Depends(require_api_key)])
+async def submit(
+    request: Request,
+    service: ServiceState = Depends(get_service),
+    jobs: JobManager = Depends(get_jobs),
+) -> JSONResponse:
+    """Upload a video (multipart field `video`; optional start, duration, crf, strength,
+    max_faces); 202 with the job, whose progress GET /v1/jobs/{id} reports."""
+    service.check_ready()
+    if not jobs.has_room():
+        raise TooManyRequestsError(
+            f"{len(jobs.jobs)} video jobs held (limit {jobs.settings.max_jobs}); fetch or "
+            "DELETE finished ones",
+            jobs.retry_after_s(),
+        )
+    job_id, folder = jobs.new_folder()
+    filename = "the upload"
+    try:
+        part = await _read_video(request, folder, jobs.settings.max_job_bytes)
+        filename = part.filename or filename
+        options = _options(part.fields, service)
+        await asyncio.to_thread(_probe, part.path, options, jobs.settings.max_job_frames, filename)
+    except BaseException as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        _hide_paths(exc, folder, filename)
+        raise
+    assert part.path is not None
+    job = jobs.add(job_id, folder, part.path, options, part.filename)
+    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+def _hide_paths(exc: BaseException, folder: Path, name: str) -> None:
+    """Errors name the file by the client's name, never by the server's path."""
+    if exc.args and isinstance(exc.args[0], str) and str(folder) in exc.args[0]:
+        text = exc.args[0]
+        for suffix in VIDEO_SUFFIXES:
+            text = text.replace(str(folder / f"input{suffix}"), name)
+        exc.args = (text.replace(str(folder), name), *exc.args[1:])
+
+
+def _job(jobs: JobManager, job_id: str) -> Job:
+    job = jobs.get(job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id!r} (finished jobs expire, or it was deleted)")
+    return job
+
+
+@router.get("/{job_id}", dependencies=[Depends(require_api_key)])
+async def status(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
+    """State (queued, running, succeeded, failed) and progress in frames, with fps and ETA."""
+    return _job(jobs, job_id).view()
+
+
+@router.get("/{job_id}/result", dependencies=[Depends(require_api_key)])
+async def result(job_id: str, jobs: JobManager = Depends(get_jobs)) -> FileResponse:
+    """The restored video of a succeeded job; 409 while it is not done."""
+    job = _job(jobs, job_id)
+    if job.state is not JobState.SUCCEEDED:
+        raise JobNotDoneError(f"job {job_id} is {job.state}; its result is not available")
+    stem = Path(job.filename).stem or "video"
+    return FileResponse(
+        job.output,
+        media_type=MEDIA_TYPES.get(job.output.suffix, "application/octet-stream"),
+        filename=f"{stem}-restored{job.output.suffix}",
+    )
+
+
+@router.delete("/{job_id}", dependencies=[Depends(require_api_key)])
+async def delete(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
+    """Cancel a queued or running job, or remove a finished one, with its files."""
+    job = jobs.delete(job_id)
+    if job is None:
+        raise JobNotFoundError(f"no job {job_id!r}")
+    return job.view() | {"result": None}
