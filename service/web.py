@@ -2,7 +2,8 @@
 
 Files are served from a fixed allow-list (no client-given paths) with a strict Content Security
 Policy: scripts and styles only from this origin, images from this origin, `data:` (the
-restored image arrives base64 in the JSON answer) and `blob:` (the local preview).
+restored image arrives base64 in the JSON answer) and `blob:` (the local preview); media
+from this origin and `blob:` (the restored video, fetched with the API key header).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ STATIC_DIR = Path(__file__).resolve().parent / "static"
 # name -> media type; the only files this router ever reads.
 _STATIC_FILES: dict[str, str] = {
     "app.js": "text/javascript; charset=utf-8",
+    "video.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
 
 _SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'self'; img-src 'self' data: blob:; script-src 'self'; "
-        "style-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+        "style-src 'self'; connect-src 'self'; media-src 'self' blob:; object-src 'none'; "
+        "base-uri 'none'; "
         "frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
