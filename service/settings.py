@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -117,7 +116,7 @@ class Settings(BaseSettings):
 
     # --- video jobs (video area; docs/video.md) ---------------------------------------------
     jobs_dir: Path = Field(
-        Path(tempfile.gettempdir()) / "osdface-jobs",
+        Path("/tmp/osdface-jobs"),
         description="folder for the uploaded and restored videos of /v1/jobs",
     )
     max_jobs: PositiveInt = Field(
