@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import cv2
@@ -247,3 +248,55 @@ def test_memory_stays_flat_on_a_long_clip(tmp_path: Path, detector) -> None:
     assert growth < 16, f"RSS grew {growth:.1f} MiB from frame 400 to 2000"
     with VideoSource(result.path) as source:
         assert source.info.frames == 2000
+
+
+@pytest.mark.parametrize(
+    ("suffix", "video_codec", "audio_codec"),
+    [
+        (".webm", "libvpx-vp9", "libopus"),
+        (".avi", "mpeg4", "libmp3lame"),
+        (".mov", "libx264", "aac"),
+    ],
+)
+def test_other_containers_keep_frames_rate_and_audio(
+    tmp_path: Path, detector, suffix: str, video_codec: str, audio_codec: str
+) -> None:
+    import av
+
+    src = tmp_path / f"in{suffix}"
+    rng = np.random.default_rng(4)
+    with av.open(str(src), "w") as out:
+        video = out.add_stream(video_codec, rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        sound = out.add_stream(audio_codec, rate=48000)
+        sound.layout = "mono"
+        for i in range(10):
+            frame = av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), np.uint8))
+            frame.pts, frame.time_base = i, Fraction(1, 25)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        sample_format = sound.codec_context.codec.audio_formats[0].name
+        for lo in range(0, 48000 * 10 // 25, 960):
+            block = av.AudioFrame(format=sample_format, layout="mono", samples=960)
+            for plane in block.planes:
+                plane.update(bytes(plane.buffer_size))
+            block.sample_rate, block.pts = 48000, lo
+            out.mux(sound.encode(block))
+        out.mux(sound.encode(None))
+    result = restore_video(src, tmp_path / f"out{suffix}", detector, _never, VideoOptions())
+    before, after = clip_facts(src), clip_facts(result.path)
+    assert after.frames == before.frames == 10
+    assert (after.rate, after.time_base, after.width) == (before.rate, before.time_base, 64)
+    assert after.audio_packets == before.audio_packets and before.audio_packets
+
+
+def test_cli_refuses_bad_video_flags_before_loading_weights(
+    tmp_path: Path, still_clip, caplog: pytest.LogCaptureFixture
+) -> None:
+    from osdface.cli import main
+
+    missing = tmp_path / "no-weights"
+    argv = ["restore", str(still_clip), "-o", str(tmp_path / "out"), "--weights", str(missing)]
+    assert main([*argv, "--crf", "99", "--device", "cpu"]) == 1
+    assert "crf must be" in caplog.text and "no-weights" not in caplog.text
+    assert not (tmp_path / "out").exists()
