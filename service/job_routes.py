@@ -184,10 +184,12 @@ def _options(fields: dict[str, str], service: ServiceState) -> VideoOptions:
             start_s=float(given.get("start", 0.0)),
             duration_s=float(given["duration"]) if "duration" in given else None,
             strength=float(given.get("strength", 1.0)),
-            max_faces=min(int(given.get("max_faces", s.max_faces)), s.max_faces),
+            max_faces=int(given.get("max_faces", s.max_faces)),
             batch_faces=s.max_batch_faces,
             window_frames=s.job_window_frames,
         )
+        if options.max_faces is not None and options.max_faces > s.max_faces:
+            raise InvalidInputError(f"max_faces is at most {s.max_faces}")
         return options.validated()
     except (ValueError, InvalidInputError) as exc:
         raise InvalidParameterError(f"bad video option: {exc}") from exc

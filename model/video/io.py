@@ -23,6 +23,8 @@ from typing import Final
 
 import av
 import numpy as np
+from av.audio.stream import AudioStream
+from av.video.stream import VideoStream
 
 from model.errors import (
     NoVideoStreamError,
@@ -99,7 +101,7 @@ class VideoSource:
             raise
         self.info = self._describe()
 
-    def _pick_streams(self) -> tuple[av.video.stream.VideoStream, av.audio.stream.AudioStream]:
+    def _pick_streams(self) -> tuple[VideoStream, AudioStream | None]:
         streams = self._container.streams
         if not streams.video:
             raise NoVideoStreamError(f"{self.path}: the file has no video stream")
@@ -260,7 +262,7 @@ class VideoSink:
         self,
         target: Path,
         info: VideoInfo,
-        audio: av.audio.stream.AudioStream | None,
+        audio: AudioStream | None,
         *,
         codec: str | None = None,
         crf: int = 18,
@@ -286,7 +288,7 @@ class VideoSink:
             self.abort()
             raise VideoEncodeError(f"{self.target}: cannot create the output: {exc}") from exc
 
-    def _add_video(self, matrix: tuple[int, ...] | None):
+    def _add_video(self, matrix: tuple[int, ...] | None) -> VideoStream:
         assert self._container is not None
         stream = self._container.add_stream(self.codec, rate=self.info.rate)
         stream.width, stream.height = self.info.width, self.info.height
