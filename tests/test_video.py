@@ -300,3 +300,24 @@ def test_cli_refuses_bad_video_flags_before_loading_weights(
     assert main([*argv, "--crf", "99", "--device", "cpu"]) == 1
     assert "crf must be" in caplog.text and "no-weights" not in caplog.text
     assert not (tmp_path / "out").exists()
+
+
+def test_moving_face_is_followed_without_lag(assets: Path, detector, tmp_path: Path) -> None:
+    """Real detections on a clip panning 2 px per frame: smoothed landmarks trail the raw ones
+    by under two frames, and the crop moves with the face."""
+    rgb = photo_frame(assets)
+    src = tmp_path / "pan.mp4"
+    write_clip(src, [np.roll(rgb, 2 * k, axis=1) for k in range(15)], fps=25, audio=False)
+    tracker, lags, centres = FaceTracker(), [], []
+    for k, frame in enumerate(decoded_frames(src)):
+        faces = select_faces(detector.detect(frame), frame.shape[1], frame.shape[0])
+        for tracked in tracker.update(faces):
+            lag = tracked.face.landmarks_array()[:, 0].mean() - tracked.landmarks[:, 0].mean()
+            if k >= 5:
+                lags.append(lag / 2.0)  # in frames at 2 px per frame
+            if tracked.track_id == 0:
+                centres.append(tracked.landmarks[:, 0].mean())
+    print(f"mean lag {np.mean(lags):.2f} frames, max {max(lags):.2f}")
+    assert len(lags) == 2 * 10, "both faces tracked in every frame"
+    assert np.mean(lags) < 2.0 and max(lags) < 3.0, f"lag {np.mean(lags):.2f} frames"
+    assert centres[-1] - centres[0] > 20, "the crop follows the face"
