@@ -75,6 +75,7 @@ class ClipFacts:
     duration_s: float
     video_pts: list[int]
     audio_packets: list[bytes]
+    audio_times: list[float]  # each audio packet's pts in seconds
     rotation: int | None
 
 
@@ -85,16 +86,17 @@ def clip_facts(path: Path) -> ClipFacts:
         width, height = video.codec_context.width, video.codec_context.height
         duration = container.duration / av.time_base if container.duration else 0.0
         audio = container.streams.audio[0] if container.streams.audio else None
-        pts, packets, rotation = [], [], None
+        pts, packets, times, rotation = [], [], [], None
         for packet in container.demux(*[s for s in (video, audio) if s is not None]):
             if packet.stream is audio:
                 if packet.size:
                     packets.append(bytes(packet))
+                    times.append(float(packet.pts * packet.time_base))
                 continue
             for frame in packet.decode():
                 pts.append(frame.pts)
                 rotation = frame.rotation if rotation is None else rotation
-    return ClipFacts(len(pts), rate, tb, width, height, duration, pts, packets, rotation)
+    return ClipFacts(len(pts), rate, tb, width, height, duration, pts, packets, times, rotation)
 
 
 def decoded_frames(path: Path) -> list[np.ndarray]:

@@ -155,14 +155,15 @@ class VideoSource:
         if self.start_s > 0:
             self._seek()
         origin_s: float | None = None if self.start_s > 0 else 0.0
+        early_audio: list[av.Packet] = []  # after a seek, until the first kept frame is known
         decoded, last_s = 0, 0.0
         try:
             for packet in self._container.demux(*streams):
                 if packet.stream is self.audio:
-                    if origin_s is not None:
-                        kept = self._audio_in_range(packet, origin_s)
-                        if kept is not None:
-                            yield kept
+                    if origin_s is None:
+                        early_audio.append(packet)
+                    elif (kept := self._audio_in_range(packet, origin_s)) is not None:
+                        yield kept
                     continue
                 for frame in packet.decode():
                     if frame.pts is None:
@@ -174,6 +175,9 @@ class VideoSource:
                         return
                     if origin_s is None:
                         origin_s = t
+                        kept_early = (self._audio_in_range(a, t) for a in early_audio)
+                        yield from (a for a in kept_early if a is not None)
+                        early_audio.clear()
                     decoded, last_s = decoded + 1, t
                     yield self._frame(frame, 0 if origin_s == 0.0 else round(origin_s / tb))
         except av.FFmpegError as exc:
