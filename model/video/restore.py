@@ -53,6 +53,8 @@ class VideoOptions:
     smoothing: SmoothingConfig = field(default_factory=SmoothingConfig)
 
     def validated(self) -> VideoOptions:
+        if self.codec is not None and not _is_video_encoder(self.codec):
+            raise InvalidInputError(f"{self.codec!r} is not a video encoder of this PyAV build")
         if not (isinstance(self.crf, int) and 0 <= self.crf <= MAX_CRF):
             raise InvalidInputError(f"crf must be an integer 0..{MAX_CRF}, got {self.crf}")
         if self.start_s < 0 or (self.duration_s is not None and self.duration_s <= 0):
@@ -64,6 +66,15 @@ class VideoOptions:
         if self.max_faces is not None and self.max_faces < 1:
             raise InvalidInputError(f"max_faces must be positive, got {self.max_faces}")
         return replace(self, strength=float(self.strength))
+
+
+def _is_video_encoder(name: str) -> bool:
+    import av
+
+    try:
+        return av.Codec(name, "w").type == "video"
+    except (av.FFmpegError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
