@@ -283,3 +283,23 @@ def test_live_server_answers_a_photo_while_a_video_job_runs(
         assert view["progress"]["frames_done"] < 40
         assert http.delete(f"/v1/jobs/{job}").json()["state"] == "cancelled"
         print(f"photo answered in {photo_s:.1f} s during a video job")
+
+
+def test_folders_left_by_an_earlier_process_are_removed_once_expired(tmp_path: Path) -> None:
+    import os
+
+    from prometheus_client import CollectorRegistry
+
+    from service.jobs import JobManager
+
+    root = tmp_path / "jobs"
+    old, fresh, other = root / ("a" * 32), root / ("b" * 32), root / "keep-me"
+    for folder in (old, fresh, other):
+        folder.mkdir(parents=True)
+        (folder / "input.mp4").write_bytes(b"x")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    os.utime(other, (past, past))
+    settings = Settings(jobs_dir=root, job_retention_s=3600)
+    JobManager(settings, CollectorRegistry())._remove_stale_folders()
+    assert sorted(p.name for p in root.iterdir()) == sorted([fresh.name, other.name])
