@@ -247,6 +247,7 @@ def test_memory_stays_flat_on_a_long_clip(tmp_path: Path, detector) -> None:
     assert result.frames == 2000
     settled = [rss for frames, rss in samples if frames >= 400]
     growth = (max(settled) - settled[0]) / 2**20
+    print(f"RSS {settled[0] / 2**20:.0f} MiB at frame 400, growth to 2000: {growth:.1f} MiB")
     assert growth < 16, f"RSS grew {growth:.1f} MiB from frame 400 to 2000"
     with VideoSource(result.path) as source:
         assert source.info.frames == 2000
