@@ -6,39 +6,34 @@ wide, drifting a pixel per frame, with an AAC track; it runs through the whole p
 RetinaFace mobile0.25, tracking and smoothing, alignment, the restorer, paste-back, x264 encode,
 audio remux. Prints a markdown table; `--results FILE` appends it with date, machine, command.
 
-    python bench/video.py --tiny --device cpu --frames 24 --results bench/RESULTS.md
-    python bench/video.py --weights-dir ./osdface-weights --device cuda --frames 120
+    python -m bench.video --tiny --device cpu --frames 24 --results bench/RESULTS.md
+    python -m bench.video --weights-dir ./osdface-weights --device cuda --frames 120
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import logging
+import os
+import platform
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
+import numpy as np
+import torch
+
+from bench.fullsize import ensure_weights
+from model.device import resolve_device, resolve_dtype
+from model.faces.detect import FaceDetector
+from model.restorer import OSDFaceRestorer
+from model.video.restore import VideoOptions, restore_video
+
 REPO = Path(__file__).resolve().parents[1]
-if __name__ == "__main__":
-    # As a script, bench/ is first on sys.path and bench/model.py would shadow `model`.
-    sys.path[0] = str(REPO)
-
-import argparse  # noqa: E402
-import datetime  # noqa: E402
-import logging  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench.fullsize import ensure_weights  # noqa: E402
-from model.device import resolve_device, resolve_dtype  # noqa: E402
-from model.faces.detect import FaceDetector  # noqa: E402
-from model.restorer import OSDFaceRestorer  # noqa: E402
-from model.video.restore import VideoOptions, restore_video  # noqa: E402
-
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 PHOTO = "images/gfpgan/whole_imgs/Blake_Lively.jpg"
 DETECTOR = "detection_mobilenet0.25_Final.pth"
@@ -166,7 +161,7 @@ def _table(args, device: torch.device, dtype: torch.dtype, runs: list[Run]) -> s
         f"{torch.get_num_threads()} threads"
     )
     kind = "tiny random" if args.tiny else "given"
-    command = "python bench/video.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.video " + " ".join(sys.argv[1:])
     lines = [
         f"### {when}: video, {machine}",
         "",

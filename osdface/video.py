@@ -11,7 +11,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from model.video.formats import VIDEO_SUFFIXES, is_video
+from model.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, VIDEO_SUFFIXES, is_video
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +21,15 @@ __all__ = ["VIDEO_SUFFIXES", "add_video_arguments", "is_video", "restore_videos"
 def add_video_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("video (.mp4 .mov .mkv .webm .avi)")
     g.add_argument("--codec", default=None, help="encoder (default: libx264; libvpx-vp9 for webm)")
-    g.add_argument("--crf", type=int, default=18, help="quality, lower = better (%(default)s)")
+    g.add_argument(
+        "--crf", type=int, default=DEFAULT_CRF, help="quality, lower = better (%(default)s)"
+    )
     g.add_argument("--start", type=float, default=0.0, help="seconds to skip (%(default)s)")
     g.add_argument("--duration", type=float, default=None, help="seconds to restore (all)")
     g.add_argument(
         "--window-frames",
         type=int,
-        default=16,
+        default=DEFAULT_WINDOW_FRAMES,
         help="frames held at once; their faces share restorer calls of --batch-size (%(default)s)",
     )
     g.add_argument("--no-smoothing", action="store_true", help="align on raw landmarks")

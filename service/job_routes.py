@@ -20,7 +20,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect
 
 from model.errors import InvalidInputError
-from model.video.formats import VIDEO_SUFFIXES
+from model.video.config import VIDEO_SUFFIXES
 from model.video.io import VideoSource
 from model.video.restore import VideoOptions
 from service.errors import (

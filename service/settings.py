@@ -23,6 +23,7 @@ from model.config import (
     TileConfig,
 )
 from model.fastpath.config import FastPathConfig
+from model.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
 
 
 class Settings(BaseSettings):
@@ -130,9 +131,12 @@ class Settings(BaseSettings):
         3600.0, gt=0.0, description="finished jobs and their files are removed after this"
     )
     job_window_frames: PositiveInt = Field(
-        16, description="frames a video job holds at once; their faces share model calls"
+        DEFAULT_WINDOW_FRAMES,
+        description="frames a video job holds at once; their faces share model calls",
     )
-    job_crf: int = Field(18, ge=0, le=51, description="x264 quality of restored videos")
+    job_crf: int = Field(
+        DEFAULT_CRF, ge=0, le=MAX_CRF, description="quality of restored videos (CRF)"
+    )
 
     @field_validator("weights_dir", "jobs_dir")
     @classmethod

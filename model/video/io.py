@@ -32,7 +32,7 @@ from model.errors import (
     VideoDecodeError,
     VideoEncodeError,
 )
-from model.video.formats import VIDEO_SUFFIXES  # noqa: F401  (re-exported)
+from model.video.config import DEFAULT_CRF, VIDEO_SUFFIXES  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -269,7 +269,7 @@ class VideoSink:
         audio: AudioStream | None,
         *,
         codec: str | None = None,
-        crf: int = 18,
+        crf: int = DEFAULT_CRF,
     ) -> None:
         self.target = Path(target)
         self.partial = self.target.with_name(f".{self.target.stem}.partial{self.target.suffix}")

@@ -27,6 +27,7 @@ from model.errors import InvalidInputError, VideoCancelledError
 from model.faces.align import FACE_SIZE, align_face
 from model.faces.detect import FaceDetector, select_faces
 from model.faces.paste import paste_faces
+from model.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
 from model.video.io import Frame as VideoFrame
 from model.video.io import VideoInfo, VideoSink, VideoSource
 from model.video.track import FaceTracker, SmoothingConfig
@@ -34,7 +35,6 @@ from model.video.track import FaceTracker, SmoothingConfig
 logger = logging.getLogger(__name__)
 
 RestoreFn = Callable[[torch.Tensor], torch.Tensor]
-MAX_CRF = 63
 
 
 @dataclass(frozen=True)
@@ -42,11 +42,11 @@ class VideoOptions:
     """What the caller asks for one video; `validated()` checks it."""
 
     codec: str | None = None  # None: libx264, or libvpx-vp9 for .webm
-    crf: int = 18  # constant rate factor: lower is better and bigger
+    crf: int = DEFAULT_CRF  # constant rate factor: lower is better and bigger
     start_s: float = 0.0
     duration_s: float | None = None  # None: to the end
     batch_faces: int = 8  # faces per restorer call
-    window_frames: int = 16  # frames held at once at most (the memory bound)
+    window_frames: int = DEFAULT_WINDOW_FRAMES  # frames held at once (the memory bound)
     strength: float = 1.0
     only_center_face: bool = False
     max_faces: int | None = None
