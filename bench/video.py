@@ -121,6 +121,7 @@ def run(mode: str, clip: Path, out: Path, detector, restorer, options: VideoOpti
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # the command, as recorded
     logging.basicConfig(level=logging.WARNING)
     work = Path(tempfile.mkdtemp(prefix="osdface-bench-video-"))
     weights = args.weights_dir or ensure_weights(work / "weights", tiny=args.tiny)
@@ -161,7 +162,7 @@ def _table(args, device: torch.device, dtype: torch.dtype, runs: list[Run]) -> s
         f"{torch.get_num_threads()} threads"
     )
     kind = "tiny random" if args.tiny else "given"
-    command = "python -m bench.video " + " ".join(sys.argv[1:])
+    command = "python -m bench.video " + " ".join(args.argv)
     lines = [
         f"### {when}: video, {machine}",
         "",
