@@ -14,6 +14,10 @@ running batch finish and are thrown away, because a device call cannot be interr
 Other device work (the background network) is queued as a *call* with `run_call`: it counts as
 one queued item, runs alone on the same worker thread between batches, in queue order.
 
+Low-priority work (`submit(..., low_priority=True)`, the video jobs) waits in its own queue,
+outside the 429 bound, and only fills what room the normal queue leaves in a batch: a photo
+waits at most for the batch already running, never behind a video.
+
 The batcher knows nothing about HTTP or faces: `fn(batch) -> (outputs, timings)` is any function
 from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds.
 """
@@ -92,6 +96,7 @@ class _Job:
     timings: dict[str, float] = field(default_factory=dict)
     out: torch.Tensor | None = None
     call: Callable[[], Any] | None = None  # a call job: run alone, its result is the answer
+    low: bool = False  # in the low-priority queue
 
     @property
     def size(self) -> int:
@@ -129,6 +134,8 @@ class Batcher:
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._queued = 0  # items waiting, not counting the running batch
+        self._low: deque[_Job] = deque()  # low-priority jobs, served after `_queue`
+        self._queued_low = 0
         self._running: list[_Job] = []
         self._accepting = True
         self._stopping = False
@@ -152,7 +159,9 @@ class Batcher:
         with self._cond:
             return self._accepting
 
-    async def submit(self, items: torch.Tensor, *, deadline: float | None = None) -> BatchResult:
+    async def submit(
+        self, items: torch.Tensor, *, deadline: float | None = None, low_priority: bool = False
+    ) -> BatchResult:
         """Queue `items` (shape `(N, ...)`, N >= 1) and wait for their outputs.
 
         `deadline` is a `time.monotonic()` instant: items still queued after it are dropped
@@ -161,9 +170,9 @@ class Batcher:
         if items.ndim < 1 or items.shape[0] < 1:
             raise ValueError("submit needs at least one item")
         loop = asyncio.get_running_loop()
-        return await self._enqueue(
-            _Job(items, loop.create_future(), loop, time.monotonic(), deadline)
-        )
+        job = _Job(items, loop.create_future(), loop, time.monotonic(), deadline)
+        job.low = low_priority
+        return await self._enqueue(job)
 
     async def run_call(self, fn: Callable[[], T], *, deadline: float | None = None) -> T:
         """Run `fn()` on the worker thread, alone, when its turn in the queue comes.
@@ -179,16 +188,21 @@ class Batcher:
         with self._cond:
             if not self._accepting:
                 raise BatcherClosedError("the model worker is shutting down")
+            if job.low:
+                self._low.append(job)
+                self._queued_low += job.size
+                self._cond.notify_all()
             # A request bigger than the whole queue is let into an empty queue, never starved.
-            if self._queued and self._queued + job.size > self.max_queue:
+            elif self._queued and self._queued + job.size > self.max_queue:
                 raise QueueFullError(
                     f"model queue full ({self._queued} of {self.max_queue} faces waiting)",
                     self._retry_after_locked(),
                 )
-            self._queue.append(job)
-            self._queued += job.size
-            self._on_depth(self._queued)
-            self._cond.notify_all()
+            else:
+                self._queue.append(job)
+                self._queued += job.size
+                self._on_depth(self._queued)
+                self._cond.notify_all()
         try:
             return await job.future
         finally:
@@ -217,9 +231,10 @@ class Batcher:
         finished = not self._thread.is_alive()
         if not finished:
             with self._cond:
-                left = list(self._queue) + self._running
+                left = list(self._queue) + list(self._low) + self._running
                 self._queue.clear()
-                self._queued = 0
+                self._low.clear()
+                self._queued = self._queued_low = 0
             for job in left:
                 _resolve(job, BatcherClosedError("shut down before this work ran"))
             logger.warning(
@@ -240,27 +255,28 @@ class Batcher:
         """Block until a batch is due, then take it off the queue (None: stopped and empty)."""
         with self._cond:
             while True:
-                if not self._queue:
+                if not self._queue and not self._low:
                     if self._stopping:
                         return None
                     self._cond.wait()
                     continue
                 # Wait for the batch to fill, but never longer than max_delay after the oldest.
-                head = self._queue[0]
+                head = (self._queue or self._low)[0]
                 wait = head.enqueued_at + self.max_delay_s - time.monotonic()
-                filling = self._queued < self.max_batch and head.call is None
+                waiting = self._queued + self._queued_low
+                filling = waiting < self.max_batch and head.call is None
                 if filling and not self._hurry and wait > 0:
                     self._cond.wait(wait)
                     continue
                 self._drop_expired_locked()
-                if self._queue:
+                if self._queue or self._low:
                     return self._take_locked()
 
     def _drop_expired_locked(self) -> None:
         now = time.monotonic()
-        for job in [j for j in self._queue if j.deadline is not None and j.deadline <= now]:
-            self._queue.remove(job)
-            self._queued -= job.size - job.taken
+        queued = (*self._queue, *self._low)
+        for job in [j for j in queued if j.deadline is not None and j.deadline <= now]:
+            self._unqueue_locked(job)
             job.cancelled = True
             _resolve(job, TimeoutError("deadline passed while queued"))
         self._on_depth(self._queued)
@@ -268,20 +284,28 @@ class Batcher:
     def _take_locked(self) -> _Chunks:
         chunks: _Chunks = []
         room = self.max_batch
-        if self._queue[0].call is not None:  # a call runs alone
+        if self._queue and self._queue[0].call is not None:  # a call runs alone
             room = 1
         while self._queue and room and (self._queue[0].call is None or not chunks):
-            job = self._queue[0]
-            count = min(room, job.size - job.taken)
-            chunks.append((job, job.taken, job.taken + count))
-            job.taken += count
-            room -= count
-            self._queued -= count
-            if job.taken == job.size:
-                self._queue.popleft()
+            room = self._take_from_locked(self._queue, room, chunks)
+        while self._low and room and not (chunks and chunks[0][0].call is not None):
+            room = self._take_from_locked(self._low, room, chunks)  # low priority fills up
         self._running = [job for job, _, _ in chunks]
         self._on_depth(self._queued)
         return chunks
+
+    def _take_from_locked(self, queue: deque[_Job], room: int, chunks: _Chunks) -> int:
+        job = queue[0]
+        count = min(room, job.size - job.taken)
+        chunks.append((job, job.taken, job.taken + count))
+        job.taken += count
+        if job.low:
+            self._queued_low -= count
+        else:
+            self._queued -= count
+        if job.taken == job.size:
+            queue.popleft()
+        return room - count
 
     def _execute(self, chunks: _Chunks) -> None:
         started = time.monotonic()
@@ -368,11 +392,18 @@ class Batcher:
     def _abandon(self, job: _Job) -> None:
         with self._cond:
             job.cancelled = True
-            if job in self._queue:
-                self._queue.remove(job)
-                self._queued -= job.size - job.taken
+            if job in self._queue or job in self._low:
+                self._unqueue_locked(job)
                 self._on_depth(self._queued)
                 self._cond.notify_all()
+
+    def _unqueue_locked(self, job: _Job) -> None:
+        if job.low:
+            self._low.remove(job)
+            self._queued_low -= job.size - job.taken
+        else:
+            self._queue.remove(job)
+            self._queued -= job.size - job.taken
 
 
 def _resolve(job: _Job, value: Any) -> None:
