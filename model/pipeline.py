@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from model.codecs.decode import decode_image
-from model.codecs.encode import encode_image
+from model.codecs.encode import encode_image_with_report
 from model.codecs.formats import (
     CONTENT_TYPES,
     EXTENSIONS,
@@ -135,6 +135,7 @@ class PhotoResult:
     height: int
     faces: list[DetectedFace]
     timings: dict[str, float]
+    dropped_metadata: tuple[str, ...] = ()  # "exif", "icc": unreadable, or too large for it
 
 
 @contextmanager
@@ -266,9 +267,13 @@ def finish_photo(
             feather=not options.aligned,
         )
     with _timed(timings, "encode"):
-        data = encode_image(image, canvas, format=out_format, quality=options.quality)
+        encoded = encode_image_with_report(
+            image, canvas, format=out_format, quality=options.quality
+        )
     height, width = canvas.shape[:2]
-    return _result(data, out_format, width, height, list(prepared.faces), timings)
+    result = _result(encoded.data, out_format, width, height, list(prepared.faces), timings)
+    result.dropped_metadata = encoded.dropped_metadata
+    return result
 
 
 def _restored_to_numpy(restored: torch.Tensor, count: int) -> list[np.ndarray]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from types import FrameType
@@ -19,7 +20,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from model.config import DetectorName, Device, DType
-from service.settings import Settings
+from service.settings import Settings, describe_settings_error, unknown_env_names
+from weights.layout import WeightsLayout
 
 logger = logging.getLogger(__name__)
 
@@ -66,20 +68,54 @@ class _DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run(args: argparse.Namespace) -> int:
-    from service.app import create_app  # imports torch; keep `osdface --help` fast
+# Exit statuses of `osdface serve`: 2 = refused to start (settings, weights folder),
+# 3 = the model could not be loaded, or its worker died (the log line above says why).
+EXIT_USAGE, EXIT_MODEL_FAILED = 2, 3
 
+
+def _refuse(lines: list[str]) -> int:
+    for line in lines:
+        sys.stderr.write(f"osdface serve: {line}\n")
+    return EXIT_USAGE
+
+
+def checked_settings(args: argparse.Namespace) -> Settings | list[str]:
+    """The settings, or the lines saying what is wrong with the environment or the flags."""
+    unknown = unknown_env_names(os.environ)
+    if unknown:
+        return unknown
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        sys.stderr.write(f"osdface serve: invalid settings:\n{exc}\n")
-        return 2
-    if not settings.weights_dir.is_dir():
-        sys.stderr.write(
-            f"osdface serve: weights folder {settings.weights_dir} not found "
-            "(run `osdface weights fetch`, or pass --weights / OSDFACE_WEIGHTS_DIR)\n"
-        )
-        return 2
+        return describe_settings_error(exc)
+    return preflight_weights(settings.weights_dir) or settings
+
+
+def preflight_weights(weights_dir: Path) -> list[str]:
+    """What is missing before anything loads: the folder, or the converted VRE (serve never
+    reads the released pickles; `osdface weights convert` turns them into safetensors once)."""
+    if not weights_dir.is_dir():
+        return [
+            f"weights folder {weights_dir} not found (run `osdface weights fetch`, "
+            "or pass --weights / OSDFACE_WEIGHTS_DIR)"
+        ]
+    layout = WeightsLayout(weights_dir)
+    if not layout.vre.is_file():
+        return [
+            f"{layout.vre} is missing: run `osdface weights convert --dir {weights_dir}` "
+            "(serve never unpickles the released files)"
+        ]
+    return []
+
+
+def run(args: argparse.Namespace) -> int:
+    checked = checked_settings(args)
+    if not isinstance(checked, Settings):
+        return _refuse(checked)
+    settings = checked
+    from service.app import create_app  # imports torch; keep `osdface --help` fast
+    from service.protocol import GuardedH11Protocol
+
     logging.getLogger().setLevel(settings.log_level.upper())
     app = create_app(settings)
     config = uvicorn.Config(
@@ -91,8 +127,17 @@ def run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         server_header=False,
         lifespan="on",
+        http=GuardedH11Protocol.with_headers_timeout(settings.headers_timeout_s),
     )
-    server = _DrainingServer(config, on_exit=app.state.service.begin_drain)
+    service = app.state.service
+    server = _DrainingServer(config, on_exit=service.begin_drain)
+    failed: list[str] = []
+
+    def fatal(reason: str) -> None:  # any thread: uvicorn polls should_exit
+        failed.append(reason)
+        server.should_exit = True
+
+    service.on_fatal = fatal
     logger.info("serving on http://%s:%d", settings.host, settings.port)
     server.run()
-    return 0
+    return EXIT_MODEL_FAILED if failed else 0

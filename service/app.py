@@ -29,11 +29,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from model.faces.detect import FaceDetector
 from model.restorer import OSDFaceRestorer
 from service import job_routes, routes, web
-from service.errors import error_body, install_error_handlers
+from service.errors import (
+    UNCOUNTED_PATHS,
+    ErrorKind,
+    count_error,
+    error_body,
+    install_error_handlers,
+)
 from service.jobs import JobManager
 from service.metrics import Metrics, status_class
+from service.openapi import RESULT_HEADERS, install_openapi
 from service.settings import Settings
-from service.state import ServiceState
+from service.state import ServiceState, service_version
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +78,10 @@ def create_app(
     app = FastAPI(
         title="OSDFace",
         summary="One-step diffusion face restoration",
-        version=routes.service_version(),
+        version=service_version(),
         lifespan=lifespan,
+        docs_url=None,  # served by service/web.py from local files, not a CDN
+        redoc_url=None,
     )
     app.state.service = state
     app.state.metrics = metrics
@@ -81,24 +90,28 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(job_routes.router)
     app.include_router(web.router)  # the browser page at GET /
+    install_openapi(app, settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-Id"],
-            expose_headers=[*routes.RESULT_HEADERS, "X-Request-Id", "Retry-After"],
+            expose_headers=[*RESULT_HEADERS, "X-Request-Id", "Retry-After"],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees everything
     return app
 
 
 class RequestContextMiddleware:
-    """Request id, request-duration metric, and the last line of defence for bugs.
+    """Request id, request-duration metric, HEAD, and the last line of defence.
 
     Pure ASGI (not BaseHTTPMiddleware) so the disconnect message still reaches the handler.
     Each request gets an `X-Request-Id` (the client's, if it is a short token, else a new one).
-    An exception no handler mapped is a bug: logged once with the request id, answered 500.
+    `HEAD` is answered as `GET` without the body, wherever `GET` is routed. An exception no
+    handler mapped is a bug: logged once with the request id, answered 500. A request cut by
+    the end of the shutdown grace (uvicorn cancels it) is answered 503 `shutting_down`.
+    Probes and /metrics are not timed in the request metric.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -111,6 +124,9 @@ class RequestContextMiddleware:
             return
         started = time.monotonic()
         request_id = _request_id(scope)
+        head = scope["method"] == "HEAD"
+        if head:
+            scope = {**scope, "method": "GET"}
         state = scope.setdefault("state", {})
         state["request_id"], state["started_at"] = request_id, started
         status = 500
@@ -124,10 +140,21 @@ class RequestContextMiddleware:
                 headers["X-Request-Id"] = request_id
                 if "x-content-type-options" not in headers:
                     headers["X-Content-Type-Options"] = "nosniff"
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels what still runs when the shutdown grace ends.
+            if response_started:
+                raise
+            status = ErrorKind.SHUTTING_DOWN.status
+            count_error(self.metrics, scope["path"], ErrorKind.SHUTTING_DOWN)
+            message = "the server shut down before this request finished; retry"
+            body = error_body(ErrorKind.SHUTTING_DOWN.type, message)
+            await _send_json(send_with_id, status, body, {"retry-after": "1"})
         except Exception:
             logger.exception(
                 "unhandled error on %s %s (request_id=%s)",
@@ -135,16 +162,18 @@ class RequestContextMiddleware:
                 scope.get("path"),
                 request_id,
             )
-            self.metrics.errors.labels(type="internal").inc()
+            count_error(self.metrics, scope["path"], ErrorKind.INTERNAL)
             status = 500
             if not response_started:
-                await _send_json(send_with_id, 500, error_body("internal", _internal(request_id)))
+                body = error_body(ErrorKind.INTERNAL.type, _internal(request_id))
+                await _send_json(send_with_id, 500, body)
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_duration.labels(endpoint, status_class(status)).observe(
-                time.monotonic() - started
-            )
+            if scope["path"] not in UNCOUNTED_PATHS:
+                route = scope.get("route")
+                endpoint = getattr(route, "path", None) or "unmatched"
+                self.metrics.request_duration.labels(endpoint, status_class(status)).observe(
+                    time.monotonic() - started
+                )
 
 
 def _request_id(scope: Scope) -> str:
@@ -160,16 +189,14 @@ def _internal(request_id: str) -> str:
     return f"internal error; quote request id {request_id} when reporting it"
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(
+    send: Send, status: int, body: dict[str, Any], extra: dict[str, str] | None = None
+) -> None:
     payload = json.dumps(body).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(payload)).encode()),
+    ]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

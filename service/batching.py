@@ -37,6 +37,8 @@ from typing import Any, TypeVar
 
 import torch
 
+from service.admission import BatchTimeEstimator
+
 logger = logging.getLogger(__name__)
 
 BatchFn = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
@@ -44,12 +46,20 @@ T = TypeVar("T")
 _ONE_ITEM = torch.empty((1, 0))  # what a call job counts as in the queue
 
 
-class QueueFullError(Exception):
-    """The queue cannot take the submitted items now; try again after `retry_after_s`."""
+class RefusedError(Exception):
+    """Work not taken now; try again after `retry_after_s`."""
 
     def __init__(self, message: str, retry_after_s: float) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class QueueFullError(RefusedError):
+    """The queue has no room for the submitted items."""
+
+
+class DeadlineUnreachableError(RefusedError):
+    """The work queued ahead would not finish before this request's deadline."""
 
 
 class BatcherClosedError(Exception):
@@ -120,6 +130,7 @@ class Batcher:
         on_batch: Callable[[BatchReport], None] | None = None,
         on_queue_wait: Callable[[float], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
+        on_death: Callable[[BaseException], None] | None = None,
         name: str = "osdface-model",
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
@@ -131,6 +142,7 @@ class Batcher:
         self._on_batch = on_batch or (lambda report: None)
         self._on_queue_wait = on_queue_wait or (lambda seconds: None)
         self._on_depth = on_depth or (lambda depth: None)
+        self._on_death = on_death or (lambda exc: None)
         self._cond = threading.Condition()
         self._queue: deque[_Job] = deque()
         self._queued = 0  # items waiting, not counting the running batch
@@ -140,7 +152,9 @@ class Batcher:
         self._accepting = True
         self._stopping = False
         self._hurry = False  # run what is queued without waiting for batches to fill
-        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self.estimator = BatchTimeEstimator()  # seconds per call by size (under the lock)
+        self._running_since: float | None = None
+        self._running_size = 0
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
 
     # --- event-loop side -------------------------------------------------------------------
@@ -186,19 +200,14 @@ class Batcher:
 
     async def _enqueue(self, job: _Job) -> Any:
         with self._cond:
-            if not self._accepting:
-                raise BatcherClosedError("the model worker is shutting down")
             if job.low:
+                if not self._accepting:
+                    raise BatcherClosedError("the model worker is shutting down")
                 self._low.append(job)
                 self._queued_low += job.size
                 self._cond.notify_all()
-            # A request bigger than the whole queue is let into an empty queue, never starved.
-            elif self._queued and self._queued + job.size > self.max_queue:
-                raise QueueFullError(
-                    f"model queue full ({self._queued} of {self.max_queue} faces waiting)",
-                    self._retry_after_locked(),
-                )
             else:
+                self._admit_locked(job.size, job.deadline)
                 self._queue.append(job)
                 self._queued += job.size
                 self._on_depth(self._queued)
@@ -209,9 +218,58 @@ class Batcher:
             if not job.future.done() or job.future.cancelled():
                 self._abandon(job)
 
+    def admit(self, faces: int, deadline: float | None) -> None:
+        """Raise what `submit` would raise for `faces` faces now, without queueing anything.
+
+        Called before the upload is read (with the fewest faces a request can bring), so a full
+        or late queue is refused before any byte is decoded.
+        """
+        with self._cond:
+            self._admit_locked(faces, deadline)
+
+    def predicted_finish_s(self, faces: int) -> float:
+        """Seconds from now until `faces` more faces would be done, safety factor included."""
+        with self._cond:
+            return self._predicted_locked(faces)
+
+    def seed_estimate(self, size: int, seconds: float) -> None:
+        """A first speed estimate from a call made outside the worker (the warm-up batch)."""
+        with self._cond:
+            self.estimator.seed(size, seconds)
+
     def retry_after_s(self) -> float:
         with self._cond:
             return self._retry_after_locked()
+
+    def _admit_locked(self, faces: int, deadline: float | None) -> None:
+        if not self._accepting:
+            raise BatcherClosedError("the model worker is shutting down")
+        # A request bigger than the whole queue is let into an empty queue, never starved.
+        if self._queued and self._queued + faces > self.max_queue:
+            raise QueueFullError(
+                f"model queue full ({self._queued} of {self.max_queue} faces waiting)",
+                self._retry_after_locked(),
+            )
+        # An idle worker always takes work: refusing it on a (possibly stale) estimate would
+        # leave nothing to run, so nothing would ever correct the estimate.
+        if deadline is None or (not self._queued and self._running_since is None):
+            return
+        left = deadline - time.monotonic()
+        predicted = self._predicted_locked(faces)
+        if predicted > left:
+            raise DeadlineUnreachableError(
+                f"{self._queued} faces queued ahead: {faces} more would take about "
+                f"{predicted:.1f} s, past this request's deadline ({max(left, 0.0):.1f} s left)",
+                max(1.0, predicted - left),
+            )
+
+    def _predicted_locked(self, faces: int) -> float:
+        running = None
+        if self._running_since is not None:
+            running = (self._running_size, time.monotonic() - self._running_since)
+        return self.estimator.finish_seconds(
+            self._queued + faces, self.max_batch, self.max_delay_s, running
+        )
 
     def hurry(self) -> None:
         """Stop waiting for batches to fill (shutting down: no more work is coming)."""
@@ -245,11 +303,22 @@ class Batcher:
     # --- worker side -------------------------------------------------------------------------
 
     def _work(self) -> None:
-        while True:
-            chunks = self._next_batch()
-            if chunks is None:
-                return
-            self._execute(chunks)
+        try:
+            while True:
+                chunks = self._next_batch()
+                if chunks is None:
+                    return
+                self._execute(chunks)
+        except BaseException as exc:  # the worker is gone: nothing queued can run any more
+            logger.critical("the model worker thread died: %r", exc)
+            with self._cond:
+                self._accepting = False
+                left = list(self._queue) + self._running
+                self._queue.clear()
+                self._queued = 0
+            self._on_death(exc)  # readiness off before the waiting requests hear of it
+            for job in left:
+                _resolve(job, BatcherClosedError("the model worker stopped"))
 
     def _next_batch(self) -> _Chunks | None:
         """Block until a batch is due, then take it off the queue (None: stopped and empty)."""
@@ -291,6 +360,8 @@ class Batcher:
         while self._low and room and not (chunks and chunks[0][0].call is not None):
             room = self._take_from_locked(self._low, room, chunks)  # low priority fills up
         self._running = [job for job, _, _ in chunks]
+        self._running_since = time.monotonic()
+        self._running_size = self.max_batch - room
         self._on_depth(self._queued)
         return chunks
 
@@ -326,7 +397,7 @@ class Batcher:
             for job, _, _ in chunks:
                 self._abandon(job)  # its items still queued (if split) will not run either
                 _resolve(job, exc)
-            self._finish_batch(started)
+            self._finish_batch(started, None)
             return
         seconds = time.monotonic() - started
         self._on_batch(BatchReport(int(inputs.shape[0]), seconds, dict(timings)))
@@ -334,7 +405,7 @@ class Batcher:
         for job, lo, hi in chunks:
             self._deliver(job, lo, hi, outputs[offset : offset + hi - lo], seconds, timings)
             offset += hi - lo
-        self._finish_batch(started)
+        self._finish_batch(started, int(inputs.shape[0]))
 
     def _execute_call(self, job: _Job, started: float) -> None:
         assert job.call is not None
@@ -372,22 +443,21 @@ class Batcher:
             )
             _resolve(job, result)
 
-    def _finish_batch(self, started: float) -> None:
+    def _finish_batch(self, started: float, size: int | None) -> None:
+        """`size`: faces of a call that succeeded (a failed call teaches nothing about speed)."""
         seconds = time.monotonic() - started
         with self._cond:
             self._running = []
-            a = 0.3  # moving-average weight of the newest batch
-            self._batch_seconds = (
-                seconds
-                if not self._batch_seconds
-                else (a * seconds + (1 - a) * self._batch_seconds)
-            )
+            self._running_since, self._running_size = None, 0
+            if size is not None:
+                self.estimator.observe(size, seconds)
 
     def _retry_after_locked(self) -> float:
-        # Time to work through the queue ahead, at the recent batch speed; at least 1 s.
-        per_batch = max(self._batch_seconds, self.max_delay_s)
-        batches_ahead = math.ceil(self._queued / self.max_batch) + 1
-        return max(1.0, per_batch * batches_ahead)
+        # Time to work through the queue ahead at the estimated speed; at least 1 s.
+        if not self.estimator.known:
+            per_batch = self.max_delay_s
+            return max(1.0, per_batch * (math.ceil(self._queued / self.max_batch) + 1))
+        return max(1.0, self._predicted_locked(0))
 
     def _abandon(self, job: _Job) -> None:
         with self._cond:

@@ -1,16 +1,22 @@
-"""The one error boundary: every exception the service can meet becomes one HTTP status here.
+"""The one error boundary: every error the service can answer is one row of `ErrorKind`.
 
 Body shape, always: `{"error": {"type": <short stable string>, "message": <human text>}}`.
-Domain exceptions are raised where the decision is made (`model/errors.py` for images and
-parameters, `service/batching.py` for the queue, this module for HTTP-only conditions) and are
-mapped to a status in `_MODEL_ERRORS` / the `ServiceError` subclasses below, nowhere else.
-A 500 means a bug of ours: it is logged once, with the request id, by the request middleware.
+Each `ErrorKind` row gives the status, the `type` and the description the OpenAPI schema
+shows; one cause, one row (two causes never share a type). Domain exceptions are raised where
+the decision is made (`model/errors.py` for images and parameters, `service/batching.py` for the
+queue, `ServiceError(kind, ...)` for HTTP-only conditions) and are mapped to a row in
+`_EXCEPTION_KINDS`, nowhere else. Errors are counted here, once: `osdface_errors_total{type}`
+for every error answer and `osdface_rejected_total{reason}` for refused or dropped work; probe
+and `/metrics` requests are not counted. A 500 is a bug of ours: logged once, with the request
+id, by the request middleware.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,111 +32,119 @@ from model.errors import (
     UnsupportedVideoCodecError,
     VideoDecodeError,
 )
-from service.batching import BatcherClosedError, QueueFullError
+from service.batching import BatcherClosedError, DeadlineUnreachableError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
-
-class ServiceError(Exception):
-    """An HTTP-level failure decided by the service itself (not by the model package)."""
-
-    status_code: int = 500
-    error_type: str = "internal"
-
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.headers = headers or {}
+# Requests that are not API traffic: never counted in request or error metrics.
+UNCOUNTED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-class MalformedRequestError(ServiceError):
-    """The multipart body cannot be parsed."""
+class ErrorKind(enum.Enum):
+    """(status, type, description, rejection): the whole error vocabulary of the API.
 
-    status_code, error_type = 400, "malformed_request"
-
-
-class UnauthorizedError(ServiceError):
-    """Missing or wrong API key on an endpoint that needs one."""
-
-    status_code, error_type = 401, "unauthorized"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
-
-
-class PayloadTooLargeError(ServiceError):
-    """The request body (or one of its form fields) is over its byte limit."""
-
-    status_code, error_type = 413, "too_large"
-
-
-class UnsupportedMediaTypeError(ServiceError):
-    """The request body is not multipart/form-data."""
-
-    status_code, error_type = 415, "unsupported_media_type"
-
-
-class InvalidParameterError(ServiceError):
-    """A form field is missing, unknown, or has a bad value."""
-
-    status_code, error_type = 422, "invalid_parameter"
-
-
-class TooManyRequestsError(ServiceError):
-    """Admission refused: too much work already accepted."""
-
-    status_code, error_type = 429, "queue_full"
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
-
-
-class NotReadyError(ServiceError):
-    """Weights still loading, loading failed, or the server is draining for shutdown."""
-
-    status_code, error_type = 503, "not_ready"
-
-    def __init__(self, message: str, retry_after_s: float = 5.0) -> None:
-        super().__init__(message, headers={"Retry-After": str(max(1, math.ceil(retry_after_s)))})
-
-
-class DeadlineExceededError(ServiceError):
-    """The request did not finish within `request_timeout_s`."""
-
-    status_code, error_type = 504, "deadline_exceeded"
-
-
-class ClientDisconnectedError(ServiceError):
-    """The client went away; nobody reads this answer, it exists for logs and metrics.
-
-    499 is nginx's "client closed request": not a standard status, never seen by a client.
+    `rejection` marks work refused or dropped by the service (not the client's mistake): those
+    are also counted in `osdface_rejected_total`.
     """
 
-    status_code, error_type = 499, "client_disconnected"
+    MALFORMED_REQUEST = (400, "malformed_request", "the multipart body cannot be parsed", False)
+    INVALID_IMAGE = (400, "invalid_image", "the file is not a decodable image", False)
+    INVALID_VIDEO = (400, "invalid_video", "the file is not a decodable video", False)
+    UNAUTHORIZED = (401, "unauthorized", "missing or wrong API key (when one is set)", False)
+    NOT_FOUND = (404, "not_found", "no such path", False)
+    METHOD_NOT_ALLOWED = (405, "method_not_allowed", "the path does not take this method", False)
+    REQUEST_TIMEOUT = (408, "request_timeout", "the request headers came too slowly", False)
+    JOB_NOT_DONE = (409, "job_not_done", "the video job has no result (yet)", False)
+    PAYLOAD_TOO_LARGE = (413, "too_large", "the body or a form field is over its byte limit", False)
+    IMAGE_TOO_LARGE = (413, "image_too_large", "too many pixels in or out", False)
+    UNSUPPORTED_MEDIA_TYPE = (415, "unsupported_media_type", "the body is not multipart", False)
+    UNSUPPORTED_FORMAT = (415, "unsupported_format", "image format not allowed (sniffed)", False)
+    INVALID_PARAMETER = (422, "invalid_parameter", "a form field is missing, unknown or bad", False)
+    QUEUE_FULL = (429, "queue_full", "the model queue has no room for the faces", True)
+    OVERLOADED = (
+        429,
+        "overloaded",
+        "the work queued ahead would not finish before this request's deadline",
+        True,
+    )
+    TOO_MANY_REQUESTS = (429, "too_many_requests", "too many requests in progress", True)
+    CLIENT_DISCONNECTED = (499, "client_disconnected", "the client went away (logs only)", True)
+    INTERNAL = (500, "internal", "a bug: quote the X-Request-Id when reporting it", False)
+    NOT_READY = (503, "not_ready", "the model is loading or warming up", True)
+    MODEL_FAILED = (503, "model_failed", "loading the model failed or its worker stopped", True)
+    SHUTTING_DOWN = (503, "shutting_down", "the server is shutting down", True)
+    DEADLINE_EXCEEDED = (504, "deadline_exceeded", "the request passed its deadline", True)
+
+    def __init__(self, status: int, type_: str, description: str, rejection: bool) -> None:
+        self.status = status
+        self.type = type_
+        self.description = description
+        self.rejection = rejection
 
 
-# Model-package exceptions -> (status, type). Order matters: the first isinstance match wins.
-_MODEL_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
-    (ImageDecodeError, 400, "invalid_image"),
-    (ImageTooLargeError, 413, "too_large"),
-    (UnsupportedFormatError, 415, "unsupported_format"),
-    (InvalidInputError, 422, "invalid_parameter"),
-    (VideoDecodeError, 400, "invalid_video"),
-    (NoVideoStreamError, 400, "invalid_video"),
-    (UnsupportedVideoCodecError, 415, "unsupported_format"),
+# Kinds that carry a Retry-After header, and its default in seconds.
+RETRY_AFTER_DEFAULT_S = {
+    ErrorKind.QUEUE_FULL: 1.0,
+    ErrorKind.OVERLOADED: 1.0,
+    ErrorKind.TOO_MANY_REQUESTS: 1.0,
+    ErrorKind.NOT_READY: 5.0,
+    ErrorKind.MODEL_FAILED: 5.0,
+    ErrorKind.SHUTTING_DOWN: 1.0,
+}
+
+
+class ServiceError(Exception):
+    """An error answer: its kind, a message for people, and extra headers."""
+
+    def __init__(
+        self,
+        kind: ErrorKind,
+        message: str,
+        *,
+        retry_after_s: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+        self.headers = dict(headers or {})
+        if kind is ErrorKind.UNAUTHORIZED:
+            self.headers["WWW-Authenticate"] = "Bearer"
+        if kind in RETRY_AFTER_DEFAULT_S:
+            seconds = RETRY_AFTER_DEFAULT_S[kind] if retry_after_s is None else retry_after_s
+            self.headers["Retry-After"] = str(max(1, math.ceil(seconds)))
+
+    @property
+    def status_code(self) -> int:
+        return self.kind.status
+
+    @property
+    def error_type(self) -> str:
+        return self.kind.type
+
+
+# Exceptions raised outside this package -> their kind. The first isinstance match wins.
+_EXCEPTION_KINDS: tuple[tuple[type[Exception], ErrorKind], ...] = (
+    (VideoDecodeError, ErrorKind.INVALID_VIDEO),
+    (NoVideoStreamError, ErrorKind.INVALID_VIDEO),
+    (UnsupportedVideoCodecError, ErrorKind.UNSUPPORTED_FORMAT),
+    (ImageDecodeError, ErrorKind.INVALID_IMAGE),
+    (ImageTooLargeError, ErrorKind.IMAGE_TOO_LARGE),
+    (UnsupportedFormatError, ErrorKind.UNSUPPORTED_FORMAT),
+    (InvalidInputError, ErrorKind.INVALID_PARAMETER),
+    (QueueFullError, ErrorKind.QUEUE_FULL),
+    (DeadlineUnreachableError, ErrorKind.OVERLOADED),
+    (BatcherClosedError, ErrorKind.SHUTTING_DOWN),
 )
 
-_HTTP_TYPES = {
-    400: "malformed_request",
-    401: "unauthorized",
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "too_large",
-    415: "unsupported_media_type",
-    422: "invalid_parameter",
-    429: "queue_full",
-    503: "not_ready",
-    504: "deadline_exceeded",
+_BY_STATUS = {
+    400: ErrorKind.MALFORMED_REQUEST,
+    401: ErrorKind.UNAUTHORIZED,
+    404: ErrorKind.NOT_FOUND,
+    405: ErrorKind.METHOD_NOT_ALLOWED,
+    413: ErrorKind.PAYLOAD_TOO_LARGE,
+    415: ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorKind.INVALID_PARAMETER,
 }
 
 
@@ -138,66 +152,109 @@ def error_body(error_type: str, message: str) -> dict[str, dict[str, str]]:
     return {"error": {"type": error_type, "message": message}}
 
 
-def error_response(
-    status_code: int, error_type: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(error_type, message), status_code=status_code, headers=headers)
+def error_response(error: ServiceError) -> JSONResponse:
+    body = error_body(error.error_type, error.message)
+    return JSONResponse(body, status_code=error.status_code, headers=error.headers)
 
 
 def to_service_error(exc: BaseException) -> ServiceError | None:
     """The HTTP meaning of a known exception; None for anything else (a bug: 500)."""
     if isinstance(exc, ServiceError):
         return exc
-    if isinstance(exc, QueueFullError):
-        return TooManyRequestsError(str(exc), exc.retry_after_s)
-    if isinstance(exc, BatcherClosedError):
-        return NotReadyError("the server is shutting down", retry_after_s=1.0)
-    for cls, status, error_type in _MODEL_ERRORS:
+    retry = getattr(exc, "retry_after_s", None)
+    for cls, kind in _EXCEPTION_KINDS:
         if isinstance(exc, cls):
-            err = ServiceError(str(exc) or cls.__name__)
-            err.status_code, err.error_type = status, error_type
-            return err
+            return ServiceError(kind, str(exc) or cls.__name__, retry_after_s=retry)
     return None
+
+
+def count_error(metrics: Any, path: str, kind: ErrorKind) -> None:
+    """The one place errors and rejections are counted (probes and /metrics are not)."""
+    if metrics is None or path in UNCOUNTED_PATHS:
+        return
+    metrics.errors.labels(type=kind.type).inc()
+    if kind.rejection:
+        metrics.rejected.labels(reason=kind.type).inc()
+
+
+def _count(request: Request, kind: ErrorKind) -> None:
+    count_error(getattr(request.app.state, "metrics", None), request.url.path, kind)
 
 
 async def _service_error_handler(request: Request, exc: Exception) -> JSONResponse:
     mapped = to_service_error(exc)
     if mapped is None:  # not ours to map: the middleware logs it as a bug and answers 500
         raise exc
-    _count(request, mapped.error_type)
-    return error_response(mapped.status_code, mapped.error_type, mapped.message, mapped.headers)
+    _count(request, mapped.kind)
+    return error_response(mapped)
 
 
 async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    error_type = _HTTP_TYPES.get(exc.status_code, "http_error")
-    _count(request, error_type)
+    kind = _BY_STATUS.get(exc.status_code, ErrorKind.MALFORMED_REQUEST)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return error_response(exc.status_code, error_type, message, dict(exc.headers or {}))
+    _count(request, kind)
+    return error_response(ServiceError(kind, message, headers=dict(exc.headers or {})))
 
 
 async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    _count(request, "invalid_parameter")
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
         parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
-    return error_response(422, "invalid_parameter", "; ".join(parts) or "invalid request")
-
-
-def _count(request: Request, error_type: str) -> None:
-    metrics = getattr(request.app.state, "metrics", None)
-    if metrics is not None:
-        metrics.errors.labels(type=error_type).inc()
+    _count(request, ErrorKind.INVALID_PARAMETER)
+    message = "; ".join(parts) or "invalid request"
+    return error_response(ServiceError(ErrorKind.INVALID_PARAMETER, message))
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Register the handlers; unexpected exceptions are the request middleware's job."""
     app.add_exception_handler(ServiceError, _service_error_handler)
-    app.add_exception_handler(QueueFullError, _service_error_handler)
-    app.add_exception_handler(BatcherClosedError, _service_error_handler)
-    for cls, _, _ in _MODEL_ERRORS:
+    for cls, _ in _EXCEPTION_KINDS:
         app.add_exception_handler(cls, _service_error_handler)
     app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)
+
+
+# --- OpenAPI -----------------------------------------------------------------------------------
+
+RETRY_AFTER_HEADER = {
+    "description": "seconds to wait before retrying",
+    "schema": {"type": "integer", "minimum": 1},
+}
+REQUEST_ID_HEADER = {
+    "description": "the request's id (the client's X-Request-Id if it is a short token)",
+    "schema": {"type": "string"},
+}
+
+
+def openapi_responses(*kinds: ErrorKind) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route, built from the table: one entry per status, an example per
+    kind, and the headers those kinds carry."""
+    from service.schemas import ErrorBody  # schemas imports nothing from here; avoids a cycle
+
+    out: dict[int | str, dict[str, Any]] = {}
+    for kind in kinds:
+        entry = out.setdefault(
+            kind.status,
+            {
+                "model": ErrorBody,
+                "description": "",
+                "content": {"application/json": {"examples": {}}},
+                "headers": {"X-Request-Id": REQUEST_ID_HEADER},
+            },
+        )
+        line = f"`{kind.type}`: {kind.description}"
+        entry["description"] = f"{entry['description']}; {line}" if entry["description"] else line
+        example = error_body(kind.type, kind.description)
+        entry["content"]["application/json"]["examples"][kind.type] = {"value": example}
+        if kind in RETRY_AFTER_DEFAULT_S:
+            entry["headers"]["Retry-After"] = RETRY_AFTER_HEADER
+        if kind is ErrorKind.UNAUTHORIZED:
+            entry["headers"]["WWW-Authenticate"] = {"schema": {"type": "string"}}
+    return out
+
+
+# What every route can answer, whatever its own errors.
+COMMON_KINDS = (ErrorKind.INTERNAL,)

@@ -23,15 +23,7 @@ from model.errors import InvalidInputError
 from model.video.config import VIDEO_SUFFIXES
 from model.video.io import VideoSource
 from model.video.restore import VideoOptions
-from service.errors import (
-    ClientDisconnectedError,
-    InvalidParameterError,
-    MalformedRequestError,
-    PayloadTooLargeError,
-    ServiceError,
-    TooManyRequestsError,
-    UnsupportedMediaTypeError,
-)
+from service.errors import ErrorKind, ServiceError
 from service.jobs import Job, JobManager, JobState
 from service.routes import get_service, require_api_key
 from service.state import ServiceState
@@ -52,13 +44,17 @@ MEDIA_TYPES = {
 
 
 class JobNotFoundError(ServiceError):
-    status_code, error_type = 404, "not_found"
+    """No job with that id (finished jobs expire)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.NOT_FOUND, message)
 
 
 class JobNotDoneError(ServiceError):
     """The result of a job that has not succeeded (yet)."""
 
-    status_code, error_type = 409, "job_not_done"
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorKind.JOB_NOT_DONE, message)
 
 
 def get_jobs(request: Request) -> JobManager:
@@ -105,32 +101,42 @@ class _VideoPart:
         kind, params = parse_options_header(self._headers.get(b"content-disposition", b""))
         name = params.get(b"name")
         if kind != b"form-data" or not name:
-            raise MalformedRequestError("a multipart field has no Content-Disposition name")
+            raise ServiceError(
+                ErrorKind.MALFORMED_REQUEST, "a multipart field has no Content-Disposition name"
+            )
         self._name = name.decode("utf-8", "replace")
         if self._name == VIDEO_FIELD:
             if self.path is not None:
-                raise InvalidParameterError("send exactly one 'video' field")
+                raise ServiceError(ErrorKind.INVALID_PARAMETER, "send exactly one 'video' field")
             self.filename = Path(params.get(b"filename", b"").decode("utf-8", "replace")).name
             suffix = Path(self.filename).suffix.lower()
             if suffix not in VIDEO_SUFFIXES:
-                raise UnsupportedMediaTypeError(
-                    f"the video's file name must end in one of {' '.join(VIDEO_SUFFIXES)}"
+                raise ServiceError(
+                    ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+                    f"the video's file name must end in one of {' '.join(VIDEO_SUFFIXES)}",
                 )
             self.path = self.target_dir / f"input{suffix}"
             self._file = self.path.open("wb")
         elif self._name not in FIELDS:
-            raise InvalidParameterError(f"unknown form field {self._name!r}; known: {FIELDS}")
+            raise ServiceError(
+                ErrorKind.INVALID_PARAMETER, f"unknown form field {self._name!r}; known: {FIELDS}"
+            )
 
     def _data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
             self._size += end - start
             if self._size > self.max_bytes:
-                raise PayloadTooLargeError(f"the video is over the {self.max_bytes} byte limit")
+                raise ServiceError(
+                    ErrorKind.PAYLOAD_TOO_LARGE,
+                    f"the video is over the {self.max_bytes} byte limit",
+                )
             self._file.write(data[start:end])
         else:
             self._text += data[start:end]
             if len(self._text) > MAX_FIELD_BYTES:
-                raise PayloadTooLargeError(f"form field {self._name!r} is too long")
+                raise ServiceError(
+                    ErrorKind.PAYLOAD_TOO_LARGE, f"form field {self._name!r} is too long"
+                )
 
     def _end(self) -> None:
         if self._file is not None:
@@ -147,11 +153,13 @@ class _VideoPart:
 async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoPart:
     kind, params = parse_options_header(request.headers.get("content-type"))
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
-        raise UnsupportedMediaTypeError("send multipart/form-data with the file in 'video'")
+        raise ServiceError(
+            ErrorKind.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the file in 'video'"
+        )
     limit = max_bytes + MULTIPART_OVERHEAD
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLargeError(f"the request body is over {limit} bytes")
+        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {limit} bytes")
     part = _VideoPart(folder, max_bytes)
     parser = MultipartParser(params[b"boundary"], part.callbacks())
     try:
@@ -159,19 +167,27 @@ async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoP
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise PayloadTooLargeError(f"the request body is over {limit} bytes")
+                raise ServiceError(
+                    ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {limit} bytes"
+                )
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect as exc:
-        raise ClientDisconnectedError("the client disconnected during the upload") from exc
+        raise ServiceError(
+            ErrorKind.CLIENT_DISCONNECTED, "the client disconnected during the upload"
+        ) from exc
     except (MultipartParseError, ValueError) as exc:
-        raise MalformedRequestError(f"the multipart body cannot be parsed: {exc}") from exc
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST, f"the multipart body cannot be parsed: {exc}"
+        ) from exc
     finally:
         part.close()
     if not part.ended:
-        raise MalformedRequestError("the multipart body ended before its closing boundary")
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"
+        )
     if part.path is None:
-        raise InvalidParameterError("the multipart field 'video' is missing")
+        raise ServiceError(ErrorKind.INVALID_PARAMETER, "the multipart field 'video' is missing")
     return part
 
 
@@ -192,7 +208,7 @@ def _options(fields: dict[str, str], service: ServiceState) -> VideoOptions:
             raise InvalidInputError(f"max_faces is at most {s.max_faces}")
         return options.validated()
     except (ValueError, InvalidInputError) as exc:
-        raise InvalidParameterError(f"bad video option: {exc}") from exc
+        raise ServiceError(ErrorKind.INVALID_PARAMETER, f"bad video option: {exc}") from exc
 
 
 def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) -> None:
@@ -200,9 +216,10 @@ def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) ->
     with VideoSource(path, start_s=options.start_s, duration_s=options.duration_s) as source:
         frames = source.expected_frames()
     if frames is not None and frames > max_frames:
-        raise PayloadTooLargeError(
+        raise ServiceError(
+            ErrorKind.PAYLOAD_TOO_LARGE,
             f"{filename} has {frames} frames in the asked range, over the {max_frames} limit; "
-            "send a shorter piece (start, duration)"
+            "send a shorter piece (start, duration)",
         )
 
 
@@ -216,10 +233,11 @@ async def submit(
     max_faces); 202 with the job, whose progress GET /v1/jobs/{id} reports."""
     service.check_ready()
     if not jobs.has_room():
-        raise TooManyRequestsError(
+        raise ServiceError(
+            ErrorKind.TOO_MANY_REQUESTS,
             f"{len(jobs.jobs)} video jobs held (limit {jobs.settings.max_jobs}); fetch or "
             "DELETE finished ones",
-            jobs.retry_after_s(),
+            retry_after_s=jobs.retry_after_s(),
         )
     job_id, folder = jobs.new_folder()
     filename = "the upload"

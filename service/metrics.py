@@ -16,9 +16,14 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     ProcessCollector,
+    disable_created_metrics,
     generate_latest,
 )
+
+# `_created` series double every counter and histogram and no dashboard reads them.
+disable_created_metrics()
 
 # 1 ms .. 60 s, roughly 1-2.5-5 per decade: a CPU batch of real weights takes ~60 s.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -97,9 +102,30 @@ class Metrics:
             ["device", "kind"],
             registry=reg,
         )
+        self.ready = Gauge(
+            "osdface_ready",
+            "1 when /readyz answers 200 (weights loaded, warmed up, not draining), else 0.",
+            registry=reg,
+        )
+        self.startup_duration = Gauge(
+            "osdface_startup_duration_seconds",
+            "Seconds the start-up steps took: load (weights) and warmup (first batch).",
+            ["step"],
+            registry=reg,
+        )
+        self.build_info = Info(
+            "osdface_build",
+            "Versions and the model's placement: version, torch, diffusers, device, dtype, "
+            "detector.",
+            registry=reg,
+        )
         ProcessCollector(registry=reg)  # process_resident_memory_bytes and friends
         for stage in STAGES:  # export zeros from the start so dashboards see every series
             self.stage_duration.labels(stage=stage)
+
+    def describe_build(self, **labels: str) -> None:
+        """Set `osdface_build_info` (label values are short strings)."""
+        self.build_info.info({k: str(v) for k, v in labels.items()})
 
     def watch_device(self, device: torch.device) -> None:
         """Read device memory at scrape time (no polling thread)."""

@@ -6,95 +6,133 @@ import asyncio
 import base64
 import secrets
 import time
-from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
-from model.codecs.formats import CONTENT_TYPES, normalize_format
+from model.codecs.formats import normalize_format
 from model.errors import InvalidInputError
 from model.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
 from service.background import background_on_worker, both
-from service.batching import BatchResult, QueueFullError
+from service.batching import BatchResult
 from service.errors import (
-    ClientDisconnectedError,
-    DeadlineExceededError,
-    InvalidParameterError,
-    NotReadyError,
-    UnauthorizedError,
+    ErrorKind,
+    ServiceError,
 )
-from service.schemas import ErrorBody, FaceOut, Health, Info, Ready, RestoreForm, RestoreResult
+from service.openapi import (
+    OK_HEADERS,
+    RESTORE_BODY,
+    RESTORE_RESPONSES,
+    ops_responses,
+)
+from service.schemas import (
+    FaceOut,
+    Health,
+    Info,
+    QueueStatus,
+    Ready,
+    RestoreForm,
+    RestoreResult,
+)
 from service.settings import Settings
-from service.state import Phase, ServiceState
-from service.upload import IMAGE_FIELD, read_upload
+from service.state import SERVICE_NAME, ServiceState, service_version
+from service.upload import read_upload
 
 router = APIRouter()
 
-SERVICE_NAME = "osdface-service"
-RESULT_HEADERS = ("X-Faces-Detected", "X-Queue-Time", "X-Inference-Time", "X-Total-Time")
-RESULT_HEADERS += ("X-Background-Time", "X-Output-Format")
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in {
-        400: "the file is not a decodable image, or the multipart body is malformed",
-        401: "missing or wrong API key (only when one is configured)",
-        413: "too many bytes, pixels, or output pixels",
-        415: "format not allowed (sniffed from the bytes), or the body is not multipart",
-        422: "a form field is missing, unknown or out of range",
-        429: "the queue is full; retry after the Retry-After header's seconds",
-        503: "not ready yet (loading, warming up) or shutting down",
-        504: "the request passed its deadline",
-    }.items()
-}
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="the API key, when the server has one (`OSDFACE_API_KEY`); else not needed",
+)
 
 
 def get_service(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def require_api_key(request: Request, service: ServiceState = Depends(get_service)) -> None:
+def require_api_key(
+    credentials: HTTPAuthorizationCredentials | None = Security(_bearer),
+    service: ServiceState = Depends(get_service),
+) -> None:
     """`Authorization: Bearer <key>` when `api_key` is set; constant-time comparison."""
     expected = service.settings.api_key
     if not expected:
         return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(
-        given.strip().encode(), expected.encode()
-    ):
-        raise UnauthorizedError("a valid 'Authorization: Bearer <API key>' header is required")
+    given = credentials.credentials.strip() if credentials else ""
+    if not secrets.compare_digest(given.encode(), expected.encode()):
+        raise ServiceError(
+            ErrorKind.UNAUTHORIZED, "a valid 'Authorization: Bearer <API key>' header is required"
+        )
 
 
 # --- health, readiness, metrics, info ----------------------------------------------------------
 
 
-@router.get("/healthz", response_model=Health, tags=["ops"])
+@router.get(
+    "/healthz",
+    response_model=Health,
+    tags=["ops"],
+    operation_id="healthz",
+    responses={200: {"headers": OK_HEADERS}, **ops_responses()},
+)
 async def healthz() -> Health:
     """The process is alive and its event loop answers."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Ready, responses={503: _ERRORS[503]}, tags=["ops"])
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    tags=["ops"],
+    operation_id="readyz",
+    responses={
+        200: {"headers": OK_HEADERS},
+        **ops_responses(ErrorKind.NOT_READY, ErrorKind.MODEL_FAILED, ErrorKind.SHUTTING_DOWN),
+    },
+)
 async def readyz(service: ServiceState = Depends(get_service)) -> Ready:
     """Weights loaded and one warm-up batch done; 503 with the reason otherwise."""
-    if service.phase is not Phase.READY:
-        raise NotReadyError(service.reason)
+    service.check_ready()
     return Ready(status="ready")
 
 
-@router.get("/metrics", tags=["ops"], response_class=Response)
+@router.get(
+    "/metrics",
+    tags=["ops"],
+    response_class=Response,
+    operation_id="metrics",
+    responses={
+        200: {
+            "description": "Prometheus text exposition format 0.0.4",
+            "content": {"text/plain": {"example": "osdface_ready 1.0\n"}},
+            "headers": OK_HEADERS,
+        },
+        **ops_responses(),
+    },
+)
 async def metrics(service: ServiceState = Depends(get_service)) -> Response:
     """Prometheus text exposition."""
     body, content_type = service.metrics.render()
     return Response(body, media_type=content_type)
 
 
-@router.get("/v1/info", response_model=Info, responses={503: _ERRORS[503]}, tags=["ops"])
+@router.get(
+    "/v1/info",
+    response_model=Info,
+    tags=["ops"],
+    operation_id="info",
+    responses={
+        200: {"headers": OK_HEADERS},
+        **ops_responses(ErrorKind.NOT_READY, ErrorKind.MODEL_FAILED, ErrorKind.SHUTTING_DOWN),
+    },
+)
 async def info(service: ServiceState = Depends(get_service)) -> Info:
     """Model files and checksums, device, dtype, versions, batching settings and limits."""
     if service.restorer is None or service.detector is None:
-        raise NotReadyError(service.reason)
+        service.check_ready()  # says why: loading, failed or shutting down
+        raise ServiceError(ErrorKind.NOT_READY, service.reason)
     s = service.settings
     return Info(
         service={
@@ -126,40 +164,34 @@ async def info(service: ServiceState = Depends(get_service)) -> Info:
     )
 
 
-# --- restore -----------------------------------------------------------------------------------
+@router.get(
+    "/v1/queue",
+    response_model=QueueStatus,
+    tags=["ops"],
+    operation_id="queue",
+    responses={200: {"headers": OK_HEADERS}, **ops_responses(ErrorKind.NOT_READY)},
+)
+async def queue(service: ServiceState = Depends(get_service)) -> QueueStatus:
+    """Faces queued and the predicted wait for one more, from the model worker's speed."""
+    if service.batcher is None:
+        raise ServiceError(ErrorKind.NOT_READY, service.reason)
+    return QueueStatus(
+        queued_faces=service.batcher.queued,
+        requests_in_flight=service.inflight,
+        predicted_wait_s=round(service.batcher.predicted_finish_s(1), 3),
+    )
 
-_FORM_SCHEMA = RestoreForm.model_json_schema()
-_RESTORE_BODY = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": [IMAGE_FIELD],
-                "properties": {
-                    IMAGE_FIELD: {"type": "string", "format": "binary"},
-                    **_FORM_SCHEMA["properties"],
-                },
-            }
-        }
-    },
-}
-_IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}}
+
+# --- restore -----------------------------------------------------------------------------------
 
 
 @router.post(
     "/restore",
     tags=["restore"],
     response_class=Response,
-    openapi_extra={"requestBody": _RESTORE_BODY},
-    responses={
-        200: {
-            "description": "the restored image (or JSON with `Accept: application/json`)",
-            "model": RestoreResult,
-            "content": {t: _IMAGE_CONTENT for t in CONTENT_TYPES.values()},
-        },
-        **_ERRORS,
-    },
+    operation_id="restore",
+    openapi_extra={"requestBody": RESTORE_BODY},
+    responses=RESTORE_RESPONSES,
 )
 async def restore(
     request: Request,
@@ -168,13 +200,16 @@ async def restore(
 ) -> Response:
     """Restore the faces of one photo (or one aligned 512x512 face with `aligned=true`).
 
-    No face found is a 200 with `X-Faces-Detected: 0` and the image unchanged.
+    No face found is a 200 with `X-Faces-Detected: 0` and the image unchanged. A request the
+    model worker cannot finish before its deadline is refused at once: 429 `overloaded`.
     """
     service.check_ready()
     settings = service.settings
     started = request.scope.get("state", {}).get("started_at", time.monotonic())
     deadline = started + settings.request_timeout_s
     with service.admitted():
+        assert service.batcher is not None
+        service.batcher.admit(1, deadline)  # queue room and time, before reading the upload
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
                 upload = await read_upload(request, settings.max_upload_bytes)
@@ -184,34 +219,37 @@ async def restore(
                 )
                 result, batch = await _unless_disconnected(work, request)
         except TimeoutError as exc:
-            service.metrics.rejected.labels(reason="deadline").inc()
-            raise DeadlineExceededError(
-                f"the request did not finish within {settings.request_timeout_s:g} s"
+            raise ServiceError(
+                ErrorKind.DEADLINE_EXCEEDED,
+                f"the request did not finish within {settings.request_timeout_s:g} s",
             ) from exc
-        except ClientDisconnectedError:
-            service.metrics.rejected.labels(reason="client_disconnected").inc()
-            raise
     total = time.monotonic() - started
     return _response(request, result, batch, total)
 
 
 def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
-    """Form fields (strings) -> validated RestoreOptions; InvalidParameterError if not."""
+    """Form fields (strings) -> validated RestoreOptions; a 422 ServiceError if not."""
     given = {name: value for name, value in fields.items() if value != ""}
     try:
         form = RestoreForm.model_validate(given)
     except ValidationError as exc:
-        raise InvalidParameterError(_describe(exc)) from exc
+        raise ServiceError(ErrorKind.INVALID_PARAMETER, _describe(exc)) from exc
     if form.max_faces is not None and form.max_faces > settings.max_faces:
-        raise InvalidParameterError(f"max_faces is at most {settings.max_faces} on this server")
+        raise ServiceError(
+            ErrorKind.INVALID_PARAMETER, f"max_faces is at most {settings.max_faces} on this server"
+        )
     if form.background != "none" and form.background not in settings.background_models:
-        raise InvalidParameterError(
+        raise ServiceError(
+            ErrorKind.INVALID_PARAMETER,
             f"background {form.background} is not loaded on this server "
-            f"(loaded: {', '.join(settings.background_models) or 'none'})"
+            f"(loaded: {', '.join(settings.background_models) or 'none'})",
         )
     fmt = normalize_format(form.output_format) if form.output_format else None
     if fmt is not None and fmt not in settings.allowed_formats:
-        raise InvalidParameterError(f"output_format must be one of {settings.allowed_formats}")
+        raise ServiceError(
+            ErrorKind.INVALID_PARAMETER,
+            f"output_format must be one of {', '.join(settings.allowed_formats)}",
+        )
     return RestoreOptions(
         aligned=form.aligned,
         only_center_face=form.only_center_face,
@@ -251,9 +289,6 @@ async def _restore_photo(
         batch, background = await both(faces, work)
         restored = batch.output if batch is not None else restored
         result = await service.run_cpu(finish_photo, prepared, restored, background)
-    except QueueFullError:
-        service.metrics.rejected.labels(reason="queue_full").inc()
-        raise
     except InvalidInputError as exc:
         # The client's input was accepted by prepare_photo; an input error past that point
         # (a bad tensor into the restorer, NaN out of it) is ours: a 500, not a 422.
@@ -274,7 +309,9 @@ async def _unless_disconnected(
         await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             return work.result()
-        raise ClientDisconnectedError("the client disconnected before the answer was ready")
+        raise ServiceError(
+            ErrorKind.CLIENT_DISCONNECTED, "the client disconnected before the answer was ready"
+        )
     finally:
         work.cancel()
         watcher.cancel()
@@ -301,6 +338,8 @@ def _response(
         "X-Output-Format": result.format,
         "Vary": "Accept",
     }
+    if result.dropped_metadata:
+        headers["X-Metadata-Dropped"] = ",".join(result.dropped_metadata)
     if not wants_json(request.headers.get("accept", "")):
         return Response(result.data, media_type=result.content_type, headers=headers)
     stages = dict(result.timings)
@@ -340,12 +379,3 @@ def wants_json(accept: str) -> bool:
         elif media.startswith("image/"):
             image_q = max(image_q, q)
     return json_q > 0 and json_q >= image_q
-
-
-def service_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(SERVICE_NAME)
-    except PackageNotFoundError:
-        return "0+unknown"

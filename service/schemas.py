@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.codecs.formats import FORMATS
 from model.config import BackgroundName
 from model.pipeline import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
 
@@ -17,6 +18,12 @@ class ErrorDetail(BaseModel):
 
 class ErrorBody(BaseModel):
     error: ErrorDetail
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"error": {"type": "queue_full", "message": "model queue full"}}]
+        }
+    )
 
 
 class RestoreForm(BaseModel):
@@ -48,8 +55,9 @@ class RestoreForm(BaseModel):
     )
     output_format: str | None = Field(
         RestoreOptions.output_format,
-        description="png, jpeg, webp, heic or avif; default: the input's format when the "
-        "server can write it, else png (the X-Output-Format header says which)",
+        description="png, jpeg (or jpg), webp, heic or avif; default: the input's format when "
+        "the server can write it, else png (the X-Output-Format header says which)",
+        json_schema_extra={"enum": [*FORMATS, "jpg"]},
     )
     quality: int = Field(
         RestoreOptions.quality,
@@ -57,6 +65,24 @@ class RestoreForm(BaseModel):
         le=MAX_QUALITY,
         description="JPEG / lossy WebP quality",
     )
+
+
+def form_properties() -> dict[str, Any]:
+    """RestoreForm's JSON-schema properties as a multipart form sends them: a field is a value
+    or absent, never `null` (an empty field means the default), with its default as example."""
+    properties = RestoreForm.model_json_schema()["properties"]
+    out = {}
+    for name, prop in properties.items():
+        prop = dict(prop)
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if variants:
+            prop.update(variants[0])
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        if "default" in prop:
+            prop["examples"] = [prop["default"]]
+        out[name] = prop
+    return out
 
 
 class FaceOut(BaseModel):
@@ -72,6 +98,29 @@ class Timings(BaseModel):
     stages: dict[str, float] = Field(description="seconds per stage (decode, detect, unet, ...)")
 
 
+RESULT_EXAMPLE = {
+    "image": "iVBORw0KGgo...",
+    "content_type": "image/png",
+    "width": 512,
+    "height": 512,
+    "faces_detected": 1,
+    "faces": [
+        {
+            "box": [0.0, 0.0, 512.0, 512.0],
+            "landmarks": [
+                [192.98, 239.95],
+                [318.9, 240.19],
+                [256.63, 314.02],
+                [201.26, 371.41],
+                [313.09, 371.15],
+            ],
+            "score": 1.0,
+        }
+    ],
+    "timings": {"queue": 0.01, "inference": 1.9, "total": 2.0, "stages": {"decode": 0.003}},
+}
+
+
 class RestoreResult(BaseModel):
     image: str = Field(description="the restored image file, base64")
     content_type: str
@@ -81,18 +130,54 @@ class RestoreResult(BaseModel):
     faces: list[FaceOut]
     timings: Timings
 
+    model_config = ConfigDict(json_schema_extra={"examples": [RESULT_EXAMPLE]})
+
 
 class Health(BaseModel):
-    status: str = Field(description="ok")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+
+    status: Literal["ok"] = Field(description="ok")
 
 
 class Ready(BaseModel):
-    status: str = Field(description="ready")
+    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ready"}]})
+
+    status: Literal["ready"] = Field(description="ready")
 
 
 class Info(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "service": {"name": "osdface-service", "version": "0.1.0", "phase": "ready"},
+                    "model": {"device": "cuda:0", "dtype": "float16", "files": {}},
+                    "detector": {"name": "retinaface_resnet50"},
+                    "batching": {"max_batch_faces": 8, "request_timeout_s": 60.0},
+                    "limits": {"max_upload_bytes": 20971520, "max_faces": 16},
+                }
+            ]
+        }
+    )
+
     service: dict[str, Any] = Field(description="name, version, uptime")
     model: dict[str, Any] = Field(description="files and sha256, device, dtype, versions")
     detector: dict[str, Any]
     batching: dict[str, Any]
     limits: dict[str, Any]
+
+
+class QueueStatus(BaseModel):
+    """What a new request would wait for now (the page shows it while restoring)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"queued_faces": 3, "requests_in_flight": 2, "predicted_wait_s": 4.2}]
+        }
+    )
+
+    queued_faces: int = Field(description="faces waiting for the model worker")
+    requests_in_flight: int = Field(description="POST /restore requests being served")
+    predicted_wait_s: float = Field(
+        description="predicted seconds until one more face would be restored (0: no estimate)"
+    )

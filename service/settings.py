@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.codecs.formats import FORMATS, ImageFormat, ImageLimits
@@ -48,16 +50,18 @@ class Settings(BaseSettings):
     detect_max_side: PositiveInt = Field(
         DetectorConfig.max_side, description="detect on a copy downscaled to this"
     )
-    detect_threshold: float = Field(DetectorConfig.threshold, ge=0.0, le=1.0)
+    detect_threshold: float = Field(DetectorConfig.threshold, ge=0.0, le=1.0, allow_inf_nan=False)
     min_face_size: PositiveInt = Field(
         DetectorConfig.min_face_size, description="smallest face side in pixels"
     )
 
     # --- batching -------------------------------------------------------------------------
     max_batch_faces: PositiveInt = 8
-    max_batch_delay_ms: float = Field(10.0, ge=0.0)
+    max_batch_delay_ms: float = Field(10.0, ge=0.0, le=10_000.0, allow_inf_nan=False)
     max_queue_faces: PositiveInt = 64
-    request_timeout_s: float = Field(60.0, gt=0.0, description="deadline per request")
+    request_timeout_s: float = Field(
+        60.0, gt=0.0, le=3600.0, allow_inf_nan=False, description="deadline per request"
+    )
     cpu_workers: PositiveInt = Field(2, description="threads for decode, detect and paste")
 
     # --- limits ---------------------------------------------------------------------------
@@ -72,7 +76,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     api_key: str | None = Field(None, description="if set, /restore needs Authorization: Bearer")
     cors_origins: tuple[str, ...] = ()
-    shutdown_grace_s: float = Field(20.0, ge=0.0)
+    shutdown_grace_s: float = Field(20.0, ge=0.0, le=3600.0, allow_inf_nan=False)
+    headers_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=600.0,
+        allow_inf_nan=False,
+        description="a connection's request headers must be complete within this (else 408)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # --- admission (service area) -------------------------------------------------------------
@@ -150,3 +161,37 @@ class Settings(BaseSettings):
         if self.background_tile <= 2 * self.background_tile_overlap + 2:
             raise ValueError("background_tile must be over 2 * background_tile_overlap + 2")
         return self
+
+
+ENV_PREFIX = "OSDFACE_"
+# OSDFACE_* names that are not settings of the service (read by the test suite only).
+_NOT_SETTINGS = frozenset({"OSDFACE_TEST_ASSETS"})
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
+    """One line per `OSDFACE_*` variable that names no setting, with the closest real name."""
+    known = [env_name(name) for name in Settings.model_fields]
+    lines = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in _NOT_SETTINGS:
+            continue
+        if name.upper() in known:
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        lines.append(f"{name} is not a setting{hint}")
+    return lines
+
+
+def describe_settings_error(exc: ValidationError) -> list[str]:
+    """One line per invalid setting, naming its environment variable."""
+    lines = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err.get("loc") else ""
+        where = env_name(field) if field in Settings.model_fields else (field or "settings")
+        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
+    return lines

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import enum
 import functools
+import importlib.metadata
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -24,18 +25,30 @@ from model.background import BackgroundUpscaler
 from model.codecs.formats import ImageLimits
 from model.config import DetectorConfig
 from model.device import resolve_device, resolve_dtype
+from model.errors import WeightsError
 from model.faces.detect import FaceDetector
 from model.fastpath import FastPathConfig, batch_sizes_up_to
 from model.restorer import OSDFaceRestorer
 from service.background import load_backgrounds
 from service.batching import Batcher, BatchReport
-from service.errors import NotReadyError, TooManyRequestsError
+from service.errors import ErrorKind, ServiceError
 from service.metrics import Metrics
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+SERVICE_NAME = "osdface-service"
+
+
+def service_version() -> str:
+    """The installed distribution's version ("0+unknown" when run from a source tree)."""
+    try:
+        return importlib.metadata.version(SERVICE_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
 
 
 class Phase(enum.StrEnum):
@@ -89,6 +102,19 @@ def fast_path_config(s: Settings) -> FastPathConfig | None:
     )
 
 
+def _remedy(exc: BaseException, s: Settings) -> str:
+    """What to run about a known loading failure (empty when the message already says)."""
+    if "run `" in str(exc):
+        return ""
+    folder = s.weights_dir
+    if isinstance(exc, WeightsError):
+        return (
+            f"; run `osdface weights fetch --dir {folder}`, "
+            f"then `osdface weights verify --dir {folder}`"
+        )
+    return f"; check that {folder} is readable by this user"
+
+
 class ServiceState:
     """The app's runtime; one per app, so tests can run several apps in one process."""
 
@@ -114,7 +140,11 @@ class ServiceState:
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_started: float | None = None
+        self._warmup_batch_s: float | None = None
         self.started_at = time.time()
+        # Called (from any thread) when the service can never become ready: the loading failed
+        # or the model worker died. `osdface serve` makes it end the process with an error.
+        self.on_fatal: Callable[[str], None] = lambda reason: None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -122,21 +152,53 @@ class ServiceState:
         """Load what was not injected, warm up, start the model worker, then report ready."""
         self._loop = asyncio.get_running_loop()
         try:
+            started = time.perf_counter()
             await asyncio.to_thread(self._load_components)
+            self.metrics.startup_duration.labels(step="load").set(time.perf_counter() - started)
             if self.settings.warmup:
                 self.phase, self.reason = Phase.WARMING_UP, "running the warm-up batch"
+                started = time.perf_counter()
                 await asyncio.to_thread(self._warm_up)
+                warmup = time.perf_counter() - started
+                self.metrics.startup_duration.labels(step="warmup").set(warmup)
+        except (WeightsError, OSError) as exc:  # known causes: one line says what to do
+            self._fail(f"loading the model failed: {exc}{_remedy(exc, self.settings)}")
+            return
         except Exception as exc:
             logger.exception("loading the model failed")
-            self.phase, self.reason = Phase.FAILED, f"loading failed: {exc}"
+            self._fail(f"loading the model failed: {type(exc).__name__}: {exc}")
             return
         assert self.restorer is not None
         self.metrics.watch_device(self.restorer.device)
+        self._describe_build()
         self.batcher = self._make_batcher()
+        if self._warmup_batch_s is not None:  # a first speed estimate for admission by time
+            self.batcher.seed_estimate(1, self._warmup_batch_s)
         self.batcher.start()
         if self.phase is not Phase.DRAINING:
             self.phase, self.reason = Phase.READY, "ready"
+            self.metrics.ready.set(1)
             logger.info("ready: %s", self.restorer.describe())
+
+    def _describe_build(self) -> None:
+        assert self.restorer is not None
+        described = self.restorer.describe()
+        versions = described.get("versions", {})
+        self.metrics.describe_build(
+            version=service_version(),
+            torch=versions.get("torch", ""),
+            diffusers=versions.get("diffusers", ""),
+            device=described.get("device", ""),
+            dtype=described.get("dtype", ""),
+            detector=self.settings.detector,
+        )
+
+    def _fail(self, reason: str) -> None:
+        """Never going to be ready: say why in one line, turn readiness off, tell the owner."""
+        logger.error("%s", reason)
+        self.phase, self.reason = Phase.FAILED, reason
+        self.metrics.ready.set(0)
+        self.on_fatal(reason)
 
     def _load_components(self) -> None:
         s = self.settings
@@ -159,6 +221,11 @@ class ServiceState:
         assert self.restorer is not None and self.detector is not None
         start = time.perf_counter()
         self.restorer.warmup(batch_size=1)
+        # One more call, timed, seeds admission by time: the first paid one-off costs.
+        size = self.restorer.config.image_size
+        timed = time.perf_counter()
+        self.restorer(torch.full((1, 3, size, size), 0.5))
+        self._warmup_batch_s = time.perf_counter() - timed
         self.detector.detect(np.zeros((64, 64, 3), dtype=np.uint8))
         logger.info("warm-up done in %.2f s", time.perf_counter() - start)
 
@@ -183,12 +250,18 @@ class ServiceState:
             on_batch=on_batch,
             on_queue_wait=metrics.queue_wait.observe,
             on_depth=metrics.queue_depth.set,
+            on_death=self._worker_died,
         )
+
+    def _worker_died(self, exc: BaseException) -> None:
+        """Called on the dead worker's thread: readiness off at once, then the process ends."""
+        self._fail(f"the model worker stopped: {type(exc).__name__}: {exc}")
 
     def begin_drain(self) -> None:
         """Refuse new /restore requests; running ones finish, without waiting for batches to
         fill. Safe to call from a signal handler: it sets a flag and schedules the rest."""
         self.phase, self.reason = Phase.DRAINING, "shutting down"
+        self.metrics.ready.set(0)
         self._drain_started = self._drain_started or time.monotonic()
         if self._loop is not None and self.batcher is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
@@ -207,10 +280,17 @@ class ServiceState:
     # --- per request -------------------------------------------------------------------------
 
     def check_ready(self) -> None:
+        if self.phase is Phase.DRAINING:
+            raise ServiceError(ErrorKind.SHUTTING_DOWN, self.reason)
+        if self.phase is Phase.FAILED:
+            raise ServiceError(ErrorKind.MODEL_FAILED, self.reason)
         if self.phase is not Phase.READY:
-            reason = "draining" if self.phase is Phase.DRAINING else "not_ready"
-            self.metrics.rejected.labels(reason=reason).inc()
-            raise NotReadyError(self.reason, retry_after_s=1.0 if reason == "draining" else 5.0)
+            raise ServiceError(ErrorKind.NOT_READY, self.reason)
+
+    @property
+    def inflight(self) -> int:
+        """POST /restore requests admitted and not yet answered."""
+        return self._inflight
 
     @contextmanager
     def admitted(self) -> Iterator[None]:
@@ -220,12 +300,12 @@ class ServiceState:
         a CPU thread), which the face-counting model queue cannot see.
         """
         if self._inflight >= self.settings.max_inflight_requests:
-            self.metrics.rejected.labels(reason="too_many_requests").inc()
             retry = self.batcher.retry_after_s() if self.batcher else 1.0
-            raise TooManyRequestsError(
+            raise ServiceError(
+                ErrorKind.TOO_MANY_REQUESTS,
                 f"{self._inflight} requests in progress (limit "
                 f"{self.settings.max_inflight_requests})",
-                retry,
+                retry_after_s=retry,
             )
         self._inflight += 1
         self.metrics.requests_in_flight.inc()

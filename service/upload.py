@@ -14,13 +14,7 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
-from service.errors import (
-    ClientDisconnectedError,
-    InvalidParameterError,
-    MalformedRequestError,
-    PayloadTooLargeError,
-    UnsupportedMediaTypeError,
-)
+from service.errors import ErrorKind, ServiceError
 
 IMAGE_FIELD = "image"
 MAX_FIELD_BYTES = 1024  # the options are short words and numbers
@@ -71,7 +65,9 @@ class _Collector:
     def on_part_begin(self) -> None:
         self.parts += 1
         if self.parts > MAX_PARTS:
-            raise MalformedRequestError(f"more than {MAX_PARTS} multipart fields")
+            raise ServiceError(
+                ErrorKind.MALFORMED_REQUEST, f"more than {MAX_PARTS} multipart fields"
+            )
         self.part = _Part()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -90,21 +86,32 @@ class _Collector:
         kind, params = parse_options_header(self.part.disposition)
         name = params.get(b"name")
         if kind != b"form-data" or not name:
-            raise MalformedRequestError("a multipart field has no Content-Disposition name")
+            raise ServiceError(
+                ErrorKind.MALFORMED_REQUEST, "a multipart field has no Content-Disposition name"
+            )
         self.part.name = name.decode("utf-8", "replace")
+        if self.part.name != IMAGE_FIELD and b"filename" in params:
+            raise ServiceError(
+                ErrorKind.INVALID_PARAMETER,
+                f"the picture goes in the form field named {IMAGE_FIELD!r}, not {self.part.name!r}",
+            )
         if self.part.name == IMAGE_FIELD and self.image is not None:
-            raise InvalidParameterError("send exactly one 'image' field")
+            raise ServiceError(ErrorKind.INVALID_PARAMETER, "send exactly one 'image' field")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         part = self.part
         part.data += data[start:end]
         if part.name == IMAGE_FIELD:
             if len(part.data) > self.max_image_bytes:
-                raise PayloadTooLargeError(
-                    f"the image is over the {self.max_image_bytes} byte upload limit"
+                raise ServiceError(
+                    ErrorKind.PAYLOAD_TOO_LARGE,
+                    f"the image is over the {self.max_image_bytes} byte upload limit",
                 )
         elif len(part.data) > MAX_FIELD_BYTES:
-            raise PayloadTooLargeError(f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes")
+            raise ServiceError(
+                ErrorKind.PAYLOAD_TOO_LARGE,
+                f"form field {part.name!r} is over {MAX_FIELD_BYTES} bytes",
+            )
 
     def on_part_end(self) -> None:
         part = self.part
@@ -112,7 +119,9 @@ class _Collector:
             self.image = part.data
         elif part.name is not None:
             if part.name in self.fields:
-                raise InvalidParameterError(f"form field {part.name!r} given twice")
+                raise ServiceError(
+                    ErrorKind.INVALID_PARAMETER, f"form field {part.name!r} given twice"
+                )
             self.fields[part.name] = bytes(part.data).decode("utf-8", "replace").strip()
         self.part = _Part()
 
@@ -124,16 +133,21 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
     """Stream and parse the multipart body; raise the service error that explains a refusal."""
     kind, params = parse_options_header(request.headers.get("content-type"))
     if kind != b"multipart/form-data":
-        raise UnsupportedMediaTypeError(
-            "send multipart/form-data with the picture in the 'image' field"
+        raise ServiceError(
+            ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+            "send multipart/form-data with the picture in the 'image' field",
         )
     boundary = params.get(b"boundary")
     if not boundary:
-        raise MalformedRequestError("the multipart Content-Type has no boundary")
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST, "the multipart Content-Type has no boundary"
+        )
     body_limit = max_image_bytes + MULTIPART_OVERHEAD
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_limit:
-        raise PayloadTooLargeError(f"the request body is over {body_limit} bytes")
+        raise ServiceError(
+            ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {body_limit} bytes"
+        )
     collector = _Collector(max_image_bytes)
     try:
         parser = MultipartParser(boundary, collector.callbacks())
@@ -141,15 +155,23 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
         async for chunk in request.stream():
             received += len(chunk)
             if received > body_limit:
-                raise PayloadTooLargeError(f"the request body is over {body_limit} bytes")
+                raise ServiceError(
+                    ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {body_limit} bytes"
+                )
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect as exc:
-        raise ClientDisconnectedError("the client disconnected during the upload") from exc
+        raise ServiceError(
+            ErrorKind.CLIENT_DISCONNECTED, "the client disconnected during the upload"
+        ) from exc
     except (MultipartParseError, ValueError) as exc:
-        raise MalformedRequestError(f"the multipart body cannot be parsed: {exc}") from exc
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST, f"the multipart body cannot be parsed: {exc}"
+        ) from exc
     if not collector.ended:
-        raise MalformedRequestError("the multipart body ended before its closing boundary")
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"
+        )
     if collector.image is None:
-        raise InvalidParameterError("the multipart field 'image' is missing")
+        raise ServiceError(ErrorKind.INVALID_PARAMETER, "the multipart field 'image' is missing")
     return Upload(bytes(collector.image), collector.fields)

@@ -1,4 +1,6 @@
-"""The browser page: `GET /` and its two static files, plain HTML + JS + CSS with no build step.
+"""The browser page (`GET /` and its two static files, plain HTML + JS + CSS with no build step)
+and the API docs (`GET /docs`: the Swagger UI files the `fastapi-offline` package ships, served from
+this process so the docs work without network access).
 
 Files are served from a fixed allow-list (no client-given paths) with a strict Content Security
 Policy: scripts and styles only from this origin, images from this origin, `data:` (the
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+import fastapi_offline
+from fastapi import APIRouter, HTTPException
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -59,3 +63,37 @@ def _static_route(name: str, media_type: str) -> None:
 
 for _name, _media_type in _STATIC_FILES.items():
     _static_route(_name, _media_type)
+
+
+# --- API docs ------------------------------------------------------------------------------------
+
+SWAGGER_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+# name -> media type; the only files of the bundle served.
+_SWAGGER_FILES: dict[str, str] = {
+    "swagger-ui-bundle.js": "text/javascript; charset=utf-8",
+    "swagger-ui.css": "text/css; charset=utf-8",
+    "favicon.png": "image/png",
+}
+
+
+@router.get("/docs")
+def docs() -> HTMLResponse:
+    """Swagger UI for /openapi.json, every asset from this server."""
+    return get_swagger_ui_html(
+        openapi_url="/openapi.json",
+        title="OSDFace API",
+        swagger_js_url="/docs/static/swagger-ui-bundle.js",
+        swagger_css_url="/docs/static/swagger-ui.css",
+        swagger_favicon_url="/docs/static/favicon.png",
+    )
+
+
+@router.get("/docs/static/{name}")
+def docs_static(name: str) -> FileResponse:
+    if name not in _SWAGGER_FILES:
+        raise HTTPException(404, f"no docs file {name!r}")
+    return FileResponse(
+        SWAGGER_DIR / name,
+        media_type=_SWAGGER_FILES[name],
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+    )

@@ -27,6 +27,9 @@ EXPORTED_METRICS = (
     "osdface_rejected_total",
     "osdface_errors_total",
     "osdface_device_memory_bytes",
+    "osdface_ready",
+    "osdface_startup_duration_seconds",
+    "osdface_build_info",
 )
 
 
@@ -117,6 +120,63 @@ def multipart(parts: list[tuple[str, bytes]], *, close: bool = True) -> bytes:
     return out
 
 
+def _file_part(name: str, data: bytes) -> bytes:
+    """One multipart part carrying a file (with a filename), as curl -F name=@file sends it."""
+    head = f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{name}"; filename="a.jpg"\r\n'
+    return head.encode() + b"Content-Type: image/jpeg\r\n\r\n" + data + b"\r\n"
+
+
+def _tiff(entries: list[tuple[int, int, int, bytes]]) -> bytes:
+    """A little-endian TIFF header and one IFD: (tag, type, count, 4-byte value) entries."""
+    out = b"II*\x00" + struct.pack("<IH", 8, len(entries))
+    for tag, kind, count, value in entries:
+        out += struct.pack("<HHI", tag, kind, count) + value
+    return out + struct.pack("<I", 0)
+
+
+def _with_exif(fmt: str, exif: bytes, size: tuple[int, int] = (64, 48)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 80, 40)).save(buf, fmt, exif=exif)
+    return buf.getvalue()
+
+
+def _png16_with_exif(exif_tiff: bytes) -> bytes:
+    """A 16-bit RGB PNG (OpenCV writes it) with an eXIf chunk right after IHDR."""
+    import cv2
+
+    pixels = (np.arange(48 * 64 * 3, dtype=np.uint16).reshape(48, 64, 3) * 7).astype(np.uint16)
+    ok, encoded = cv2.imencode(".png", pixels)
+    assert ok
+    data = encoded.tobytes()
+    return data[:33] + _png_chunk(b"eXIf", exif_tiff) + data[33:]
+
+
+ORIENTATION_6 = (0x0112, 3, 1, struct.pack("<HH", 6, 0))
+
+
+def exif_uploads() -> dict[str, tuple[bytes, dict[str, str]]]:
+    """Files whose metadata Pillow cannot parse or write: name -> (file, form fields).
+
+    EXIF that is not TIFF (JPEG, PNG, WebP), Orientation 6 beside a mistyped tag (XResolution
+    as ASCII), a 16-bit PNG whose Orientation is ASCII, and 100 KB of EXIF asked out as JPEG
+    (one JPEG marker holds 64 KB). Each must be restored without its unusable metadata.
+    """
+    garbage = b"Exif\x00\x00garbage" + bytes(range(256)) * 4
+    mistyped = _tiff([ORIENTATION_6, (0x011A, 2, 4, b"abc\x00")])
+    big = _tiff([(0x010E, 2, 100_000, struct.pack("<I", 26))]) + b"A" * 100_000
+    return {
+        "not_tiff_jpeg": (_with_exif("JPEG", garbage), {}),
+        "not_tiff_png": (_with_exif("PNG", garbage), {}),
+        "not_tiff_webp": (_with_exif("WEBP", garbage), {}),
+        "orientation_6_beside_mistyped_tag": (_with_exif("JPEG", b"Exif\x00\x00" + mistyped), {}),
+        "png16_ascii_orientation": (_png16_with_exif(_tiff([(0x0112, 2, 4, b"six\x00")])), {}),
+        "100kb_exif_to_jpeg": (
+            _with_exif("PNG", b"Exif\x00\x00" + big),
+            {"output_format": "jpeg"},
+        ),
+    }
+
+
 def hostile_uploads(good_jpeg: bytes, good_png: bytes, max_upload_bytes: int) -> list[Hostile]:
     """The corpus. Formats are sniffed from the bytes: every file here is named .jpg."""
     rng = random.Random(20250601)
@@ -129,8 +189,10 @@ def hostile_uploads(good_jpeg: bytes, good_png: bytes, max_upload_bytes: int) ->
         Hostile("random_bytes", 415, "unsupported_format", image=rng.randbytes(4096)),
         Hostile("truncated_jpeg", 400, "invalid_image", image=good_jpeg[: len(good_jpeg) // 2]),
         Hostile("truncated_png", 400, "invalid_image", image=good_png[: len(good_png) // 2]),
-        Hostile("png_claims_100k_x_100k", 413, "too_large", image=png_claiming(100_000, 100_000)),
-        Hostile("pixel_flood_jpeg", 413, "too_large", image=jpeg_claiming(65_000, 65_000)),
+        Hostile(
+            "png_claims_100k_x_100k", 413, "image_too_large", image=png_claiming(100_000, 100_000)
+        ),
+        Hostile("pixel_flood_jpeg", 413, "image_too_large", image=jpeg_claiming(65_000, 65_000)),
         Hostile("gif", 415, "unsupported_format", image=other_format(small, "GIF")),
         Hostile("tiff", 415, "unsupported_format", image=other_format(small, "TIFF")),
         Hostile("bmp", 415, "unsupported_format", image=other_format(small, "BMP")),
@@ -201,6 +263,13 @@ def hostile_uploads(good_jpeg: bytes, good_png: bytes, max_upload_bytes: int) ->
             "invalid_parameter",
             image=good_jpeg,
             fields={"output_format": "gif"},
+        ),
+        Hostile(
+            "file_in_field_named_file",
+            422,
+            "invalid_parameter",
+            raw_body=_file_part("file", good_jpeg) + f"--{BOUNDARY}--\r\n".encode(),
+            content_type=multipart_type,
         ),
         Hostile(
             "aligned_but_not_512",

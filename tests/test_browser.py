@@ -8,12 +8,16 @@ Needs Debian's chromium and chromium-driver (installed by .ci/run); skips with a
 
 from __future__ import annotations
 
+import io
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
@@ -85,6 +89,27 @@ def _wait_for_state(driver, states: tuple[str, ...]) -> str:
     return WebDriverWait(driver, RESULT_TIMEOUT_S, poll_frequency=0.25).until(state)
 
 
+def _open_page(driver, base: str) -> None:
+    """Load the page and wait until its readiness poll has enabled the button."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(f"{base}/")
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(
+        lambda d: d.execute_script("return !document.getElementById('submit').disabled")
+    )
+
+
+def _record_messages(driver) -> None:
+    """Keep every text the status line shows from now on, in window.__messages."""
+    driver.execute_script(
+        "window.__messages = [];"
+        "new MutationObserver(() => window.__messages.push("
+        "  document.getElementById('message').textContent))"
+        ".observe(document.getElementById('message'), {childList: true, characterData: true,"
+        " subtree: true});"
+    )
+
+
 def _severe_console_messages(driver) -> list[str]:
     return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
 
@@ -131,13 +156,20 @@ def test_page_restores_an_uploaded_photo(server: str, driver, assets: Path) -> N
     with Image.open(photo) as im:
         width, height = ImageOps.exif_transpose(im).size
 
-    driver.get(f"{server}/")
+    _open_page(driver, server)
     assert driver.title.startswith("OSDFace")
     driver.find_element(By.ID, "image-input").send_keys(str(photo))
+    _record_messages(driver)
     driver.find_element(By.ID, "submit").click()
     assert _wait_for_state(driver, ("done", "error")) == "done", driver.find_element(
         By.ID, "message"
     ).text
+    # What the status line said on the way: the upload, then the restoring with its clock.
+    seen = driver.execute_script("return window.__messages")
+    first_restoring = next(i for i, m in enumerate(seen) if m.startswith("Restoring… "))
+    assert any(m.startswith("Uploading") for m in seen[:first_restoring]), seen
+    assert re.match(r"Restoring… \d+ s", seen[first_restoring]), seen
+    assert seen[-1].startswith("Restored "), seen
 
     sizes = _natural_sizes(driver)
     assert sizes == [True, width, height, width, height], "restored image at the photo's size"
@@ -182,7 +214,7 @@ def test_page_upscaled_result_keeps_the_outlines_on_the_faces(
     photo = assets / PHOTO
     with Image.open(photo) as im:
         width, height = ImageOps.exif_transpose(im).size
-    driver.get(f"{server}/")
+    _open_page(driver, server)
     driver.find_element(By.ID, "image-input").send_keys(str(photo))
     Select(driver.find_element(By.ID, "opt-upscale")).select_by_value("2")
     Select(driver.find_element(By.ID, "opt-format")).select_by_value("png")
@@ -214,7 +246,7 @@ def test_page_shows_the_error_of_a_bad_upload(server: str, driver, tmp_path: Pat
         timeout=60,
     )
     assert 400 <= api.status_code < 500
-    driver.get(f"{server}/")
+    _open_page(driver, server)
     driver.find_element(By.ID, "image-input").send_keys(str(fake))
     driver.find_element(By.ID, "submit").click()
     assert _wait_for_state(driver, ("done", "error")) == "error"
@@ -236,3 +268,94 @@ def test_static_files_are_an_allow_list(server: str) -> None:
         assert response.content == (REPO / "service/static" / name).read_bytes()
     for path in ("/static/index.html", "/static/../settings.py", "/static/%2e%2e/web.py"):
         assert httpx.get(f"{server}{path}", timeout=10).status_code == 404, path
+
+
+def test_page_checks_the_size_before_sending(server: str, driver, tmp_path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    limit = httpx.get(f"{server}/v1/info", timeout=10).json()["limits"]["max_upload_bytes"]
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff\xd8\xff" + bytes(limit))
+    before = httpx.get(f"{server}/metrics", timeout=10).text.count('endpoint="/restore"')
+    _open_page(driver, server)
+    driver.find_element(By.ID, "image-input").send_keys(str(big))
+    message = driver.find_element(By.ID, "message").text
+    assert "this server takes at most" in message, message
+    driver.find_element(By.ID, "submit").click()
+    assert "this server takes at most" in driver.find_element(By.ID, "message").text
+    assert driver.find_element(By.ID, "result").get_attribute("hidden") is not None
+    after = httpx.get(f"{server}/metrics", timeout=10).text.count('endpoint="/restore"')
+    assert after == before, "the page sent the oversized file"
+
+
+def test_docs_load_without_any_external_request(server: str, driver) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get_log("browser")  # what earlier tests left in the log
+    driver.get(f"{server}/docs")
+    WebDriverWait(driver, 30, poll_frequency=0.25).until(
+        lambda d: d.execute_script("return document.querySelectorAll('.opblock').length") >= 5
+    )
+    title = driver.execute_script("return document.querySelector('.swagger-ui .title').textContent")
+    assert title.startswith("OSDFace")
+    urls = driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name).concat([location.href]);"
+    )
+    assert urls and all(u.startswith(server) for u in urls), urls
+    assert _severe_console_messages(driver) == []
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "browser-docs.png"))
+
+
+@pytest.fixture
+def failed_server(tmp_path: Path) -> Iterator[str]:
+    """The real app under uvicorn in this process, its weights missing: the load fails. (Under
+    `osdface serve` the process would exit; here it stays up for the page to be looked at.)"""
+    _require_chromium()
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+    from tests.live_server import free_port, http_status, wait_until
+
+    port = free_port()
+    settings = Settings(weights_dir=tmp_path / "missing", device="cpu", warmup=False)
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    wait_until(lambda: http_status(f"{base}/readyz") == 503, 60, "the failed load")
+    try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_page_shows_why_the_model_failed_to_load(failed_server: str, driver) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    reason = httpx.get(f"{failed_server}/readyz", timeout=10).json()["error"]["message"]
+    assert "vre.safetensors" in reason
+    driver.get(f"{failed_server}/")
+    badge = driver.find_element(By.ID, "service-status")
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(
+        lambda d: badge.get_attribute("data-reason") == "model_failed"
+    )
+    assert badge.text == reason and reason.startswith("loading the model failed")
+    assert driver.find_element(By.ID, "submit").get_attribute("disabled") is not None
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = driver.get_screenshot_as_png()
+    (ARTIFACTS / "browser-load-failed.png").write_bytes(shot)
+    # The screenshot itself shows the badge in the failure colour (--bad, #c62f2f).
+    scale = driver.execute_script("return window.devicePixelRatio") or 1
+    r = badge.rect
+    with Image.open(io.BytesIO(shot)) as im:
+        crop = im.convert("RGB").crop(
+            tuple(round(v * scale) for v in (r["x"], r["y"], r["x"] + r["width"], r["y"] + 20))
+        )
+        rgb = np.asarray(crop, dtype=np.int32)
+    reds = int(((rgb[..., 0] > 150) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)).sum())
+    assert reds > 20, "the failure badge is not visible in red"

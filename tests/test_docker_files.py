@@ -506,7 +506,7 @@ def metric_names(expr: str) -> set[str]:
 
 
 def family(name: str) -> str:
-    return re.sub(r"_(bucket|count|sum|total|created)$", "", name)
+    return re.sub(r"_(bucket|count|sum|total|created|info)$", "", name)
 
 
 def test_dashboard_panels_use_the_service_metrics_and_cover_the_issue() -> None:

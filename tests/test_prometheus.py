@@ -43,7 +43,11 @@ def scrape_config(target: str) -> dict[str, Any]:
     job["static_configs"] = [{"targets": [target]}]
     job["scrape_interval"] = SCRAPE_INTERVAL
     job["scrape_timeout"] = SCRAPE_INTERVAL
-    return {"global": {"scrape_interval": SCRAPE_INTERVAL}, "scrape_configs": [job]}
+    return {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": SCRAPE_INTERVAL},
+        "rule_files": [str(REPO / "docker" / "alerts.yml")],
+        "scrape_configs": [job],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +216,31 @@ def test_every_grafana_panel_query_runs_on_the_scraped_metrics(
         if not result and not (names and names <= MAY_BE_EMPTY):
             failures.append(f"{dashboard} / {title}: no data after traffic: {expr}")
     assert failures == []
+
+
+def test_alert_rules_evaluate_and_stay_quiet(prometheus: str, traffic: dict[str, Any]) -> None:
+    """docker/alerts.yml, loaded as docker/prometheus.yml loads it: after normal traffic and one
+    client error every rule has evaluated without error, and none is pending or firing."""
+    config = yaml.safe_load((REPO / "docker" / "prometheus.yml").read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    wait_until(
+        lambda: all(
+            rule.get("lastEvaluation", "").startswith("20")
+            and not rule["lastEvaluation"].startswith("0001")
+            for group in httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"][
+                "groups"
+            ]
+            for rule in group["rules"]
+        ),
+        60,
+        "every rule evaluated",
+    )
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert {r["name"] for r in rules} >= {"OSDFaceNotReady", "OSDFaceServerErrors"}
+    for rule in rules:
+        assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+        assert rule["state"] == "inactive", (rule["name"], rule["state"])
+    assert scalar(prometheus, 'sum(osdface_ready{job="osdface"})') == 1.0
+    assert scalar(prometheus, 'count(osdface_build_info{device="cpu",dtype="float32"})') == 1.0
+    assert query(prometheus, '{__name__=~"osdface_.*_created"}') == []

@@ -261,12 +261,14 @@ def test_not_ready_while_weights_are_missing(tmp_path: Path) -> None:
             time.sleep(0.05)
         assert c.get("/healthz").status_code == 200
         ready = c.get("/readyz")
-        assert_error_shape(ready, 503, "not_ready")
-        assert "loading failed" in ready.json()["error"]["message"]
+        assert_error_shape(ready, 503, "model_failed")
+        message = ready.json()["error"]["message"]
+        assert "loading the model failed" in message and "vre.safetensors" in message
         refused = c.post("/restore", files={"image": ("x.png", faceless_png())})
-        assert_error_shape(refused, 503, "not_ready")
+        assert_error_shape(refused, 503, "model_failed")
         assert int(refused.headers["retry-after"]) >= 1
-        assert_error_shape(c.get("/v1/info"), 503, "not_ready")
+        assert_error_shape(c.get("/v1/info"), 503, "model_failed")
+        assert metric(c.get("/metrics").text, "osdface_ready") == 0
 
 
 def test_a_bug_is_a_500_logged_once_with_the_request_id(
@@ -294,7 +296,8 @@ def test_a_bug_is_a_500_logged_once_with_the_request_id(
 def test_deadline_is_504_and_the_queued_face_never_runs(
     tiny_weights_dir, tiny_restorer, detector, crop
 ) -> None:
-    # The batch waits up to 1.5 s to fill; the request's deadline comes first.
+    # An idle worker always takes work. The batch then waits up to 1.5 s to fill and the
+    # request's deadline (0.3 s) comes first: 504, and the dropped face never runs.
     settings = make_settings(tiny_weights_dir, request_timeout_s=0.3, max_batch_delay_ms=1500)
     with serving(settings, tiny_restorer, detector) as c:
         started = time.monotonic()
@@ -302,9 +305,41 @@ def test_deadline_is_504_and_the_queued_face_never_runs(
         assert_error_shape(response, 504, "deadline_exceeded")
         time.sleep(max(0.0, started + 1.8 - time.monotonic()))  # past the batch delay
         text = c.get("/metrics").text
-    assert metric(text, "osdface_rejected_total", reason="deadline") == 1
+    assert metric(text, "osdface_rejected_total", reason="deadline_exceeded") == 1
     assert metric(text, "osdface_queue_depth") == 0
     assert metric(text, "osdface_batch_size_count") == 0, "the dropped face was run"
+
+
+def test_a_deadline_that_cannot_be_met_is_429_before_the_upload_is_read(
+    tiny_weights_dir, tiny_restorer, detector, crop
+) -> None:
+    # One face waits for its batch to fill (up to 1.5 s); a second request with a 1 s deadline
+    # cannot be done in time behind it, so it is refused at once instead of timing out.
+    settings = make_settings(tiny_weights_dir, request_timeout_s=1.0, max_batch_delay_ms=1500)
+    with serving(settings, tiny_restorer, detector) as c:
+        first: dict = {}
+        worker = threading.Thread(
+            target=lambda: first.update(
+                r=c.post("/restore", files={"image": ("f.jpg", crop)}, data={"aligned": "1"})
+            )
+        )
+        worker.start()
+        end = time.monotonic() + 10
+        while metric(c.get("/metrics").text, "osdface_queue_depth") < 1:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        started = time.monotonic()
+        second = c.post("/restore", files={"image": ("f.jpg", crop)}, data={"aligned": "1"})
+        refused_in = time.monotonic() - started
+        worker.join(60)
+        text = c.get("/metrics").text
+    assert_error_shape(second, 429, "overloaded")
+    assert refused_in < 0.5, refused_in
+    assert int(second.headers["retry-after"]) >= 1
+    assert_error_shape(first["r"], 504, "deadline_exceeded")
+    assert metric(text, "osdface_rejected_total", reason="overloaded") == 1
+    assert metric(text, "osdface_errors_total", type="overloaded") == 1
+    assert metric(text, "osdface_batch_size_count") == 0, "a refused or dropped face was run"
 
 
 def test_client_disconnect_drops_the_queued_face(tiny_weights_dir, tiny_restorer, detector, crop):
@@ -385,7 +420,7 @@ def test_inflight_bound_answers_429_with_retry_after(
         second = c.post("/restore", files={"image": ("f.jpg", crop)}, data={"aligned": "1"})
         worker.join(60)
         assert first["r"].status_code == 200
-    assert_error_shape(second, 429, "queue_full")
+    assert_error_shape(second, 429, "too_many_requests")
     assert int(second.headers["retry-after"]) >= 1
 
 

@@ -183,11 +183,17 @@ def test_64_concurrent_clients_against_a_queue_of_8(server: LiveServer, crop: by
     assert statuses.count(200) >= 1 and statuses.count(429) >= 1, statuses
     for r in responses:
         if r.status_code == 429:
-            assert_error_shape(r, 429, "queue_full")
+            # Refused for room (queue_full) or, once the worker's speed is known, for time.
+            kind = r.json()["error"]["type"]
+            assert kind in ("queue_full", "overloaded"), kind
+            assert_error_shape(r, 429, kind)
             assert int(r.headers["retry-after"]) >= 1
     text = server.metrics()
     assert batches_larger_than_one(text) > before, "no batch held more than one face"
-    assert metric(text, "osdface_rejected_total", reason="queue_full") >= statuses.count(429)
+    refused = sum(
+        metric(text, "osdface_rejected_total", reason=k) for k in ("queue_full", "overloaded")
+    )
+    assert refused >= statuses.count(429)
     assert metric(text, "osdface_queue_depth") == 0
 
 

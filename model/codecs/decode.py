@@ -9,10 +9,11 @@ from __future__ import annotations
 import io
 import logging
 import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from PIL import Image, ImageCms, ImageOps
+from PIL import Image, ImageCms
 
 from model.codecs.formats import (
     DECODE_ERRORS,
@@ -95,10 +96,10 @@ def _guard_pillow(max_pixels: int) -> None:
 
 def _decode_pillow(data: bytes, fmt: str, image: Image.Image) -> DecodedImage:
     source_mode = image.mode
-    exif = _exif_without_orientation(image)
-    icc = image.info.get("icc_profile") or None
+    meta = read_metadata(image)
+    icc = meta.icc
     try:
-        image = ImageOps.exif_transpose(image)
+        image = _transpose(image, meta.orientation)
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"the EXIF orientation cannot be applied: {exc}") from exc
     alpha: np.ndarray | None = None
@@ -127,9 +128,10 @@ def _decode_pillow(data: bytes, fmt: str, image: Image.Image) -> DecodedImage:
         grey=grey,
         high_bit=high_bit,
         icc_profile=icc,
-        exif=exif,
+        exif=meta.exif,
         data=data,
         webp_lossless=fmt == "webp" and _webp_is_lossless(data),
+        dropped_metadata=meta.dropped,
     )
 
 
@@ -162,8 +164,8 @@ def _decode_png16_colour(data: bytes, image: Image.Image) -> DecodedImage:
     decoded = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
     if decoded is None or decoded.dtype != np.uint16 or decoded.ndim != 3:
         raise ImageDecodeError("the 16-bit PNG data is corrupt")
-    orientation = int(image.getexif().get(EXIF_ORIENTATION, 1))
-    decoded = apply_orientation(decoded, orientation)
+    meta = read_metadata(image)
+    decoded = apply_orientation(decoded, meta.orientation)
     colour_type = data[25]
     alpha = decoded[..., 3].copy() if decoded.shape[2] == 4 else None
     rgb16 = np.ascontiguousarray(decoded[..., 2::-1])  # OpenCV's BGR -> RGB
@@ -176,9 +178,10 @@ def _decode_png16_colour(data: bytes, image: Image.Image) -> DecodedImage:
         mode=f"{'LA' if grey else 'RGBA' if alpha is not None else 'RGB'};16",
         grey=grey,
         high_bit=high_bit,
-        icc_profile=image.info.get("icc_profile") or None,
-        exif=_exif_without_orientation(image),
+        icc_profile=meta.icc,
+        exif=meta.exif,
         data=data,
+        dropped_metadata=meta.dropped,
     )
 
 
@@ -202,17 +205,79 @@ def to_8bit(samples: np.ndarray) -> np.ndarray:
     return ((samples.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
 
 
-def _exif_without_orientation(image: Image.Image) -> bytes | None:
-    """The EXIF block to write back: unchanged, or re-serialised without the orientation tag."""
-    raw = image.info.get("exif")
-    if not raw:
-        return None
-    exif = Image.Exif()  # a copy: the image's own Exif must keep the tag for exif_transpose
-    exif.load(raw)
-    if EXIF_ORIENTATION not in exif:
-        return raw
-    del exif[EXIF_ORIENTATION]
-    return exif.tobytes()
+@dataclass(frozen=True)
+class _Metadata:
+    """What the file's metadata contributes: orientation 1..8, the EXIF block to write back
+    (orientation tag removed), the ICC profile, and the names of blocks dropped as unreadable."""
+
+    orientation: int = 1
+    exif: bytes | None = None
+    icc: bytes | None = None
+    dropped: tuple[str, ...] = ()
+
+
+# Pillow's EXIF reader raises whatever the malformed block provokes (SyntaxError for a block
+# that is not TIFF, TypeError/ValueError for mistyped tags, struct.error for short ones):
+# metadata is never worth losing the photo over, so any failure drops that block.
+_METADATA_ERRORS = (Exception,)
+
+# Pillow's transposition for each EXIF orientation (what ImageOps.exif_transpose applies).
+_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def read_metadata(image: Image.Image) -> _Metadata:
+    """Parse EXIF and ICC defensively: an unreadable block is dropped (and logged), never fatal.
+
+    An orientation that is not an integer 1..8 counts as absent (1).
+    """
+    dropped: list[str] = []
+    icc = image.info.get("icc_profile") or None
+    if icc is not None and not isinstance(icc, bytes):
+        _log_dropped("icc", "not a byte string")
+        icc, dropped = None, ["icc"]
+    raw = image.info.get("exif") or None
+    orientation = 1
+    if raw is not None:
+        try:
+            exif = Image.Exif()  # a copy, separate from the image's own
+            exif.load(raw)
+            orientation = _orientation(exif.get(EXIF_ORIENTATION, 1))
+            if EXIF_ORIENTATION in exif:
+                del exif[EXIF_ORIENTATION]
+                raw = exif.tobytes()
+        except _METADATA_ERRORS as exc:
+            _log_dropped("exif", f"{type(exc).__name__}: {exc}")
+            raw = None  # an orientation read before the failure is still applied
+            dropped.append("exif")
+    return _Metadata(orientation, raw, icc, tuple(dropped))
+
+
+def _orientation(value: object) -> int:
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
+
+
+def _transpose(image: Image.Image, orientation: int) -> Image.Image:
+    method = _TRANSPOSE.get(orientation)
+    return image if method is None else image.transpose(method)
+
+
+_logged_drops: set[str] = set()
+
+
+def _log_dropped(block: str, why: str) -> None:
+    """Log an unreadable metadata block once per kind and cause; the photo goes on without it."""
+    key = f"{block}:{why.split(':')[0]}"
+    if key not in _logged_drops:
+        _logged_drops.add(key)
+        logger.warning("unreadable %s metadata dropped (%s); logged once per kind", block, why)
 
 
 def _png_bit_depth(data: bytes) -> int:

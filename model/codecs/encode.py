@@ -6,6 +6,7 @@ import io
 import logging
 import struct
 import zlib
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -24,9 +25,54 @@ logger = logging.getLogger(__name__)
 NO_GREY = ("webp", "heic", "avif")  # written as RGB with equal channels
 
 
+# Pillow writes JPEG EXIF into one APP1 marker: 65,535 bytes less the length field.
+JPEG_MAX_EXIF_BYTES = 65_533
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """The file's bytes and the metadata blocks left out of it ("exif", "icc"): unreadable in
+    the input, or too large for the output format."""
+
+    data: bytes
+    dropped_metadata: tuple[str, ...] = ()
+
+
 def encode_image(
     image: DecodedImage, rgb: np.ndarray, *, format: str | None = None, quality: int = 95
 ) -> bytes:
+    """`encode_image_with_report(...)`, the bytes only."""
+    return encode_image_with_report(image, rgb, format=format, quality=quality).data
+
+
+def encode_image_with_report(
+    image: DecodedImage, rgb: np.ndarray, *, format: str | None = None, quality: int = 95
+) -> EncodedImage:
+    """Write `rgb` like `image` (see `_encode`); metadata the output cannot carry is dropped.
+
+    EXIF over the JPEG marker limit is left out before writing; a metadata block the writer
+    still refuses is left out on a second try, so metadata never costs the user the photo.
+    """
+    fmt = normalize_format(format) if format else image.format
+    dropped = list(image.dropped_metadata)
+    if fmt == "jpeg" and image.exif and len(image.exif) > JPEG_MAX_EXIF_BYTES:
+        logger.info("EXIF of %d bytes does not fit a JPEG; left out", len(image.exif))
+        image = replace(image, exif=None)
+        dropped.append("exif")
+    try:
+        data = _encode(image, rgb, fmt, quality)
+    except (InvalidInputError, ImageEncodeError):
+        raise
+    except Exception as exc:
+        if not (image.exif or image.icc_profile):
+            raise
+        logger.warning("writing the metadata failed (%s); writing the image without it", exc)
+        dropped += [n for n, v in (("exif", image.exif), ("icc", image.icc_profile)) if v]
+        data = _encode(replace(image, exif=None, icc_profile=None), rgb, fmt, quality)
+    return EncodedImage(data, tuple(dict.fromkeys(dropped)))
+
+
+def _encode(image: DecodedImage, rgb: np.ndarray, fmt: str, quality: int) -> bytes:
     """Write `rgb` back as a file like `image`'s: its mode, alpha, bit depth, ICC profile, EXIF.
 
     `rgb` is (H', W', 3) uint8 RGB: the processed pixels, the size of `image` or larger when
@@ -34,7 +80,6 @@ def encode_image(
     alpha: the image is composited over white. WebP, HEIC and AVIF are written as RGB(A), grey
     included.
     """
-    fmt = normalize_format(format) if format else image.format
     if fmt not in writable_formats():
         raise InvalidInputError(f"this server has no {fmt} encoder; ask for png, jpeg or webp")
     if not 1 <= quality <= 100:

@@ -82,6 +82,7 @@ class DecodedImage:
     exif: bytes | None  # orientation tag removed (it has been applied to the pixels)
     data: bytes  # the file as received
     webp_lossless: bool = False
+    dropped_metadata: tuple[str, ...] = ()  # blocks that could not be parsed ("exif", "icc")
 
     @property
     def width(self) -> int:

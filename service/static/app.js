@@ -1,13 +1,22 @@
 // OSDFace page: posts the photo to /restore (Accept: application/json), shows the result over the
 // original with a slider, outlines the faces from the returned boxes, lists the timings.
+// While it works it says what is happening: upload progress, then "restoring" with the elapsed
+// time and the server's queue estimate (/v1/queue). Readiness is polled all the time: the button
+// is off, with the server's reason, whenever the server cannot take work.
 // Plain browser JavaScript, no build step. Paths are relative so the page works under a prefix.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const SVG_NS = "http://www.w3.org/2000/svg";
 
+const READY_POLL_MS = 5000;
+const QUEUE_POLL_MS = 1000;
+
 // Object URLs of the current run, released when the next one starts.
 let objectUrls = [];
+// What the server said last: ready or not, why not, and its upload limit (from /v1/info).
+const server = { ready: false, reason: "checking the service…", maxUploadBytes: null };
+let busy = false;
 
 function releaseUrls() {
   objectUrls.forEach((url) => URL.revokeObjectURL(url));
@@ -26,9 +35,17 @@ function setMessage(text, kind = "") {
   el.className = `message ${kind}`.trim();
 }
 
-function setBusy(busy) {
-  $("submit").disabled = busy;
-  $("submit").textContent = busy ? "Restoring…" : "Restore";
+function setBusy(value) {
+  busy = value;
+  updateButton();
+}
+
+// The button works only when the server is ready and no run is in progress.
+function updateButton() {
+  const button = $("submit");
+  button.disabled = busy || !server.ready;
+  button.textContent = busy ? "Restoring…" : "Restore";
+  button.title = server.ready ? "" : server.reason;
 }
 
 function loaded(img, src) {
@@ -143,11 +160,79 @@ async function showResult(file, payload, roundTrip) {
   result.dataset.state = "done";
 }
 
+function sizeProblem(file) {
+  const limit = server.maxUploadBytes;
+  if (limit && file.size > limit) {
+    const mib = (n) => (n / 1048576).toFixed(1);
+    return `${file.name} is ${mib(file.size)} MiB; this server takes at most ${mib(limit)} MiB.`;
+  }
+  return "";
+}
+
+// POST with upload progress (fetch cannot report it). Resolves to {status, payload}.
+function postWithProgress(body, headers, onUploaded) {
+  return new Promise((resolve, reject) => {
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", "restore");
+    Object.entries(headers).forEach(([k, v]) => xhr.setRequestHeader(k, v));
+    xhr.upload.onprogress = (e) => {
+      if (e.lengthComputable) setMessage(`Uploading… ${Math.round((100 * e.loaded) / e.total)}%`);
+    };
+    xhr.upload.onload = onUploaded;
+    xhr.onload = () => {
+      let payload = null;
+      try {
+        payload = JSON.parse(xhr.responseText);
+      } catch {
+        payload = null;
+      }
+      resolve({ status: xhr.status, payload });
+    };
+    xhr.onerror = () => reject(new Error("the connection failed"));
+    xhr.send(body);
+  });
+}
+
+// "Restoring… 3 s" with the server's estimate, refreshed until the returned stop() is called.
+function startRestoringStatus() {
+  const started = performance.now();
+  let estimate = "";
+  let stopped = false;
+  const render = () => {
+    if (stopped) return;
+    const elapsed = Math.round((performance.now() - started) / 1000);
+    setMessage(`Restoring… ${elapsed} s${estimate}`);
+  };
+  const poll = async () => {
+    const q = await fetch("v1/queue", { cache: "no-store" })
+      .then((r) => (r.ok ? r.json() : null))
+      .catch(() => null);
+    if (q && q.predicted_wait_s) {
+      const n = q.queued_faces;
+      const ahead = n ? `${n} face${n === 1 ? "" : "s"} queued; ` : "";
+      estimate = ` (${ahead}a new face takes about ${Math.ceil(q.predicted_wait_s)} s now)`;
+    }
+    render();
+  };
+  render();
+  poll();
+  const timers = [setInterval(render, 250), setInterval(poll, QUEUE_POLL_MS)];
+  return () => {
+    stopped = true;
+    timers.forEach(clearInterval);
+  };
+}
+
 async function restore(event) {
   event.preventDefault();
   const file = $("image-input").files[0];
   if (!file) {
     setMessage("Choose a photo first.", "error");
+    return;
+  }
+  const tooBig = sizeProblem(file);
+  if (tooBig) {
+    setMessage(tooBig, "error");
     return;
   }
   releaseUrls();
@@ -160,19 +245,23 @@ async function restore(event) {
   const key = $("opt-api-key").value.trim();
   if (key) headers.Authorization = `Bearer ${key}`;
   const started = performance.now();
+  let stopStatus = () => {};
   try {
-    const response = await fetch("restore", { method: "POST", body: buildForm(file), headers });
-    const payload = await response.json().catch(() => null);
+    const { status, payload } = await postWithProgress(buildForm(file), headers, () => {
+      stopStatus = startRestoringStatus();
+    });
+    stopStatus();
     const roundTrip = (performance.now() - started) / 1000;
-    if (!response.ok || !payload) {
+    if (status < 200 || status >= 300 || !payload) {
       $("result").dataset.state = "error";
-      setMessage(errorText(response.status, payload), "error");
+      setMessage(errorText(status, payload), "error");
       return;
     }
     await showResult(file, payload, roundTrip);
     const n = payload.faces_detected;
     setMessage(n === 0 ? "No face found: the photo is unchanged." : `Restored ${n} face${n === 1 ? "" : "s"}.`, "ok");
   } catch (err) {
+    stopStatus();
     $("result").dataset.state = "error";
     setMessage(`Request failed: ${err.message}`, "error");
   } finally {
@@ -187,6 +276,8 @@ function moveSlider() {
 
 function pickFile(file) {
   $("drop-text").textContent = file ? `${file.name} (${Math.round(file.size / 1024)} KiB)` : "";
+  const tooBig = file ? sizeProblem(file) : "";
+  setMessage(tooBig, tooBig ? "error" : "");
 }
 
 function setUpDrop() {
@@ -210,31 +301,50 @@ function setUpDrop() {
   });
 }
 
-// Readiness badge: polls /readyz until the model is loaded and warm.
+// Readiness badge, polled all the time: loading, failed (with the server's reason), draining.
 async function checkReady() {
   const badge = $("service-status");
   try {
     const response = await fetch("readyz", { cache: "no-store" });
+    const payload = await response.json().catch(() => null);
     if (response.ok) {
+      if (!server.ready) await describeServer(badge);
+      server.ready = true;
       badge.dataset.ready = "true";
-      badge.textContent = "ready";
-      const info = await fetch("v1/info").then((r) => (r.ok ? r.json() : null)).catch(() => null);
-      const model = (info && info.model) || {};
-      if (model.device) badge.textContent = `ready · ${model.device}${model.dtype ? ` · ${model.dtype}` : ""}`;
-      // Only the background networks this server loaded can be chosen.
-      const loaded = Object.keys(model.backgrounds || {});
-      for (const option of $("opt-background").options) {
-        option.disabled = option.value !== "none" && !loaded.includes(option.value);
-      }
-      return;
+    } else {
+      const err = (payload && payload.error) || {};
+      server.ready = false;
+      server.reason = err.message || `HTTP ${response.status}`;
+      badge.dataset.ready = err.type === "not_ready" ? "loading" : "false";
+      badge.dataset.reason = err.type || "";
+      const label = {
+        not_ready: "loading the model…",
+        shutting_down: "shutting down",
+      }[err.type] || "not ready";
+      // A failed load's reason is the server's own sentence ("loading the model failed: ...").
+      badge.textContent = err.type === "model_failed" ? server.reason : label;
     }
-    badge.dataset.ready = "false";
-    badge.textContent = "loading the model…";
   } catch {
+    server.ready = false;
+    server.reason = "the service does not answer";
     badge.dataset.ready = "false";
+    badge.dataset.reason = "unreachable";
     badge.textContent = "service unreachable";
   }
-  setTimeout(checkReady, 5000);
+  updateButton();
+  setTimeout(checkReady, READY_POLL_MS);
+}
+
+async function describeServer(badge) {
+  const info = await fetch("v1/info").then((r) => (r.ok ? r.json() : null)).catch(() => null);
+  const model = (info && info.model) || {};
+  server.maxUploadBytes = (info && info.limits && info.limits.max_upload_bytes) || null;
+  badge.textContent = model.device ? `ready · ${model.device}${model.dtype ? ` · ${model.dtype}` : ""}` : "ready";
+  // Only the background networks this server loaded can be chosen.
+  const loaded = Object.keys(model.backgrounds || {});
+  for (const option of $("opt-background").options) {
+    option.disabled = option.value !== "none" && !loaded.includes(option.value);
+  }
 }
 
 document.addEventListener("DOMContentLoaded", () => {
@@ -248,5 +358,6 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   setUpDrop();
   moveSlider();
+  updateButton();
   checkReady();
 });

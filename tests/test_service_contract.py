@@ -1,0 +1,234 @@
+"""The service's promises beyond restoring, in-process (ASGI app, tiny weights, real batcher):
+files with broken metadata never cost a 5xx, one error table drives answers, metrics and the
+OpenAPI schema, HEAD works, probes are not counted, settings refuse a broken environment,
+and admission by time refuses what cannot finish before its deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import ValidationError
+
+from model.codecs.decode import decode_image
+from model.codecs.formats import ImageLimits
+from model.faces.detect import FaceDetector
+from service.admission import SAFETY_FACTOR, BatchTimeEstimator
+from service.app import create_app
+from service.batching import Batcher, BatcherClosedError, DeadlineUnreachableError
+from service.errors import ErrorKind
+from service.settings import Settings, describe_settings_error, unknown_env_names
+from service.state import Phase
+from tests.service_helpers import assert_error_shape, exif_uploads, faceless_png, metric
+from tests.test_service_api import make_settings, serving, wait_ready
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def detector(tiny_weights_dir: Path, assets: Path) -> FaceDetector:
+    return FaceDetector.load(tiny_weights_dir, "retinaface_mobile0.25")
+
+
+@pytest.fixture(scope="module")
+def client(tiny_weights_dir, tiny_restorer, detector):
+    with serving(make_settings(tiny_weights_dir), tiny_restorer, detector) as c:
+        yield c
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_unusable_metadata_is_dropped_never_a_5xx(client: TestClient) -> None:
+    limits = ImageLimits(10**7, 10**7, 10**7)
+    for name, (data, fields) in exif_uploads().items():
+        decoded = decode_image(data, limits)
+        if name == "orientation_6_beside_mistyped_tag":  # 64 wide, 48 high, turned upright
+            assert decoded.rgb.shape[:2] == (64, 48), "the readable orientation was not applied"
+            assert decoded.dropped_metadata == ("exif",)
+        response = client.post("/restore", files={"image": ("x.jpg", data)}, data=fields)
+        assert response.status_code == 200, (name, response.text[:300])
+        with Image.open(io.BytesIO(response.content)) as im:
+            im.load()
+        if name == "100kb_exif_to_jpeg":
+            assert response.content[:3] == b"\xff\xd8\xff"
+            assert response.headers["x-metadata-dropped"] == "exif"
+
+
+# --- HTTP surface --------------------------------------------------------------------------------
+
+
+def test_head_works_wherever_get_does(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics", "/v1/info", "/docs", "/"):
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, path
+        assert head.content == b"" and head.headers.get("x-request-id"), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+
+
+def test_docs_assets_are_local(client: TestClient) -> None:
+    page = client.get("/docs").text
+    assert "cdn" not in page.lower() and "https://" not in page
+    for src in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert src.startswith("/"), src
+        assert client.get(src).status_code == 200, src
+
+
+def test_openapi_is_built_from_the_error_table(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    operations = [op for item in schema["paths"].values() for op in item.values()]
+    ids = [op["operationId"] for op in operations]
+    assert len(set(ids)) == len(ids) and "restore" in ids
+    for op in operations:
+        for status, response in op["responses"].items():
+            content = response.get("content", {})
+            has_example = any("example" in c or "examples" in c for c in content.values())
+            ref_example = "$ref" in str(content)  # a model whose schema carries examples
+            assert has_example or ref_example or not content, (op["operationId"], status)
+    restore = schema["paths"]["/restore"]["post"]
+    declared = {str(k.status): {k.type} for k in ErrorKind if str(k.status) in restore["responses"]}
+    for status in declared:
+        examples = restore["responses"][status]["content"]["application/json"]["examples"]
+        assert {ex["value"]["error"]["type"] for ex in examples.values()} <= {
+            k.type for k in ErrorKind if str(k.status) == status
+        }
+    assert {"429", "503", "504"} <= set(restore["responses"])
+    headers = restore["responses"]["200"]["headers"]
+    for name in ("X-Faces-Detected", "X-Queue-Time", "X-Total-Time", "X-Request-Id"):
+        assert name in headers
+    assert "Retry-After" in restore["responses"]["429"]["headers"]
+    form = restore["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert "null" not in str(form)
+    assert set(form["output_format"]["enum"]) == {"png", "jpeg", "jpg", "webp"}
+
+
+def test_every_error_type_is_documented_once() -> None:
+    types = [k.type for k in ErrorKind]
+    assert len(set(types)) == len(types), "two kinds share a type"
+    page = (REPO / "docs" / "api.md").read_text()
+    for kind in ErrorKind:
+        assert f"| {kind.status} | `{kind.type}` |" in page, kind
+
+
+def test_probe_traffic_is_not_counted(tiny_weights_dir: Path, tiny_restorer, detector) -> None:
+    # Warm-up off and no restorer injected for a moment: /readyz answers 503 while loading.
+    app = create_app(make_settings(tiny_weights_dir), restorer=tiny_restorer, detector=detector)
+    with TestClient(app) as c:
+        wait_ready(c)
+        app.state.service.phase = Phase.LOADING  # as during start-up
+        for _ in range(5):
+            assert c.get("/readyz").status_code == 503
+            assert c.get("/healthz").status_code == 200
+        app.state.service.phase = Phase.READY
+        text = c.get("/metrics").text
+    assert metric(text, "osdface_errors_total") == 0
+    assert metric(text, "osdface_rejected_total") == 0
+    assert 'endpoint="/readyz"' not in text and 'endpoint="/healthz"' not in text
+    assert "_created" not in text
+    assert metric(text, "osdface_ready") == 1
+    assert metric(text, "osdface_build_info", device="cpu", dtype="float32") == 1
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+
+def test_unknown_environment_names_point_at_the_real_one() -> None:
+    lines = unknown_env_names({"OSDFACE_MAX_QUEUE": "8", "OSDFACE_PORT": "1", "HOME": "/"})
+    assert lines == ["OSDFACE_MAX_QUEUE is not a setting; did you mean OSDFACE_MAX_QUEUE_FACES?"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_batch_delay_ms", float("inf")), ("request_timeout_s", float("nan")), ("port", 0)],
+)
+def test_absurd_values_are_refused_with_the_variable_named(field: str, value: float) -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(**{field: value})
+    (line,) = describe_settings_error(info.value)
+    assert line.startswith(f"OSDFACE_{field.upper()}: ")
+
+
+# --- admission by time ---------------------------------------------------------------------------
+
+
+def test_estimator_interpolates_and_errs_slow_outside() -> None:
+    est = BatchTimeEstimator()
+    est.seed(1, 9.0)
+    est.observe(2, 2.0)  # the first real call replaces the pessimistic seed
+    est.observe(8, 5.0)
+    assert est.batch_seconds(2) == 2.0 and est.batch_seconds(8) == 5.0
+    assert est.batch_seconds(5) == pytest.approx(3.5)
+    assert est.batch_seconds(1) == 2.0  # below the smallest: the smallest's time
+    assert est.batch_seconds(16) == pytest.approx(10.0)  # above: proportional
+    assert est.drain_seconds(20, 8) == pytest.approx(2 * 5.0 + 3.5 - 0.5)
+
+
+def test_batcher_refuses_what_would_finish_past_the_deadline() -> None:
+    def double(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        return 2 * x, {}
+
+    async def run() -> None:
+        batcher = Batcher(double, max_batch=2, max_delay_s=0.0, max_queue=64)
+        batcher.seed_estimate(1, 1.0)  # 1 s per face as far as the batcher knows
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # Nothing runs (not started): 3 queued faces ahead.
+        jobs = [asyncio.ensure_future(batcher.submit(torch.ones(1, 2))) for _ in range(3)]
+        await asyncio.sleep(0)
+        predicted = batcher.predicted_finish_s(1)
+        assert predicted == pytest.approx(SAFETY_FACTOR * (2 * 1.0 * 2), rel=1e-3)
+        with pytest.raises(DeadlineUnreachableError) as info:
+            batcher.admit(1, deadline=_monotonic() + predicted - 0.5)
+        assert info.value.retry_after_s >= 1.0
+        batcher.admit(1, deadline=_monotonic() + predicted + 0.5)
+        batcher.start()
+        done = await asyncio.gather(*jobs)
+        assert all(torch.equal(r.output, 2 * torch.ones(1, 2)) for r in done)
+        batcher.stop(5)
+        assert loop.time() - now < 5
+
+    asyncio.run(run())
+
+
+def _monotonic() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def test_a_dead_worker_fails_its_jobs_and_reports(tiny_weights_dir, tiny_restorer, detector):
+    died: list[BaseException] = []
+
+    def fatal(x: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        raise KeyboardInterrupt  # not an Exception: escapes the per-batch handler
+
+    async def run() -> None:
+        batcher = Batcher(fatal, max_batch=2, max_delay_s=0.0, max_queue=8, on_death=died.append)
+        batcher.start()
+        with pytest.raises(BatcherClosedError):
+            await asyncio.wait_for(batcher.submit(torch.ones(1, 2)), 5)
+        with pytest.raises(BatcherClosedError):
+            batcher.admit(1, None)
+
+    asyncio.run(run())
+    assert len(died) == 1 and isinstance(died[0], KeyboardInterrupt)
+
+    fatal_reasons: list[str] = []
+    app = create_app(make_settings(tiny_weights_dir), restorer=tiny_restorer, detector=detector)
+    with TestClient(app) as c:
+        wait_ready(c)
+        state = app.state.service
+        state.on_fatal = fatal_reasons.append
+        state._worker_died(KeyboardInterrupt())
+        assert_error_shape(c.get("/readyz"), 503, "model_failed")
+        refused = c.post("/restore", files={"image": ("x.png", faceless_png())})
+        assert_error_shape(refused, 503, "model_failed")
+    assert fatal_reasons and "model worker stopped" in fatal_reasons[0]
