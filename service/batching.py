@@ -415,7 +415,7 @@ class Batcher:
             value = exc
         job.done = 1
         _resolve(job, value)
-        self._finish_batch(started)
+        self._finish_batch(started, None)  # not a batch of faces: no speed sample
 
     def _deliver(
         self,
