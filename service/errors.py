@@ -68,6 +68,7 @@ class ErrorKind(enum.Enum):
         True,
     )
     TOO_MANY_REQUESTS = (429, "too_many_requests", "too many requests in progress", True)
+    TOO_MANY_JOBS = (429, "too_many_jobs", "the server holds its limit of video jobs", True)
     CLIENT_DISCONNECTED = (499, "client_disconnected", "the client went away (logs only)", True)
     INTERNAL = (500, "internal", "a bug: quote the X-Request-Id when reporting it", False)
     NOT_READY = (503, "not_ready", "the model is loading or warming up", True)
@@ -87,6 +88,7 @@ RETRY_AFTER_DEFAULT_S = {
     ErrorKind.QUEUE_FULL: 1.0,
     ErrorKind.OVERLOADED: 1.0,
     ErrorKind.TOO_MANY_REQUESTS: 1.0,
+    ErrorKind.TOO_MANY_JOBS: 1.0,
     ErrorKind.NOT_READY: 5.0,
     ErrorKind.MODEL_FAILED: 5.0,
     ErrorKind.SHUTTING_DOWN: 1.0,

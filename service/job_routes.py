@@ -25,6 +25,7 @@ from model.video.io import VideoSource
 from model.video.restore import VideoOptions
 from service.errors import ErrorKind, ServiceError
 from service.jobs import Job, JobManager, JobState
+from service.openapi import OK_HEADERS, ops_responses
 from service.routes import get_service, require_api_key
 from service.state import ServiceState
 
@@ -55,6 +56,39 @@ class JobNotDoneError(ServiceError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorKind.JOB_NOT_DONE, message)
+
+
+JOB_EXAMPLE = {
+    "id": "3f2c9a",
+    "state": "running",
+    "progress": {
+        "frames_done": 120,
+        "frames_total": 480,
+        "fraction": 0.25,
+        "frames_per_second": 9.5,
+        "eta_s": 37.9,
+    },
+    "faces": 118,
+    "created_at": 1764500000.0,
+    "started_at": 1764500001.2,
+    "finished_at": None,
+    "error": None,
+    "result": None,
+}
+_JOB_JSON = {"application/json": {"example": JOB_EXAMPLE}}
+_UPLOAD_ERRORS = (
+    ErrorKind.MALFORMED_REQUEST,
+    ErrorKind.INVALID_VIDEO,
+    ErrorKind.UNAUTHORIZED,
+    ErrorKind.PAYLOAD_TOO_LARGE,
+    ErrorKind.UNSUPPORTED_MEDIA_TYPE,
+    ErrorKind.UNSUPPORTED_FORMAT,
+    ErrorKind.INVALID_PARAMETER,
+    ErrorKind.TOO_MANY_JOBS,
+    ErrorKind.NOT_READY,
+    ErrorKind.MODEL_FAILED,
+    ErrorKind.SHUTTING_DOWN,
+)
 
 
 def get_jobs(request: Request) -> JobManager:
@@ -223,7 +257,16 @@ def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) ->
         )
 
 
-@router.post("", status_code=202, dependencies=[Depends(require_api_key)])
+@router.post(
+    "",
+    status_code=202,
+    dependencies=[Depends(require_api_key)],
+    operation_id="submit_job",
+    responses={
+        202: {"content": _JOB_JSON, "headers": OK_HEADERS},
+        **ops_responses(*_UPLOAD_ERRORS),
+    },
+)
 async def submit(
     request: Request,
     service: ServiceState = Depends(get_service),
@@ -234,7 +277,7 @@ async def submit(
     service.check_ready()
     if not jobs.has_room():
         raise ServiceError(
-            ErrorKind.TOO_MANY_REQUESTS,
+            ErrorKind.TOO_MANY_JOBS,
             f"{len(jobs.jobs)} video jobs held (limit {jobs.settings.max_jobs}); fetch or "
             "DELETE finished ones",
             retry_after_s=jobs.retry_after_s(),
@@ -271,13 +314,37 @@ def _job(jobs: JobManager, job_id: str) -> Job:
     return job
 
 
-@router.get("/{job_id}", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/{job_id}",
+    dependencies=[Depends(require_api_key)],
+    operation_id="job_status",
+    responses={
+        200: {"content": _JOB_JSON, "headers": OK_HEADERS},
+        **ops_responses(ErrorKind.UNAUTHORIZED, ErrorKind.NOT_FOUND),
+    },
+)
 async def status(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
     """State (queued, running, succeeded, failed) and progress in frames, with fps and ETA."""
     return _job(jobs, job_id).view()
 
 
-@router.get("/{job_id}/result", dependencies=[Depends(require_api_key)])
+@router.get(
+    "/{job_id}/result",
+    dependencies=[Depends(require_api_key)],
+    operation_id="job_result",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "description": "the restored video",
+            "content": {
+                t: {"schema": {"type": "string", "format": "binary"}, "example": "(binary video)"}
+                for t in MEDIA_TYPES.values()
+            },
+            "headers": OK_HEADERS,
+        },
+        **ops_responses(ErrorKind.UNAUTHORIZED, ErrorKind.NOT_FOUND, ErrorKind.JOB_NOT_DONE),
+    },
+)
 async def result(job_id: str, jobs: JobManager = Depends(get_jobs)) -> FileResponse:
     """The restored video of a succeeded job; 409 while it is not done."""
     job = _job(jobs, job_id)
@@ -291,7 +358,15 @@ async def result(job_id: str, jobs: JobManager = Depends(get_jobs)) -> FileRespo
     )
 
 
-@router.delete("/{job_id}", dependencies=[Depends(require_api_key)])
+@router.delete(
+    "/{job_id}",
+    dependencies=[Depends(require_api_key)],
+    operation_id="delete_job",
+    responses={
+        200: {"content": _JOB_JSON, "headers": OK_HEADERS},
+        **ops_responses(ErrorKind.UNAUTHORIZED, ErrorKind.NOT_FOUND),
+    },
+)
 async def delete(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
     """Cancel a queued or running job, or remove a finished one, with its files."""
     job = jobs.delete(job_id)

@@ -177,7 +177,7 @@ def test_limits_on_jobs_bytes_and_frames(
         accepted = submit(c, clips["short"], duration="0.2")  # 5 frames
         assert accepted.status_code == 202
         full = submit(c, clips["short"])
-        assert error_of(full, 429) == "queue_full" and int(full.headers["retry-after"]) >= 1
+        assert error_of(full, 429) == "too_many_jobs" and int(full.headers["retry-after"]) >= 1
     kept = [p.name for p in (tmp_path / "jobs").iterdir()]
     assert kept == [accepted.json()["id"]], "refused uploads leave no file"
 
