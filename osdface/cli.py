@@ -1,4 +1,4 @@
-"""`osdface` command line: weights, restore, serve, train."""
+"""`osdface` command line: weights, restore, serve, train, eval."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 
 from osdface import __version__, restore, serve, train, weights
+from osdface import eval as evaluate
 
 logger = logging.getLogger("osdface")
 
@@ -35,7 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands")
-    for register in (weights.register, restore.register, serve.register, train.register):
+    for register in (
+        weights.register,
+        restore.register,
+        serve.register,
+        train.register,
+        evaluate.register,
+    ):
         register(sub)
     return parser
 

@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             p.add_argument(
                 "--background", action="store_true", help="also Real-ESRGAN x2/x4 (background)"
             )
+            p.add_argument("--eval", action="store_true", help="also the metric networks")
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:
@@ -40,6 +41,7 @@ def _weights_fetch(args: argparse.Namespace) -> int:
         include_optional=args.all,
         include_train=args.train,
         include_background=args.background,
+        include_eval=args.eval,
         sd_repo=args.sd_repo,
     )
     logger.info("%d files fetched into %s", len(fetched), args.dir)

@@ -36,7 +36,8 @@ class ManifestEntry:
     hf_file: str | None = None
     url: str | None = None
     optional: bool = False
-    group: str = "serve"  # "train": loss networks for `osdface train`; "background": Real-ESRGAN
+    group: str = "serve"  # "train": loss networks for `osdface train`; "background": Real-ESRGAN;
+    # "eval": metric networks for `osdface eval`
     note: str | None = None
 
     @property
@@ -82,11 +83,13 @@ def fetch(
     include_optional: bool = False,
     include_train: bool = False,
     include_background: bool = False,
+    include_eval: bool = False,
     sd_repo: str | None = None,
 ) -> list[Path]:
     """Download every manifest file missing under `root`; verify every checksum known."""
     groups = {"serve"} | ({"train"} if include_train else set())
     groups |= {"background"} if include_background else set()
+    groups |= {"eval"} if include_eval else set()
     entries = [
         e for e in load_manifest() if (include_optional or not e.optional) and e.group in groups
     ]
