@@ -40,7 +40,8 @@ class LandmarkDistance:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         except Exception as e:  # torch raises several types for corrupt or unsafe files
-            raise WeightsError(f"{path}: not a tensors-only checkpoint with 'state_dict' ({e})") from e
+            what = "not a tensors-only checkpoint with 'state_dict'"
+            raise WeightsError(f"{path}: {what} ({e})") from e
         network = build_fan(device)
         check_state_dict("AWing FAN (WFLW, 4HG)", network, state)
         network.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""Restoration quality: the paper's metrics, the eval loop and its report (osdface eval)."""
