@@ -19,6 +19,7 @@ from weights.strict import check_state_dict
 
 FAN_FILE = "eval/alignment_WFLW_4HG.pth"
 NUM_LANDMARKS = 98
+FAN_INPUT = 256
 
 
 def build_fan(device: torch.device):
@@ -32,6 +33,7 @@ class LandmarkDistance:
 
     def __init__(self, network, device: torch.device) -> None:
         self.network = network.to(device).eval().requires_grad_(False)
+        self.device = device
 
     @classmethod
     def from_weights(cls, root: Path, device: torch.device) -> LandmarkDistance:
@@ -48,14 +50,41 @@ class LandmarkDistance:
         return cls(network, device)
 
     @torch.inference_mode()
-    def landmarks(self, rgb: np.ndarray) -> np.ndarray:
-        """uint8 (H, W, 3) RGB -> (98, 2) float64 (x, y) in pixels."""
-        bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)  # facexlib reads OpenCV's BGR
-        return np.asarray(self.network.get_landmarks(bgr), dtype=np.float64)
+    def landmarks(self, faces: list[np.ndarray]) -> np.ndarray:
+        """uint8 (H, W, 3) RGB faces -> (B, 98, 2) float64 (x, y) in pixels of each face.
+
+        The network sees RGB in [0, 1] at 256x256 (facexlib's preprocessing) and returns 64x64
+        heatmaps, one per landmark plus a boundary map (dropped).
+        """
+        size = faces[0].shape[1]
+        small = [
+            cv2.resize(f, (FAN_INPUT, FAN_INPUT), interpolation=cv2.INTER_LINEAR) for f in faces
+        ]
+        batch = torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2).float() / 255.0
+        outputs, _ = self.network(batch.to(self.device))
+        heatmaps = outputs[-1][:, :-1].float().cpu()  # (B, 98, 64, 64)
+        return (heatmap_points(heatmaps) * (size / heatmaps.shape[-1])).double().numpy()
 
     def score(self, restored: list[np.ndarray], hq: list[np.ndarray]) -> torch.Tensor:
-        out = []
-        for r, h in zip(restored, hq, strict=True):
-            distance = np.linalg.norm(self.landmarks(r) - self.landmarks(h), axis=1)
-            out.append(float(distance.mean()))
-        return torch.tensor(out, dtype=torch.float64)
+        distance = np.linalg.norm(self.landmarks(restored) - self.landmarks(hq), axis=2)
+        return torch.from_numpy(distance.mean(axis=1))  # (B,)
+
+
+def heatmap_points(heatmaps: torch.Tensor) -> torch.Tensor:
+    """(B, N, H, W) heatmaps -> (B, N, 2) (x, y) in heatmap pixels.
+
+    The peak of each map, moved a quarter pixel towards its larger neighbour on each axis
+    (neighbours clamped at the border), plus half a pixel for the pixel centre.
+    """
+    b, n, h, w = heatmaps.shape
+    flat = heatmaps.reshape(b, n, h * w)
+    peak = flat.argmax(dim=2)  # (B, N)
+    y, x = peak // w, peak % w
+
+    def at(yy: torch.Tensor, xx: torch.Tensor) -> torch.Tensor:
+        index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).unsqueeze(-1)
+        return flat.gather(2, index).squeeze(-1)
+
+    dx = torch.sign(at(y, x + 1) - at(y, x - 1))
+    dy = torch.sign(at(y + 1, x) - at(y - 1, x))
+    return torch.stack((x + 0.25 * dx + 0.5, y + 0.25 * dy + 0.5), dim=-1)
