@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="restorer and metric networks")
     p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="faces per restore/score batch")
+    p.add_argument(
+        "--latent", choices=("mode", "sample"), default="mode", help="in-process VAE latent"
+    )
     p.set_defaults(func=_eval, eval_parser=p)
     esub = p.add_subparsers(title="eval commands")
 
@@ -74,6 +77,7 @@ def _eval(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         batch_size=args.batch_size,
+        latent=args.latent,
     )
     summary = run_eval(options)
     for name, value in summary.items():

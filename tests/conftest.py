@@ -46,3 +46,15 @@ def tiny_restorer(tiny_weights_dir: Path):
 def _few_threads() -> None:
     # CI has 2 cores; oversubscription makes the suite slower, not faster.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def eval_weights_dir(tiny_weights_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny restorer's weights plus random metric networks under eval/ (one folder, as
+    `osdface weights fetch --eval` leaves it)."""
+    from tests.eval_weights import write_eval_weights
+
+    root = tmp_path_factory.mktemp("eval-weights")
+    for part in tiny_weights_dir.iterdir():
+        (root / part.name).symlink_to(part)
+    return write_eval_weights(root)

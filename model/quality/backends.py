@@ -81,10 +81,12 @@ class HTTPBackend:
         self.client.close()
 
 
-def in_process(weights: Path, device: str, dtype: str) -> InProcessBackend:
+def in_process(weights: Path, device: str, dtype: str, latent: str = "mode") -> InProcessBackend:
     from model.device import resolve_device, resolve_dtype
     from model.restorer import OSDFaceRestorer
 
     resolved = resolve_device(device)
-    restorer = OSDFaceRestorer.from_pretrained(weights, resolved, resolve_dtype(dtype, resolved))
+    restorer = OSDFaceRestorer.from_pretrained(
+        weights, resolved, resolve_dtype(dtype, resolved), latent=latent
+    )
     return InProcessBackend(restorer)

@@ -32,6 +32,7 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
+    latent: str = "mode"
 
 
 def default_metrics(paper_table: str | None, has_hq: bool) -> list[str]:
@@ -97,7 +98,7 @@ def _backend(options: EvalOptions):
 
     if options.url:
         return HTTPBackend(options.url, options.api_key, concurrency=options.batch_size)
-    return in_process(options.weights, options.device, options.dtype)
+    return in_process(options.weights, options.device, options.dtype, options.latent)
 
 
 def _metric_device(name: str) -> torch.device:

@@ -1,0 +1,154 @@
+"""`osdface eval` end to end on real aligned crops: in-process with the tiny restorer and
+through a real `osdface serve`; report, CSV, contact sheet, resume, compare, missing weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from model.quality.compare import compare_runs
+from model.quality.paper import PAPER_TABLES
+from osdface.cli import main
+from tests.live_server import running_server
+
+REPO = Path(__file__).resolve().parents[1]
+METRICS = "psnr,ssim,lpips,deg,lmd,niqe,fid_hq"
+
+
+@pytest.fixture(scope="module")
+def sets(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """HQ: three real aligned crops; LQ: their CelebA-Test-style degradations."""
+    root = tmp_path_factory.mktemp("eval-sets")
+    hq = root / "hq"
+    hq.mkdir()
+    for path in sorted((assets / "images/vqfr/cropped_faces").glob("*.png"))[:3]:
+        shutil.copyfile(path, hq / path.name)
+    assert main(["eval", "degrade", "--hq", str(hq), "-o", str(root / "lq"), "--seed", "1"]) == 0
+    return root / "lq", hq
+
+
+def _eval(lq: Path, hq: Path, out: Path, *extra: str) -> int:
+    argv = ["eval", "--lq", str(lq), "--hq", str(hq), "-o", str(out), "--device", "cpu"]
+    return main([*argv, "--dtype", "float32", "--batch-size", "2", *extra])
+
+
+@pytest.fixture(scope="module")
+def report(sets, eval_weights_dir: Path, tmp_path_factory) -> Path:
+    lq, hq = sets
+    out = tmp_path_factory.mktemp("eval-report") / "report"
+    weights = ["--weights", str(eval_weights_dir)]
+    assert _eval(lq, hq, out, *weights, "--metrics", METRICS, "--paper-table", "celeba-test") == 0
+    return out
+
+
+def test_report_files(report: Path, sets) -> None:
+    lq, _ = sets
+    names = sorted(p.stem for p in lq.glob("*.png"))
+    metrics = json.loads((report / "metrics.json").read_text())
+    for name in METRICS.split(","):
+        assert set(metrics[name]) == {"mean", "count", "std"}
+        assert metrics[name]["count"] == len(names)
+    assert metrics["fid_hq"]["std"] is None
+    assert metrics["_run"]["restorer"]["kind"] == "in-process"
+    with (report / "per_image.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == names
+    mean_psnr = sum(float(r["psnr"]) for r in rows) / len(rows)
+    assert metrics["psnr"]["mean"] == pytest.approx(mean_psnr)
+    readme = (report / "README.md").read_text()
+    assert "paper (celeba-test)" in readme
+    assert f"{PAPER_TABLES['celeba-test']['lpips']:.4f}" in readme
+    with Image.open(report / "contact_sheet.png") as sheet:
+        assert sheet.size == (3 * 256, 3 * (256 + 18))  # best, median, worst x LQ|restored|HQ
+    assert sorted(p.stem for p in (report / "restored").glob("*.png")) == names
+
+
+def test_rerun_resumes_and_compare_is_zero(report: Path, sets, eval_weights_dir: Path) -> None:
+    lq, hq = sets
+    restored = {p: p.stat().st_mtime_ns for p in (report / "restored").iterdir()}
+    csv_before = (report / "per_image.csv").read_text()
+    assert _eval(lq, hq, report, "--weights", str(eval_weights_dir), "--metrics", METRICS) == 0
+    assert {p: p.stat().st_mtime_ns for p in (report / "restored").iterdir()} == restored
+    assert (report / "per_image.csv").read_text() == csv_before
+    for delta in compare_runs(report, report):
+        assert delta.delta == 0.0, delta
+        assert delta.low is None or (delta.low, delta.high) == (0.0, 0.0), delta
+
+
+def test_psnr_ssim_need_no_metric_weights(sets, tiny_weights_dir: Path, tmp_path: Path) -> None:
+    lq, hq = sets
+    out = tmp_path / "r"
+    assert _eval(lq, hq, out, "--weights", str(tiny_weights_dir), "--metrics", "psnr,ssim") == 0
+    assert set(json.loads((out / "metrics.json").read_text())) == {"psnr", "ssim", "_run"}
+
+
+def test_missing_metric_weights_named_before_restoring(
+    sets, tiny_weights_dir: Path, tmp_path: Path
+) -> None:
+    lq, hq = sets
+    command = [sys.executable, "-m", "osdface", "eval", "--lq", str(lq), "--hq", str(hq)]
+    command += ["-o", str(tmp_path / "r"), "--weights", str(tiny_weights_dir)]
+    command += ["--metrics", "psnr,lpips,fid_ffhq"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO, timeout=120, env=os.environ.copy()
+    )
+    assert result.returncode == 1
+    for name in ("LPIPS_v0.1_alex-df73285e.pth", "ffhq_clean_trainval70k_512.npz", "--eval"):
+        assert name in result.stderr
+    assert not (tmp_path / "r").exists(), "nothing restored before the check"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--metrics", "psnr,bogus"], "unknown metrics"),
+        (["--metrics", "lpips", "--no-hq"], "need the HQ faces"),
+    ],
+)
+def test_bad_arguments(sets, tmp_path: Path, caplog, argv: list[str], message: str) -> None:
+    lq, hq = sets
+    base = ["eval", "--lq", str(lq), "-o", str(tmp_path / "r")]
+    if "--no-hq" in argv:
+        argv = [a for a in argv if a != "--no-hq"]
+    else:
+        base += ["--hq", str(hq)]
+    assert main([*base, *argv]) == 1
+    assert message in caplog.text
+
+
+def test_fetch_eval_offline_lists_metric_files(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "osdface", "weights", "fetch", "--eval", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    for name in ("eval/pyiqa/musiq_koniq_ckpt-e95806b9.pth", "eval/clip/RN50.pt"):
+        assert name in result.stderr
+
+
+def test_through_a_running_service(sets, report: Path, eval_weights_dir: Path, tmp_path: Path):
+    """The same faces restored by `osdface serve` (POST /restore, aligned) score as in-process."""
+    lq, hq = sets
+    out = tmp_path / "http"
+    with running_server(eval_weights_dir, tmp_path / "serve.log") as server:
+        argv = ["--url", server.base, "--weights", str(eval_weights_dir)]
+        assert _eval(lq, hq, out, *argv, "--metrics", "psnr,ssim,lpips") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["_run"]["restorer"]["kind"] == "http"
+    local = {d.metric: d for d in compare_runs(report, out)}
+    assert set(local) == {"psnr", "ssim", "lpips"}
+    # Same weights, CPU fp32 on both sides: the PNGs agree to within rounding.
+    assert abs(local["psnr"].delta) < 0.05 and abs(local["lpips"].delta) < 1e-3

@@ -1,0 +1,204 @@
+"""The metrics of `osdface eval`, one by one: PSNR/SSIM against scikit-image, the pyiqa
+networks, ArcFace angle and landmark distance built from random weights in their real files,
+FID, the offline guard, the bootstrap and the CelebA-Test degradation."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from model.errors import InvalidInputError, WeightsNotFoundError
+from model.quality import fidelity
+from model.quality.compare import paired_bootstrap
+from model.quality.degrade import RECORD, degrade_folder
+from model.quality.files import METRIC_FILES, offline_pyiqa, require_files
+from model.quality.landmarks import heatmap_points
+from model.quality.run import read_face
+from model.quality.scorers import Scorers
+
+FULL_REFERENCE = ["psnr", "ssim", "lpips", "dists", "deg", "lmd"]
+NO_REFERENCE = ["musiq", "niqe", "clipiqa"]
+LOWER_BETTER = {"lpips", "dists", "deg", "lmd"}
+
+
+def blur(rgb: np.ndarray, sigma: float) -> np.ndarray:
+    return cv2.GaussianBlur(rgb, (0, 0), sigma)
+
+
+@pytest.fixture(scope="module")
+def faces(assets: Path) -> list[np.ndarray]:
+    crops = sorted((assets / "images/gfpgan/cropped_faces").glob("*.png"))[:2]
+    return [read_face(p) for p in crops]
+
+
+@pytest.fixture(scope="module")
+def scorers(eval_weights_dir: Path) -> Scorers:
+    return Scorers.build(FULL_REFERENCE + NO_REFERENCE, eval_weights_dir, torch.device("cpu"))
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a connection fails the test."""
+
+    def refuse(self, address):
+        raise AssertionError(f"network access attempted: {address}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+# --- PSNR and SSIM against scikit-image ------------------------------------------------------
+
+
+@pytest.mark.parametrize("sigma", [0.8, 3.0])
+def test_psnr_ssim_match_scikit_image(faces: list[np.ndarray], sigma: float) -> None:
+    a, b = faces[0], blur(faces[0], sigma)
+    expected_ssim = structural_similarity(
+        a,
+        b,
+        channel_axis=2,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        data_range=255,
+    )
+    assert fidelity.ssim(a, b) == pytest.approx(expected_ssim, abs=1e-9)
+    assert fidelity.psnr(a, b) == pytest.approx(peak_signal_noise_ratio(a, b, data_range=255))
+
+
+def test_identical_images_cap_psnr(faces: list[np.ndarray]) -> None:
+    assert fidelity.psnr(faces[0], faces[0].copy()) == fidelity.PSNR_CAP_DB
+    assert fidelity.ssim(faces[0], faces[0].copy()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one size"):
+        fidelity.psnr(faces[0], faces[0][:256])
+
+
+# --- the metric networks, random weights in their real files ----------------------------------
+
+
+def test_identical_faces_score_perfect(scorers: Scorers, faces: list[np.ndarray]) -> None:
+    same = scorers.score(faces, [f.copy() for f in faces])
+    assert same["psnr"] == [fidelity.PSNR_CAP_DB] * 2
+    assert same["ssim"] == pytest.approx([1.0, 1.0])
+    assert same["lpips"] == pytest.approx([0.0, 0.0], abs=1e-6)
+    assert same["dists"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert same["deg"] == pytest.approx([0.0, 0.0], abs=0.1)  # arccos near 1 is steep
+    assert same["lmd"] == [0.0, 0.0]
+    for name in NO_REFERENCE:
+        assert len(same[name]) == 2 and all(math.isfinite(v) for v in same[name]), name
+
+
+def test_blurred_scores_worse_on_every_full_reference_metric(
+    scorers: Scorers, faces: list[np.ndarray]
+) -> None:
+    light = scorers.score([blur(f, 1.0) for f in faces], faces)
+    heavy = scorers.score([blur(f, 6.0) for f in faces], faces)
+    for name in ("psnr", "ssim", "lpips", "dists", "deg"):
+        for lo, hi in zip(light[name], heavy[name], strict=True):
+            worse = hi > lo if name in LOWER_BETTER else hi < lo
+            assert worse, f"{name}: heavy blur {hi} not worse than light blur {lo}"
+    # Random landmark heatmaps only move when the peak moves: never better than identical.
+    assert all(v >= 0.0 for v in heavy["lmd"])
+
+
+def test_no_reference_scores_are_per_image_and_deterministic(
+    scorers: Scorers, faces: list[np.ndarray]
+) -> None:
+    first = scorers.score(faces, faces)
+    again = scorers.score(faces[::-1], faces[::-1])
+    for name in NO_REFERENCE:
+        assert again[name][::-1] == pytest.approx(first[name], rel=1e-5), name
+
+
+def test_missing_file_named_before_loading(tmp_path: Path) -> None:
+    with pytest.raises(WeightsNotFoundError) as err:
+        require_files(tmp_path, ["psnr", "lpips", "deg"])
+    message = str(err.value)
+    for path in (*METRIC_FILES["lpips"], *METRIC_FILES["deg"]):
+        assert path in message
+    assert "osdface weights fetch --eval" in message
+
+
+def test_guard_refuses_downloads_without_touching_the_network(
+    tmp_path: Path, no_network: None
+) -> None:
+    from torchvision import models
+
+    with offline_pyiqa(tmp_path), pytest.raises(WeightsNotFoundError, match="never downloads"):
+        models.alexnet(weights="IMAGENET1K_V1")  # what pyiqa's LPIPS asks torchvision for
+    import pyiqa
+
+    with offline_pyiqa(tmp_path), pytest.raises(WeightsNotFoundError, match="fetch --eval"):
+        pyiqa.create_metric("niqe", device="cpu")
+
+
+def test_metrics_build_offline(eval_weights_dir: Path, no_network: None) -> None:
+    Scorers.build(["niqe", "clipiqa", "deg"], eval_weights_dir, torch.device("cpu"))
+
+
+def test_fid_zero_for_the_same_folder(eval_weights_dir: Path, assets: Path, tmp_path: Path):
+    from model.quality.fid import FID
+
+    crops = sorted((assets / "images/vqfr/cropped_faces").glob("*.png"))[:4]
+    sharp, blurred = tmp_path / "sharp", tmp_path / "blurred"
+    for folder, sigma in ((sharp, 0.0), (blurred, 4.0)):
+        folder.mkdir()
+        for path in crops:
+            rgb = read_face(path)
+            cv2.imwrite(
+                str(folder / path.name),
+                cv2.cvtColor(blur(rgb, sigma) if sigma else rgb, cv2.COLOR_RGB2BGR),
+            )
+    fid = FID(eval_weights_dir, torch.device("cpu"))
+    assert fid.against_folder(sharp, sharp) == pytest.approx(0.0, abs=1e-3)
+    assert fid.against_folder(blurred, sharp) > 1e-3
+    assert math.isfinite(fid.against_ffhq(sharp))
+
+
+# --- landmarks decoding, bootstrap, degradation ----------------------------------------------
+
+
+def test_heatmap_points_quarter_pixel_towards_larger_neighbour() -> None:
+    heat = torch.zeros(1, 2, 64, 64)
+    heat[0, 0, 10, 20] = 1.0
+    heat[0, 0, 10, 21] = 0.5  # right neighbour larger: x + 0.25
+    heat[0, 0, 9, 20] = 0.5  # upper neighbour larger: y - 0.25
+    heat[0, 1, 63, 0] = 1.0  # a corner: neighbours clamped, no shift
+    points = heatmap_points(heat)
+    assert points[0, 0].tolist() == [20.75, 10.25]
+    assert points[0, 1].tolist() == [0.5, 63.5]
+
+
+def test_bootstrap_interval() -> None:
+    a = np.linspace(0.0, 1.0, 50)
+    assert paired_bootstrap(a, a) == (0.0, 0.0)
+    assert paired_bootstrap(a, a + 0.25) == pytest.approx((0.25, 0.25))
+    rng = np.random.default_rng(1)
+    b = a + rng.normal(0.1, 0.05, a.size)
+    low, high = paired_bootstrap(a, b)
+    assert low < (b - a).mean() < high and high - low < 0.05
+
+
+def test_degrade_is_seeded_recorded_and_resumable(assets: Path, tmp_path: Path) -> None:
+    hq = assets / "images/gfpgan/cropped_faces"
+    first = degrade_folder(hq, tmp_path / "a", seed=3)
+    second = degrade_folder(hq, tmp_path / "b", seed=3)
+    assert [p.name for p in first] == [p.name for p in second] and first
+    for a, b in zip(first, second, strict=True):
+        assert np.array_equal(read_face(a), read_face(b))
+        assert not np.array_equal(read_face(a), read_face(hq / f"{a.stem}.png"))
+    record = json.loads((tmp_path / "a" / RECORD).read_text())
+    assert record["seed"] == 3 and set(record["faces"]) == {p.stem for p in first}
+    assert record["config"]["first"]["jpeg_quality"] == [60, 100]
+    assert degrade_folder(hq, tmp_path / "a", seed=3) == []  # resumed: nothing left
+    with pytest.raises(InvalidInputError, match="seed"):
+        degrade_folder(hq, tmp_path / "a", seed=4)
+    with pytest.raises(InvalidInputError, match="differ"):
+        degrade_folder(hq, hq)
