@@ -96,7 +96,10 @@ def write_niqe(root: Path, rng: np.random.Generator) -> None:
     a = rng.normal(size=(features, features))
     scipy.io.savemat(
         Path(root) / METRIC_FILES["niqe"][0],
-        {"mu_prisparam": rng.normal(size=(1, features)), "cov_prisparam": a @ a.T + np.eye(features)},
+        {
+            "mu_prisparam": rng.normal(size=(1, features)),
+            "cov_prisparam": a @ a.T + np.eye(features),
+        },
     )
 
 

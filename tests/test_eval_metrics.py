@@ -202,3 +202,18 @@ def test_degrade_is_seeded_recorded_and_resumable(assets: Path, tmp_path: Path) 
         degrade_folder(hq, tmp_path / "a", seed=4)
     with pytest.raises(InvalidInputError, match="differ"):
         degrade_folder(hq, hq)
+
+
+def test_partial_checkpoint_keys_are_checked(scorers: Scorers, tmp_path: Path) -> None:
+    """pyiqa loads LPIPS's file with strict=False; a file whose keys do not match is refused."""
+    from model.errors import StateDictMismatchError
+    from model.quality.iqa import check_partial_checkpoint
+
+    network = scorers._networks["lpips"].network.net
+    good = {k: v for k, v in network.state_dict().items() if k.startswith("lin")}
+    torch.save(good, tmp_path / "good.pth")
+    check_partial_checkpoint("lpips", network, tmp_path / "good.pth")
+    renamed = {k.replace("lin", "lins.", 1): v for k, v in good.items()}
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(StateDictMismatchError, match=r"missing .*lin0\.model\.1\.weight"):
+        check_partial_checkpoint("lpips", network, tmp_path / "renamed.pth")

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from model.errors import InvalidInputError
+from model.quality.names import SET_LEVEL
 from model.quality.report import METRICS_JSON
 from model.quality.run import CSV_NAME, read_rows
-from model.quality.scorers import SET_LEVEL
 
 
 @dataclass(frozen=True)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
 from model.errors import InvalidInputError
 from model.quality import report
 from model.quality.files import require_files
+from model.quality.names import ALL_METRICS, NEEDS_HQ, PER_IMAGE, PYIQA_METRICS
 from model.quality.paper import PAPER_TABLES
 from model.quality.run import CSV_NAME, RESTORED_DIR, pair_images, restore_all, score_all
-from model.quality.scorers import ALL_METRICS, NEEDS_HQ, PER_IMAGE, Scorers
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,12 @@ def check(options: EvalOptions) -> list[str]:
         raise InvalidInputError("--batch-size must be at least 1")
     per_image = [m for m in metrics if m in PER_IMAGE]
     fid = [m for m in metrics if m.startswith("fid")]
+    pyiqa_based = [m for m in metrics if m in PYIQA_METRICS or m in fid]
+    if pyiqa_based and importlib.util.find_spec("pyiqa") is None:
+        raise InvalidInputError(
+            f"{', '.join(pyiqa_based)} need pyiqa: install the eval extra "
+            "(`pip install -e '.[eval]'`, or `make`, which installs requirements.lock)"
+        )
     needed = per_image + (["fid"] if fid else [])
     require_files(options.weights, needed, ffhq_stats="fid_ffhq" in fid)
     return metrics
@@ -71,8 +77,7 @@ def run_eval(options: EvalOptions) -> dict:
         raise InvalidInputError("the report folder must differ from the LQ and HQ folders")
     out.mkdir(parents=True, exist_ok=True)
     restored_dir = out / RESTORED_DIR
-    backend = _backend(options)
-    restore_all(pairs, restored_dir, backend, options.batch_size)
+    run = _describe(options, _restore(pairs, restored_dir, options), len(pairs))
     device = _metric_device(options.device)
     per_image = [m for m in metrics if m in PER_IMAGE]
     rows = score_all(
@@ -80,17 +85,42 @@ def run_eval(options: EvalOptions) -> dict:
         restored_dir,
         out / CSV_NAME,
         per_image,
-        lambda: Scorers.build(per_image, options.weights, device),
+        lambda: _scorers(per_image, options.weights, device),
         options.batch_size,
     )
     set_level = _fid(metrics, options, restored_dir, device)
     summary = report.summarise({p.name: rows.get(p.name, {}) for p in pairs}, per_image, set_level)
-    run = _describe(options, backend, len(pairs))
     report.write_json(out / report.METRICS_JSON, {**summary, "_run": run})
     (out / report.README).write_text(report.readme_text(summary, run, options.paper_table))
     _contact_sheet(pairs, rows, restored_dir, out)
     logger.info("report written to %s", out)
     return summary
+
+
+def _restore(pairs, restored_dir: Path, options: EvalOptions) -> dict:
+    """Restore what is missing; the restorer's description (the last run's when none was)."""
+    previous = _previous_run(options.out).get("restorer")
+    if previous and all((restored_dir / f"{p.name}.png").is_file() for p in pairs):
+        return previous  # resumed: nothing left to restore, nothing to load
+    backend = _backend(options)
+    try:
+        description = backend.describe()
+        restore_all(pairs, restored_dir, backend, options.batch_size)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    return description  # the restorer's memory goes back before the metric networks load
+
+
+def _previous_run(out: Path) -> dict:
+    path = out / report.METRICS_JSON
+    return json.loads(path.read_text()).get("_run", {}) if path.is_file() else {}
+
+
+def _scorers(names: list[str], weights: Path, device):
+    from model.quality.scorers import Scorers
+
+    return Scorers.build(names, weights, device)
 
 
 def _backend(options: EvalOptions):
@@ -101,7 +131,7 @@ def _backend(options: EvalOptions):
     return in_process(options.weights, options.device, options.dtype, options.latent)
 
 
-def _metric_device(name: str) -> torch.device:
+def _metric_device(name: str):
     from model.device import resolve_device
 
     return resolve_device(name)
@@ -122,14 +152,14 @@ def _fid(metrics: list[str], options: EvalOptions, restored: Path, device) -> di
     return values
 
 
-def _describe(options: EvalOptions, backend, count: int) -> dict:
+def _describe(options: EvalOptions, restorer: dict, count: int) -> dict:
     return {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "lq": str(options.lq),
         "hq": str(options.hq) if options.hq else None,
         "faces": count,
         "paper_table": options.paper_table,
-        "restorer": backend.describe(),
+        "restorer": restorer,
     }
 
 

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from model.quality.files import offline_pyiqa, require_files
+from model.errors import StateDictMismatchError
+from model.quality.files import METRIC_FILES, offline_pyiqa, require_files
+from model.quality.names import FULL_REFERENCE
 
-FULL_REFERENCE = ("lpips", "dists")
-NO_REFERENCE = ("musiq", "niqe", "clipiqa", "maniqa")
-PYIQA_METRICS = FULL_REFERENCE + NO_REFERENCE
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +64,34 @@ def _overrides(name: str, root: Path) -> dict:
     return {}
 
 
+# pyiqa loads these partial checkpoints with strict=False (the backbone comes from torchvision),
+# which would silently keep random layers if a file did not match: check their keys ourselves.
+PARTIAL_CHECKPOINTS = {"lpips": "lin", "dists": ""}
+
+
+def check_partial_checkpoint(name: str, network: torch.nn.Module, path: Path) -> None:
+    """Every tensor of the file has a same-shaped place in the network, and every network
+    tensor the file should provide (by prefix) is in it."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a tensors-only file: pyiqa has loaded it, nothing more to check
+        logger.debug("%s: not readable without pickle; key check skipped", path)
+        return
+    state = {k.removeprefix("module."): v for k, v in state.get("params", state).items()}
+    expected = network.state_dict()
+    prefix = PARTIAL_CHECKPOINTS[name]
+    wanted = [k for k in expected if k.startswith(prefix)] if prefix else list(state)
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        (k, tuple(v.shape), tuple(expected[k].shape))
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        raise StateDictMismatchError(f"{name} ({path.name})", missing, unexpected, mismatched)
+
+
 def build_iqa(name: str, root: Path, device: torch.device) -> IQAMetric:
     """pyiqa metric `name` on `device`, every file from `root/eval`; never downloads."""
     import pyiqa
@@ -72,4 +101,6 @@ def build_iqa(name: str, root: Path, device: torch.device) -> IQAMetric:
     with offline_pyiqa(root), guard:
         metric = pyiqa.create_metric(name, device=device, **_overrides(name, root))
     metric.eval()
+    if name in PARTIAL_CHECKPOINTS:
+        check_partial_checkpoint(name, metric.net, Path(root) / METRIC_FILES[name][0])
     return IQAMetric(name, metric, name in FULL_REFERENCE)

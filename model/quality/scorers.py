@@ -13,12 +13,8 @@ import numpy as np
 import torch
 
 from model.quality import fidelity
-from model.quality.iqa import FULL_REFERENCE, PYIQA_METRICS, build_iqa
-
-PER_IMAGE = ("psnr", "ssim", "lpips", "dists", "deg", "lmd", "musiq", "niqe", "clipiqa", "maniqa")
-SET_LEVEL = ("fid_ffhq", "fid_hq")
-ALL_METRICS = PER_IMAGE + SET_LEVEL
-NEEDS_HQ = {"psnr", "ssim", "deg", "lmd", "fid_hq", *FULL_REFERENCE}
+from model.quality.iqa import build_iqa
+from model.quality.names import NEEDS_HQ, PER_IMAGE, PYIQA_METRICS
 
 
 def to_tensor(faces: list[np.ndarray]) -> torch.Tensor:
