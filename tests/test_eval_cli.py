@@ -20,7 +20,8 @@ from osdface.cli import main
 from tests.live_server import running_server
 
 REPO = Path(__file__).resolve().parents[1]
-METRICS = "psnr,ssim,lpips,deg,lmd,niqe,fid_hq"
+# A light set: every metric network is checked in test_eval_metrics.py; this is the plumbing.
+METRICS = "psnr,ssim,lpips,deg,niqe"
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,6 @@ def test_report_files(report: Path, sets) -> None:
     for name in METRICS.split(","):
         assert set(metrics[name]) == {"mean", "count", "std"}
         assert metrics[name]["count"] == len(names)
-    assert metrics["fid_hq"]["std"] is None
     assert metrics["_run"]["restorer"]["kind"] == "in-process"
     with (report / "per_image.csv").open() as f:
         rows = list(csv.DictReader(f))

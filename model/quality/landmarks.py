@@ -73,8 +73,8 @@ class LandmarkDistance:
 def heatmap_points(heatmaps: torch.Tensor) -> torch.Tensor:
     """(B, N, H, W) heatmaps -> (B, N, 2) (x, y) in heatmap pixels.
 
-    The peak of each map, moved a quarter pixel towards its larger neighbour on each axis
-    (neighbours clamped at the border), plus half a pixel for the pixel centre.
+    The peak of each map, moved a quarter pixel towards its larger neighbour on each axis (not
+    moved along an axis where the peak is on the border), plus half a pixel for its centre.
     """
     b, n, h, w = heatmaps.shape
     flat = heatmaps.reshape(b, n, h * w)
@@ -85,6 +85,8 @@ def heatmap_points(heatmaps: torch.Tensor) -> torch.Tensor:
         index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).unsqueeze(-1)
         return flat.gather(2, index).squeeze(-1)
 
-    dx = torch.sign(at(y, x + 1) - at(y, x - 1))
-    dy = torch.sign(at(y + 1, x) - at(y - 1, x))
+    inside_x = (x > 0) & (x < w - 1)
+    inside_y = (y > 0) & (y < h - 1)
+    dx = torch.sign(at(y, x + 1) - at(y, x - 1)) * inside_x
+    dy = torch.sign(at(y + 1, x) - at(y - 1, x)) * inside_y
     return torch.stack((x + 0.25 * dx + 0.5, y + 0.25 * dy + 0.5), dim=-1)
