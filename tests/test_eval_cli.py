@@ -152,3 +152,18 @@ def test_through_a_running_service(sets, report: Path, eval_weights_dir: Path, t
     assert set(local) == {"psnr", "ssim", "lpips"}
     # Same weights, CPU fp32 on both sides: the PNGs agree to within rounding.
     assert abs(local["psnr"].delta) < 0.05 and abs(local["lpips"].delta) < 1e-3
+
+
+def test_a_bad_lq_file_is_skipped_not_fatal(sets, tiny_weights_dir: Path, tmp_path: Path) -> None:
+    lq, hq = sets
+    bad_lq, bad_hq = tmp_path / "lq", tmp_path / "hq"
+    shutil.copytree(lq, bad_lq)
+    shutil.copytree(hq, bad_hq)
+    Image.new("RGB", (256, 256)).save(bad_lq / "small.png")
+    Image.new("RGB", (512, 512)).save(bad_hq / "small.png")
+    out = tmp_path / "r"
+    argv = ["--weights", str(tiny_weights_dir), "--metrics", "psnr,ssim"]
+    assert _eval(bad_lq, bad_hq, out, *argv) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["psnr"]["count"] == len(list(lq.glob("*.png")))
+    assert metrics["_run"]["skipped"] == ["small"]

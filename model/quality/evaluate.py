@@ -77,7 +77,9 @@ def run_eval(options: EvalOptions) -> dict:
         raise InvalidInputError("the report folder must differ from the LQ and HQ folders")
     out.mkdir(parents=True, exist_ok=True)
     restored_dir = out / RESTORED_DIR
-    run = _describe(options, _restore(pairs, restored_dir, options), len(pairs))
+    restorer, failed = _restore(pairs, restored_dir, options)
+    pairs = [p for p in pairs if p.name not in failed]
+    run = {**_describe(options, restorer, len(pairs)), "skipped": failed}
     device = _metric_device(options.device)
     per_image = [m for m in metrics if m in PER_IMAGE]
     rows = score_all(
@@ -89,27 +91,33 @@ def run_eval(options: EvalOptions) -> dict:
         options.batch_size,
     )
     set_level = _fid(metrics, options, restored_dir, device)
-    summary = report.summarise({p.name: rows.get(p.name, {}) for p in pairs}, per_image, set_level)
+    scored = {p.name: rows.get(p.name, {}) for p in pairs}
+    columns = [m for m in PER_IMAGE if any(m in r for r in scored.values())]  # earlier runs' too
+    summary = report.summarise(scored, columns, set_level)
     report.write_json(out / report.METRICS_JSON, {**summary, "_run": run})
     (out / report.README).write_text(report.readme_text(summary, run, options.paper_table))
     _contact_sheet(pairs, rows, restored_dir, out)
     logger.info("report written to %s", out)
+    if failed:
+        raise InvalidInputError(f"{len(failed)} LQ files skipped (see above): {failed[:5]}")
     return summary
 
 
-def _restore(pairs, restored_dir: Path, options: EvalOptions) -> dict:
-    """Restore what is missing; the restorer's description (the last run's when none was)."""
+def _restore(pairs, restored_dir: Path, options: EvalOptions) -> tuple[dict, list[str]]:
+    """Restore what is missing. Returns the restorer's description (the last run's when
+    nothing was left to restore) and the names of the LQ files that could not be read."""
     previous = _previous_run(options.out).get("restorer")
     if previous and all((restored_dir / f"{p.name}.png").is_file() for p in pairs):
-        return previous  # resumed: nothing left to restore, nothing to load
+        return previous, []  # resumed: nothing left to restore, nothing to load
     backend = _backend(options)
     try:
         description = backend.describe()
-        restore_all(pairs, restored_dir, backend, options.batch_size)
+        failed = restore_all(pairs, restored_dir, backend, options.batch_size)
     finally:
         if hasattr(backend, "close"):
             backend.close()
-    return description  # the restorer's memory goes back before the metric networks load
+    # the restorer goes out of scope here: its memory returns before the metric networks load
+    return description, failed
 
 
 def _previous_run(out: Path) -> dict:

@@ -88,18 +88,32 @@ def batches(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def restore_all(pairs: list[Pair], out_dir: Path, backend, batch_size: int) -> None:
-    """Restore every LQ face whose restored PNG is not in `out_dir` yet."""
+def restore_all(pairs: list[Pair], out_dir: Path, backend, batch_size: int) -> list[str]:
+    """Restore every LQ face whose restored PNG is not in `out_dir` yet.
+
+    An unreadable or wrongly sized LQ file is logged and skipped (the others go on); returns
+    the names of those skipped.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = [p for p in pairs if not (out_dir / f"{p.name}.png").is_file()]
     if len(todo) < len(pairs):
         logger.info("%d of %d faces already restored", len(pairs) - len(todo), len(pairs))
+    failed: list[str] = []
     with tqdm(total=len(todo), unit="face", desc="restoring") as bar:
         for chunk in batches(todo, batch_size):
-            restored = backend.restore([read_face(p.lq) for p in chunk])
-            for pair, face in zip(chunk, restored, strict=True):
-                write_png(face, out_dir / f"{pair.name}.png")
+            faces = {}
+            for pair in chunk:
+                try:
+                    faces[pair.name] = read_face(pair.lq)
+                except InvalidInputError as e:
+                    logger.error("skipped: %s", e)
+                    failed.append(pair.name)
+            if faces:
+                restored = backend.restore(list(faces.values()))
+                for name, face in zip(faces, restored, strict=True):
+                    write_png(face, out_dir / f"{name}.png")
             bar.update(len(chunk))
+    return failed
 
 
 def read_rows(path: Path) -> dict[str, dict[str, float]]:
