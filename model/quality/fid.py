@@ -14,16 +14,14 @@ from model.quality.files import offline_pyiqa, require_files
 
 
 class FID:
-    """`dims`: 2048 (pool3) is the FID everyone reports; smaller blocks only for quick checks."""
-
-    def __init__(self, root: Path, device: torch.device, dims: int = 2048) -> None:
+    def __init__(self, root: Path, device: torch.device) -> None:
         import pyiqa
 
         self.root = Path(root)
         self.device = device
         require_files(root, ["fid"])
         with offline_pyiqa(root):
-            self.metric = pyiqa.create_metric("fid", device=device, dims=dims)
+            self.metric = pyiqa.create_metric("fid", device=device)
 
     def against_folder(self, restored: Path, reference: Path) -> float:
         with offline_pyiqa(self.root):
