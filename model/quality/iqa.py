@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,29 @@ def _timm_without_imagenet() -> Iterator[None]:
         timm.create_model = original
 
 
+@contextlib.contextmanager
+def _clip_importable() -> Iterator[None]:
+    """openai-clip imports `packaging` through `pkg_resources`, which setuptools 81 removed;
+    that import is its only use of it. Where pkg_resources is gone, serve that one attribute
+    from the real `packaging` while clip is imported, and take the name away afterwards."""
+    import importlib.util
+
+    if "clip" in sys.modules or importlib.util.find_spec("pkg_resources") is not None:
+        yield
+        return
+    import packaging.version
+
+    module = types.ModuleType("pkg_resources", "only `packaging`, for openai-clip's import")
+    module.packaging = packaging
+    sys.modules["pkg_resources"] = module
+    try:
+        import clip  # noqa: F401 - imported here so pyiqa finds it in sys.modules
+
+        yield
+    finally:
+        sys.modules.pop("pkg_resources", None)
+
+
 def _overrides(name: str, root: Path) -> dict:
     if name == "clipiqa":
         # A path (not "RN50") makes CLIP read the file instead of checking it against the URL's
@@ -97,7 +122,9 @@ def build_iqa(name: str, root: Path, device: torch.device) -> IQAMetric:
     import pyiqa
 
     require_files(root, [name])
-    guard = _timm_without_imagenet() if name == "maniqa" else contextlib.nullcontext()
+    guard = {"maniqa": _timm_without_imagenet, "clipiqa": _clip_importable}.get(
+        name, contextlib.nullcontext
+    )()
     with offline_pyiqa(root), guard:
         metric = pyiqa.create_metric(name, device=device, **_overrides(name, root))
     metric.eval()
