@@ -25,22 +25,26 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="score restorations with the paper's metrics (docs/eval.md)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--lq", type=Path, help="folder of aligned 512x512 low-quality faces")
     p.add_argument("--hq", type=Path, help="folder of the HQ faces (same file stems)")
     p.add_argument("-o", "--output", type=Path, help="report folder (re-running resumes)")
-    p.add_argument("--weights", type=Path, default=default_weights_dir(), help="weights folder")
-    p.add_argument("--url", help="score a running service instead, e.g. http://host:8000")
-    p.add_argument("--api-key", default=os.environ.get("OSDFACE_API_KEY"), help="for --url")
-    p.add_argument("--metrics", help="comma list, e.g. psnr,ssim,lpips (default: see docs)")
-    p.add_argument("--paper-table", choices=PAPER_TABLES, help="the paper's values beside yours")
-    p.add_argument("--device", default="auto", help="restorer and metric networks")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
-    p.add_argument("--batch-size", type=int, default=4, help="faces per restore/score batch")
     p.add_argument(
-        "--latent", choices=("mode", "sample"), default="mode", help="in-process VAE latent"
+        "--weights",
+        type=Path,
+        default=default_weights_dir(),
+        help="restorer and metric weights (default: $OSDFACE_WEIGHTS_DIR or ./osdface-weights)",
     )
+    p.add_argument("--url", help="score a running service instead, e.g. http://host:8000")
+    p.add_argument("--api-key", help="for --url (default: $OSDFACE_API_KEY)")
+    p.add_argument(
+        "--metrics", help="comma list, e.g. psnr,ssim,lpips (default: the paper table's)"
+    )
+    p.add_argument("--paper-table", choices=PAPER_TABLES, help="the paper's values beside yours")
+    p.add_argument("--device", default="auto", help="restorer and metric networks (auto)")
+    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument("--batch-size", type=int, default=4, help="faces per batch (4)")
+    p.add_argument("--latent", choices=("mode", "sample"), default="mode", help="VAE latent (mode)")
     p.set_defaults(func=_eval, eval_parser=p)
     esub = p.add_subparsers(title="eval commands")
 
@@ -71,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
         hq=args.hq,
         weights=args.weights,
         url=args.url,
-        api_key=args.api_key,
+        api_key=args.api_key or os.environ.get("OSDFACE_API_KEY"),
         metrics=metrics,
         paper_table=args.paper_table,
         device=args.device,
