@@ -8,7 +8,6 @@ computed with pyiqa. Only where their files come from differs (model/quality/fil
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import sys
 import types
@@ -51,7 +50,11 @@ def _timm_without_imagenet() -> Iterator[None]:
     import timm
 
     original = timm.create_model
-    timm.create_model = functools.partial(original, pretrained=False)
+
+    def create_model(*args, **kwargs):
+        return original(*args, **{**kwargs, "pretrained": False})  # pyiqa passes True
+
+    timm.create_model = create_model
     try:
         yield
     finally:
