@@ -46,12 +46,13 @@ def scorers(eval_weights_dir: Path) -> Scorers:
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any attempt to open a connection fails the test."""
+    """Any attempt to resolve a host name or open a connection fails the test."""
 
-    def refuse(self, address):
-        raise AssertionError(f"network access attempted: {address}")
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[-1] if args else kwargs}")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
 
 
 # --- PSNR and SSIM against scikit-image ------------------------------------------------------
