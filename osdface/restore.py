@@ -20,8 +20,8 @@ INPUT_SUFFIXES = IMAGE_SUFFIXES + video.VIDEO_SUFFIXES
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("restore", help="restore faces in image files or folders")
-    p.add_argument("inputs", nargs="+", type=Path, help="image or video files, or folders")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    p.add_argument("inputs", nargs="+", help="image or video files, or folders (--ray: URIs too)")
+    p.add_argument("-o", "--output", required=True, help="output folder (--ray: also a URI)")
     p.add_argument("--weights", type=Path, default=default_weights_dir())
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 crops")
     p.add_argument("--latent", choices=get_args(LatentMode), default="mode")
@@ -50,6 +50,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality")
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
     video.add_video_arguments(p)
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="restore on a Ray cluster (docs/scale-out.md): ADDRESS such as ray://head:10001, "
+        "or none for RAY_ADDRESS or else a local cluster; write --ray=ADDRESS or put --ray last",
+    )
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local --ray cluster")
+    p.add_argument("--report", type=Path, default=None, help="--ray: one JSON line per input")
+    p.add_argument("--overwrite", action="store_true", help="--ray: redo existing outputs")
     p.set_defaults(func=_restore)
 
 
@@ -66,6 +78,11 @@ def list_images(inputs: list[Path]) -> list[Path]:
 
 
 def _restore(args: argparse.Namespace) -> int:
+    if args.ray is not None:
+        from osdface.ray_restore import restore_from_args
+
+        return restore_from_args(args)
+    args.inputs, args.output = [Path(i) for i in args.inputs], Path(args.output)
     from model.device import resolve_device, resolve_dtype
     from model.restorer import OSDFaceRestorer
 
