@@ -23,9 +23,11 @@ def is_uri(text: str) -> bool:
 
 
 def normalize(location: str) -> str:
-    """A URI unchanged (minus a trailing slash); a local path made absolute."""
+    """A URI minus a trailing slash; a local path, or a `file://` URI, as an absolute path."""
+    if location.startswith("file://"):
+        location = location.removeprefix("file://")
     if is_uri(location):
-        return location.rstrip("/") if not location.endswith(":///") else location
+        return location.rstrip("/")
     return os.path.abspath(os.path.expanduser(location))
 
 
