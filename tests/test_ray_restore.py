@@ -44,7 +44,7 @@ RAY_TEST_INPUTS = int(os.environ.get("OSDFACE_RAY_TEST_INPUTS", "24"))
 ORIGINALS = {
     "gfpgan/cropped_faces/Adele_crop.png": 1,
     "gfpgan/cropped_faces/Justin_Timberlake_crop.png": 1,
-    "vqfr/cropped_faces/00.png": 1,
+    "vqfr/cropped_faces/Eliane_Karp_0001_00_lq.png": 1,
     "gfpgan/whole_imgs/Blake_Lively.jpg": 2,
 }
 COMMON = ["--device", "cpu", "--detector", "retinaface_mobile0.25", "--batch-size", "1"]
