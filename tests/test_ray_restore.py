@@ -1,12 +1,13 @@
 """`osdface restore --ray` on a local Ray cluster (2 CPUs), tiny weights, the real photos.
 
-The end-to-end test copies real photos into RAY_TEST_INPUTS inputs (24 by default: the whole
-test then takes about 3 minutes on a loaded 2-core machine, the time being tiny-weights model
-calls at ~1-3 s per face; set OSDFACE_RAY_TEST_INPUTS=200 for a longer run), kills a first run
-part-way, runs again, and checks every output byte for byte against the local CLI's result for
-the same photo, the report, the summary and the exit code. Same settings on both sides:
-`--batch-size 1` and one thread per model process, because a model call's numbers depend in the
-last bits on its batch size and thread count (tests below check the batching separately).
+The end-to-end test copies real photos into RAY_TEST_INPUTS inputs (16 by default, to bound
+the test's time on a 2-core machine: two Ray start-ups, model loading in each worker, and
+tiny-weights model calls of 1-5 s per face there; OSDFACE_RAY_TEST_INPUTS=200 for a longer
+run), kills a first run part-way, runs again, and checks every output byte for byte against
+the local CLI's result for the same photo, the report, the summary and the exit code. Same
+settings on both sides: `--batch-size 1` and one thread per model process, because a model
+call's numbers depend in the last bits on its batch size and thread count (tests below check
+the batching separately).
 """
 
 from __future__ import annotations
@@ -28,18 +29,11 @@ import torch
 pytest.importorskip("ray", reason="ray[data] is not installed (pip install -e .[ray])")
 
 from osdface import uris
-from osdface.ray_restore import (
-    Job,
-    PhotoState,
-    PlanError,
-    RestoreFaces,
-    RunConfig,
-    check_address,
-    plan,
-)
+from osdface.ray_restore import PlanError, check_address, plan
+from osdface.ray_stages import Job, PhotoState, RestoreFaces, RunConfig, _pack, _unpack
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_TEST_INPUTS = int(os.environ.get("OSDFACE_RAY_TEST_INPUTS", "24"))
+RAY_TEST_INPUTS = int(os.environ.get("OSDFACE_RAY_TEST_INPUTS", "16"))
 # Originals and their face counts (the assets README; RetinaFace finds exactly these).
 ORIGINALS = {
     "gfpgan/cropped_faces/Adele_crop.png": 1,
@@ -282,12 +276,8 @@ def test_restore_stage_batches_faces_across_photos_and_returns_each_its_own(
 
 
 def _packed(state: PhotoState) -> bytes:
-    from osdface.ray_restore import _pack
-
     return _pack(state)["state"]
 
 
 def _unpacked(data: bytes) -> PhotoState:
-    from osdface.ray_restore import _unpack
-
     return _unpack({"state": data})
