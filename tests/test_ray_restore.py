@@ -281,3 +281,24 @@ def _packed(state: PhotoState) -> bytes:
 
 def _unpacked(data: bytes) -> PhotoState:
     return _unpack({"state": data})
+
+
+def test_stage_resources_one_restorer_per_gpu_and_cpu_shares_that_fit() -> None:
+    from osdface.ray_stages import stage_resources
+
+    gpu = stage_resources({"CPU": 32.0, "GPU": 4.0})
+    assert gpu.restore == {"num_gpus": 1} and gpu.restore_actors == 4
+    assert gpu.prepare_actors == (1, 28)
+    cpu = stage_resources({"CPU": 2.0})
+    assert cpu.restore_actors == 1 and "num_gpus" not in cpu.restore
+    # every stage can hold a worker at once on 2 CPUs: 1 restorer + a preparer + a writer
+    assert cpu.restore["num_cpus"] + cpu.prepare_cpus + cpu.finish_cpus <= 2.0
+
+
+def test_ray_refuses_save_faces_before_loading_anything(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    argv = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--save-faces", "--ray"]
+    result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--save-faces is not available with --ray" in result.stderr
+    assert not (tmp_path / "out").exists()
