@@ -19,6 +19,8 @@ a failed record; the others go on. Ray is imported only when `--ray` is used.
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 from typing import Any
 
 from osdface import uris
@@ -109,13 +111,18 @@ def run(
         res = stage_resources(ray.cluster_resources())
         logger.info("Ray cluster %s; stages %s", ray.cluster_resources(), res)
         seen: set[str] = set()
-        for row in build_dataset(jobs, config, res).iter_rows():
-            record = Record.from_json(row["record"])
-            seen.add(record.input)
-            reporter.record(record)
-        for job in jobs:  # a row lost by the engine is still reported, as a failure
+        why = "no result from Ray"
+        try:
+            for row in build_dataset(jobs, config, res).iter_rows():
+                record = Record.from_json(row["record"])
+                seen.add(record.input)
+                reporter.record(record)
+        except Exception as exc:  # the engine itself stopped: a stage's set-up, the cluster
+            why = f"the Ray pipeline stopped: {root_cause(exc)}"
+            logger.error("%s", why)
+        for job in jobs:  # every input not finished is still reported, as a failure
             if job.source not in seen:
-                reporter.record(Record.failed(job.source, job.target, "no result from Ray"))
+                reporter.record(Record.failed(job.source, job.target, why))
     finally:
         ray.shutdown()
 
@@ -151,6 +158,12 @@ def restore_from_args(args: Any) -> int:
         logger.error("%s", exc)
         return 2
     settings = Settings(weights_dir=args.weights, detector=args.detector)
+    if not address and not _env_address():  # a local cluster reads the weights from here
+        try:
+            check_weights(settings.weights_dir, None if args.aligned else args.detector)
+        except PlanError as exc:
+            logger.error("%s", exc)
+            return 2
     config = RunConfig(
         settings,
         options,
@@ -182,3 +195,32 @@ def check_address(value: str) -> str | None:
             "or put --ray after the inputs"
         )
     return value
+
+
+def check_weights(weights_dir: Path, detector: str | None) -> None:
+    """The weights folder's parts exist (their contents are checked when the workers load)."""
+    from weights.layout import WeightsLayout
+
+    layout = WeightsLayout(weights_dir)
+    for folder in (layout.osdface, layout.sd21):
+        if not folder.is_dir():
+            raise PlanError(
+                f"no weights at {weights_dir} ({folder.name}/ is missing): run "
+                "`osdface weights fetch` (then convert and merge), or give --weights DIR"
+            )
+    if detector is not None:
+        from model.faces.detect import DETECTORS
+
+        path = layout.facexlib / DETECTORS[detector].filename
+        if not path.is_file():
+            raise PlanError(
+                f"the {detector} detector file {path} is missing: run `osdface weights fetch`, "
+                "or choose --detector retinaface_mobile0.25 if its file is there"
+            )
+
+
+def root_cause(exc: BaseException) -> str:
+    """The last line of a Ray error, which names the worker's own exception."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # Ray colours its messages
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(exc).__name__

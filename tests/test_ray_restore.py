@@ -302,3 +302,27 @@ def test_ray_refuses_save_faces_before_loading_anything(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--save-faces is not available with --ray" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ray_without_weights_answers_before_starting_a_cluster(tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    shutil.copyfile(REPO / "service/static/style.css", tmp_path / "in" / "x.png")
+    argv = [str(tmp_path / "in"), "-o", str(tmp_path / "out")]
+    argv += ["--weights", str(tmp_path / "none"), "--ray"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "osdface weights fetch" in result.stderr and "Traceback" not in result.stderr
+    for part in ("osdface", "sd21-base"):  # the model's folders there, the detector's not
+        (tmp_path / "none" / part).mkdir(parents=True)
+    result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, env=env)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "detector file" in result.stderr and "retinaface_resnet50" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_engine_errors_are_reported_by_their_root_cause() -> None:
+    from osdface.ray_restore import root_cause
+
+    text = "The actor died \x1b[36mray::MapWorker\x1b[39m\n  File x\nWeightsNotFoundError: gone"
+    assert root_cause(RuntimeError(text)) == "WeightsNotFoundError: gone"
