@@ -6,7 +6,8 @@ being dropped silently by the API server's pruning. Pod templates inside them ar
 against the Kubernetes schemas separately (tests/test_k8s.py).
 
 - RayJob, ray.io/v1: KubeRay `ray-operator/apis/ray/v1/rayjob_types.go` and
-  `raycluster_types.go` (RayJobSpec, RayClusterSpec, HeadGroupSpec, WorkerGroupSpec).
+  `raycluster_types.go` (RayJobSpec, RayClusterSpec, AuthOptions, HeadGroupSpec,
+  WorkerGroupSpec), as of KubeRay 1.5.1.
 - PodMonitor, monitoring.coreos.com/v1: Prometheus Operator `PodMonitorSpec`, `PodMetricsEndpoint`.
 """
 
@@ -81,6 +82,9 @@ RAY_CLUSTER_SPEC = _closed(
     {
         "rayVersion": {"type": "string"},
         "enableInTreeAutoscaling": {"type": "boolean"},
+        "authOptions": _closed(
+            {"mode": {"enum": ["disabled", "token"]}, "secretName": {"type": "string"}}
+        ),
         "headGroupSpec": HEAD_GROUP,
         "workerGroupSpecs": {"type": "array", "items": WORKER_GROUP},
     },
