@@ -1,13 +1,13 @@
 """`osdface restore --ray` on a local Ray cluster (2 CPUs), tiny weights, the real photos.
 
-The end-to-end test copies real photos into RAY_TEST_INPUTS inputs (16 by default, to bound
-the test's time on a 2-core machine: two Ray start-ups, model loading in each worker, and
-tiny-weights model calls of 1-5 s per face there; OSDFACE_RAY_TEST_INPUTS=200 for a longer
-run), kills a first run part-way, runs again, and checks every output byte for byte against
-the local CLI's result for the same photo, the report, the summary and the exit code. Same
-settings on both sides: `--batch-size 1` and one thread per model process, because a model
-call's numbers depend in the last bits on its batch size and thread count (tests below check
-the batching separately).
+The end-to-end test copies real photos into RAY_TEST_INPUTS inputs, kills a first run
+part-way, runs again, and checks every output byte for byte against the local CLI's result for
+the same photo, the report, the summary and the exit code. 16 inputs by default bound the
+test's time on a 2-core machine (two Ray start-ups, model loading in each worker, tiny-weights
+model calls of 1-5 s per face there); OSDFACE_RAY_TEST_INPUTS=200 took 8 minutes on this
+machine under a load average of 11. Same settings on both sides: `--batch-size 1` and one
+thread per model process, because a model call's numbers depend in the last bits on its batch
+size and thread count (tests below check the batching separately).
 """
 
 from __future__ import annotations
