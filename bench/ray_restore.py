@@ -1,7 +1,7 @@
 """Photos per second: the local `osdface restore` against `osdface restore --ray`, same photos.
 
-    python bench/ray_restore.py --tiny --inputs 32                      # this machine, CPU
-    python bench/ray_restore.py --weights W --inputs 400 --device cuda  # a GPU machine
+    python -m bench.ray_restore --tiny --inputs 32                      # this machine, CPU
+    python -m bench.ray_restore --weights W --inputs 400 --device cuda  # a GPU machine
 
 Copies real photos (../shared/assets, or OSDFACE_TEST_ASSETS) into --inputs files, then runs
 both commands as a user would (fresh processes, model loading and, for --ray, the local
@@ -74,7 +74,6 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="osdface-ray-bench-"))
     weights = args.weights
     if args.tiny:
-        sys.path.insert(0, str(REPO))
         from tests.tiny_weights import write_tiny_weights
 
         weights = write_tiny_weights(work / "weights", detector_dir=assets() / "detectors")
@@ -102,7 +101,7 @@ def main() -> None:
         "--ray": (ray_s, len(restored)),
     }
     section = results_section(args, rows, faces, cpu_s / len(restored), model_s / max(faces, 1))
-    section += f"\n`{shlex.join([Path(sys.executable).name, *sys.argv])}`\n"
+    section += f"\n`{shlex.join(['python', '-m', 'bench.ray_restore', *sys.argv[1:]])}`\n"
     print(section)
     with args.results.open("a") as f:
         f.write("\n" + section)
