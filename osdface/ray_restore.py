@@ -145,6 +145,8 @@ def restore_from_args(args: Any) -> int:
         address = check_address(args.ray)
         if args.save_faces:
             raise PlanError("--save-faces is not available with --ray")
+        if getattr(args, "background", "none") != "none":
+            raise PlanError("--background (Real-ESRGAN) is not available with --ray yet")
         options = RestoreOptions(
             aligned=args.aligned,
             only_center_face=args.only_center_face,

@@ -302,6 +302,9 @@ def test_ray_refuses_save_faces_before_loading_anything(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "--save-faces is not available with --ray" in result.stderr
     assert not (tmp_path / "out").exists()
+    argv[3:4] = ["--background", "realesrgan-x2"]
+    result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--background" in result.stderr, result.stderr[-2000:]
 
 
 def test_ray_without_weights_answers_before_starting_a_cluster(tmp_path: Path) -> None:
