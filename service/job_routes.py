@@ -15,9 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
-from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
 
 from model.errors import InvalidInputError
 from model.video.config import VIDEO_SUFFIXES
@@ -28,6 +26,7 @@ from service.jobs import Job, JobManager, JobState
 from service.openapi import OK_HEADERS, ops_responses
 from service.routes import get_service, require_api_key
 from service.state import ServiceState
+from service.upload import feed_multipart
 
 router = APIRouter(prefix="/v1/jobs", tags=["video jobs"])
 
@@ -195,25 +194,8 @@ async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoP
     if declared.isdigit() and int(declared) > limit:
         raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {limit} bytes")
     part = _VideoPart(folder, max_bytes)
-    parser = MultipartParser(params[b"boundary"], part.callbacks())
     try:
-        received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise ServiceError(
-                    ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {limit} bytes"
-                )
-            parser.write(chunk)
-        parser.finalize()
-    except ClientDisconnect as exc:
-        raise ServiceError(
-            ErrorKind.CLIENT_DISCONNECTED, "the client disconnected during the upload"
-        ) from exc
-    except (MultipartParseError, ValueError) as exc:
-        raise ServiceError(
-            ErrorKind.MALFORMED_REQUEST, f"the multipart body cannot be parsed: {exc}"
-        ) from exc
+        await feed_multipart(request, MultipartParser(params[b"boundary"], part.callbacks()), limit)
     finally:
         part.close()
     if not part.ended:

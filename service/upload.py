@@ -149,8 +149,23 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
             ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {body_limit} bytes"
         )
     collector = _Collector(max_image_bytes)
+    await feed_multipart(request, MultipartParser(boundary, collector.callbacks()), body_limit)
+    if not collector.ended:
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"
+        )
+    if collector.image is None:
+        raise ServiceError(ErrorKind.INVALID_PARAMETER, "the multipart field 'image' is missing")
+    return Upload(bytes(collector.image), collector.fields)
+
+
+async def feed_multipart(request: Request, parser: MultipartParser, body_limit: int) -> None:
+    """Stream the request body into `parser`, refusing it past `body_limit` bytes.
+
+    Parser callbacks may raise ServiceError (field limits); the body's own failures (client
+    gone, unparseable multipart) become ServiceErrors here.
+    """
     try:
-        parser = MultipartParser(boundary, collector.callbacks())
         received = 0
         async for chunk in request.stream():
             received += len(chunk)
@@ -168,10 +183,3 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
         raise ServiceError(
             ErrorKind.MALFORMED_REQUEST, f"the multipart body cannot be parsed: {exc}"
         ) from exc
-    if not collector.ended:
-        raise ServiceError(
-            ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"
-        )
-    if collector.image is None:
-        raise ServiceError(ErrorKind.INVALID_PARAMETER, "the multipart field 'image' is missing")
-    return Upload(bytes(collector.image), collector.fields)
