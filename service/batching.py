@@ -32,12 +32,19 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
 
 from service.admission import BatchTimeEstimator
+from service.queue_items import (
+    BatcherClosedError,
+    BatchReport,
+    BatchResult,
+    DeadlineUnreachableError,
+    QueuedWork,
+    QueueFullError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,75 +53,8 @@ T = TypeVar("T")
 _ONE_ITEM = torch.empty((1, 0))  # what a call job counts as in the queue
 
 
-class RefusedError(Exception):
-    """Work not taken now; try again after `retry_after_s`."""
-
-    def __init__(self, message: str, retry_after_s: float) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class QueueFullError(RefusedError):
-    """The queue has no room for the submitted items."""
-
-
-class DeadlineUnreachableError(RefusedError):
-    """The work queued ahead would not finish before this request's deadline."""
-
-
-class BatcherClosedError(Exception):
-    """The batcher stopped taking work (shutdown) or stopped before this work ran."""
-
-
-@dataclass(frozen=True)
-class BatchReport:
-    """One model call, as seen by the `on_batch` hook (called on the worker thread)."""
-
-    size: int
-    seconds: float
-    timings: dict[str, float]
-
-
-@dataclass
-class BatchResult:
-    """What `submit` returns: outputs in submission order and where the time went.
-
-    `queue_wait_s` runs from submit to the start of the first batch holding one of the items;
-    `inference_s` and `timings` add up the batches that held them (shared with other requests).
-    """
-
-    output: torch.Tensor
-    queue_wait_s: float
-    inference_s: float
-    timings: dict[str, float]
-    batches: int
-
-
-@dataclass(eq=False)
-class _Job:
-    items: torch.Tensor
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-    enqueued_at: float
-    deadline: float | None
-    taken: int = 0  # items handed to a batch (guarded by the lock)
-    done: int = 0  # items finished (worker thread only)
-    cancelled: bool = False
-    started_at: float | None = None
-    inference_s: float = 0.0
-    batches: int = 0
-    timings: dict[str, float] = field(default_factory=dict)
-    out: torch.Tensor | None = None
-    call: Callable[[], Any] | None = None  # a call job: run alone, its result is the answer
-    low: bool = False  # in the low-priority queue
-
-    @property
-    def size(self) -> int:
-        return int(self.items.shape[0])
-
-
 # One batch: (job, first item, end item) slices in batch order.
-_Chunks = list[tuple[_Job, int, int]]
+_Chunks = list[tuple[QueuedWork, int, int]]
 
 
 class Batcher:
@@ -144,11 +84,11 @@ class Batcher:
         self._on_depth = on_depth or (lambda depth: None)
         self._on_death = on_death or (lambda exc: None)
         self._cond = threading.Condition()
-        self._queue: deque[_Job] = deque()
+        self._queue: deque[QueuedWork] = deque()
         self._queued = 0  # items waiting, not counting the running batch
-        self._low: deque[_Job] = deque()  # low-priority jobs, served after `_queue`
+        self._low: deque[QueuedWork] = deque()  # low-priority jobs, served after `_queue`
         self._queued_low = 0
-        self._running: list[_Job] = []
+        self._running: list[QueuedWork] = []
         self._accepting = True
         self._stopping = False
         self._hurry = False  # run what is queued without waiting for batches to fill
@@ -184,7 +124,7 @@ class Batcher:
         if items.ndim < 1 or items.shape[0] < 1:
             raise ValueError("submit needs at least one item")
         loop = asyncio.get_running_loop()
-        job = _Job(items, loop.create_future(), loop, time.monotonic(), deadline)
+        job = QueuedWork(items, loop.create_future(), loop, time.monotonic(), deadline)
         job.low = low_priority
         return await self._enqueue(job)
 
@@ -195,10 +135,10 @@ class Batcher:
         `deadline` and cancellation work as for `submit`; `fn`'s exception is raised here.
         """
         loop = asyncio.get_running_loop()
-        job = _Job(_ONE_ITEM, loop.create_future(), loop, time.monotonic(), deadline, call=fn)
+        job = QueuedWork(_ONE_ITEM, loop.create_future(), loop, time.monotonic(), deadline, call=fn)
         return await self._enqueue(job)
 
-    async def _enqueue(self, job: _Job) -> Any:
+    async def _enqueue(self, job: QueuedWork) -> Any:
         with self._cond:
             if job.low:
                 if not self._accepting:
@@ -365,7 +305,7 @@ class Batcher:
         self._on_depth(self._queued)
         return chunks
 
-    def _take_from_locked(self, queue: deque[_Job], room: int, chunks: _Chunks) -> int:
+    def _take_from_locked(self, queue: deque[QueuedWork], room: int, chunks: _Chunks) -> int:
         job = queue[0]
         count = min(room, job.size - job.taken)
         chunks.append((job, job.taken, job.taken + count))
@@ -407,7 +347,7 @@ class Batcher:
             offset += hi - lo
         self._finish_batch(started, int(inputs.shape[0]))
 
-    def _execute_call(self, job: _Job, started: float) -> None:
+    def _execute_call(self, job: QueuedWork, started: float) -> None:
         assert job.call is not None
         try:
             value: Any = job.call()
@@ -419,7 +359,7 @@ class Batcher:
 
     def _deliver(
         self,
-        job: _Job,
+        job: QueuedWork,
         lo: int,
         hi: int,
         outputs: torch.Tensor,
@@ -459,7 +399,7 @@ class Batcher:
             return max(1.0, per_batch * (math.ceil(self._queued / self.max_batch) + 1))
         return max(1.0, self._predicted_locked(0))
 
-    def _abandon(self, job: _Job) -> None:
+    def _abandon(self, job: QueuedWork) -> None:
         with self._cond:
             job.cancelled = True
             if job in self._queue or job in self._low:
@@ -467,7 +407,7 @@ class Batcher:
                 self._on_depth(self._queued)
                 self._cond.notify_all()
 
-    def _unqueue_locked(self, job: _Job) -> None:
+    def _unqueue_locked(self, job: QueuedWork) -> None:
         if job.low:
             self._low.remove(job)
             self._queued_low -= job.size - job.taken
@@ -476,7 +416,7 @@ class Batcher:
             self._queued -= job.size - job.taken
 
 
-def _resolve(job: _Job, value: Any) -> None:
+def _resolve(job: QueuedWork, value: Any) -> None:
     """Complete a job's future from any thread; a no-op if it is done or its loop is gone."""
 
     def settle() -> None:

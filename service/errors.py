@@ -32,7 +32,7 @@ from model.errors import (
     UnsupportedVideoCodecError,
     VideoDecodeError,
 )
-from service.batching import BatcherClosedError, DeadlineUnreachableError, QueueFullError
+from service.queue_items import BatcherClosedError, DeadlineUnreachableError, QueueFullError
 
 logger = logging.getLogger(__name__)
 

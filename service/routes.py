@@ -16,7 +16,6 @@ from model.codecs.formats import normalize_format
 from model.errors import InvalidInputError
 from model.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
 from service.background import background_on_worker, both
-from service.batching import BatchResult
 from service.errors import (
     ErrorKind,
     ServiceError,
@@ -27,6 +26,7 @@ from service.openapi import (
     RESTORE_RESPONSES,
     ops_responses,
 )
+from service.queue_items import BatchResult
 from service.schemas import (
     FaceOut,
     Health,

@@ -30,9 +30,10 @@ from model.faces.detect import FaceDetector
 from model.fastpath import FastPathConfig, batch_sizes_up_to
 from model.restorer import OSDFaceRestorer
 from service.background import load_backgrounds
-from service.batching import Batcher, BatchReport
+from service.batching import Batcher
 from service.errors import ErrorKind, ServiceError
 from service.metrics import Metrics
+from service.queue_items import BatchReport
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)

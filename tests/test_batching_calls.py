@@ -12,7 +12,8 @@ import threading
 import pytest
 import torch
 
-from service.batching import Batcher, QueueFullError
+from service.batching import Batcher
+from service.queue_items import QueueFullError
 
 
 class Worker:

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from service.batching import Batcher, BatcherClosedError, BatchReport, QueueFullError
+from service.batching import Batcher
+from service.queue_items import BatcherClosedError, BatchReport, QueueFullError
 
 
 class Recorder:

@@ -22,8 +22,9 @@ from model.codecs.formats import ImageLimits
 from model.faces.detect import FaceDetector
 from service.admission import SAFETY_FACTOR, BatchTimeEstimator
 from service.app import create_app
-from service.batching import Batcher, BatcherClosedError, DeadlineUnreachableError
+from service.batching import Batcher
 from service.errors import ErrorKind
+from service.queue_items import BatcherClosedError, DeadlineUnreachableError
 from service.settings import Settings, describe_settings_error, unknown_env_names
 from service.state import Phase
 from tests.service_helpers import assert_error_shape, exif_uploads, faceless_png, metric
