@@ -195,8 +195,21 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     assert isinstance(exc, StarletteHTTPException)
     kind = _BY_STATUS.get(exc.status_code, ErrorKind.MALFORMED_REQUEST)
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
     _count(request, kind)
-    return error_response(ServiceError(kind, message, headers=dict(exc.headers or {})))
+    return error_response(ServiceError(kind, message, headers=headers))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method of every route on this path: Starlette's 405 names only the first route's."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(request.url.path):
+            methods |= set(route_methods)
+    return ", ".join(sorted(methods))
 
 
 async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

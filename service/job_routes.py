@@ -75,6 +75,32 @@ JOB_EXAMPLE = {
     "result": None,
 }
 _JOB_JSON = {"application/json": {"example": JOB_EXAMPLE}}
+JOB_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": [VIDEO_FIELD],
+                "additionalProperties": False,
+                "properties": {
+                    VIDEO_FIELD: {
+                        "type": "string",
+                        "format": "binary",
+                        "description": "the clip, with its file name: "
+                        + " ".join(sorted(MEDIA_TYPES)),
+                    },
+                    "start": {"type": "number", "minimum": 0, "description": "seconds to skip"},
+                    "duration": {"type": "number", "exclusiveMinimum": 0},
+                    "crf": {"type": "integer", "minimum": 0, "maximum": 51},
+                    "strength": {"type": "number", "minimum": 0, "maximum": 1},
+                    "max_faces": {"type": "integer", "minimum": 1},
+                },
+            },
+            "example": {VIDEO_FIELD: "(binary MP4)", "duration": 5},
+        }
+    },
+}
 _UPLOAD_ERRORS = (
     ErrorKind.MALFORMED_REQUEST,
     ErrorKind.INVALID_VIDEO,
@@ -244,6 +270,7 @@ def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) ->
     status_code=202,
     dependencies=[Depends(require_api_key)],
     operation_id="submit_job",
+    openapi_extra={"requestBody": JOB_BODY},
     responses={
         202: {"content": _JOB_JSON, "headers": OK_HEADERS},
         **ops_responses(*_UPLOAD_ERRORS),
