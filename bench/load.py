@@ -231,8 +231,8 @@ def input_image(args: argparse.Namespace) -> tuple[bytes, dict]:
     return buf.getvalue(), {"aligned": "true"}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_server_arguments(p: argparse.ArgumentParser) -> None:
+    """The server and input flags both load benchmarks take."""
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", type=Path, help="weights folder")
     source.add_argument("--tiny", action="store_true", help="tiny random weights (tests' layout)")
@@ -240,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--image", type=Path, help="input (default: an aligned crop from the assets)")
     p.add_argument("--aligned", action="store_true", help="--image is an aligned 512 crop")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_server_arguments(p)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--requests", type=int, default=16, help="at least this many per level")
     p.add_argument("--per-client", type=int, default=4, help="and at least this many per client")

@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.load import REPO, input_image, start_server, stop_server
+from bench.load import REPO, add_server_arguments, input_image, start_server, stop_server
 
 logger = logging.getLogger("bench.overload")
 
@@ -126,13 +126,7 @@ def table(levels: list[Level], sustainable: float, timeout: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", type=Path, help="weights folder")
-    source.add_argument("--tiny", action="store_true", help="tiny random weights (tests' layout)")
-    p.add_argument("--detector", default="retinaface_mobile0.25")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
-    p.add_argument("--image", type=Path, help="input (default: an aligned crop from the assets)")
-    p.add_argument("--aligned", action="store_true", help="--image is an aligned 512 crop")
+    add_server_arguments(p)
     p.add_argument("--multiples", type=float, nargs="+", default=[2.0, 4.0, 8.0])
     p.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per level")
     p.add_argument("--clients", type=int, default=8, help="closed-loop clients for the rate")
