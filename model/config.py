@@ -49,6 +49,10 @@ class DetectorConfig:
     threshold: float = 0.97  # confidence a face must exceed, in (0, 1)
     max_side: int = 1024  # detect on a copy downscaled so its longer side is at most this
     min_face_size: int = 16  # smallest face side kept, in input pixels
+    # Photos whose shorter side is under this are detected on a copy upscaled to it (within
+    # max_side): RetinaFace's smallest anchors are 16 px, so a 20 px face in a 200 px photo is
+    # missed at its own size. 0: never upscale.
+    min_side: int = 640
 
 
 @dataclass(frozen=True)

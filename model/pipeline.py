@@ -8,7 +8,8 @@ one model call:
     background = make_background(prepared, backgrounds)         # accelerator (or Lanczos)
     result = finish_photo(prepared, restored, background)       # CPU: paste back, encode
 
-`restore_photo` runs the three for one photo; `restore_files` runs it over files for the CLI.
+`restore_photo` runs the three for one photo; the command line (osdface/runners.py) runs them
+per file, through `restore_crops` to bound the faces per model call.
 No face found is a result with 0 faces and the image unchanged, not an error.
 """
 
@@ -18,8 +19,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import cv2
@@ -30,23 +30,17 @@ from model.codecs.decode import decode_image
 from model.codecs.encode import encode_image_with_report
 from model.codecs.formats import (
     CONTENT_TYPES,
-    EXTENSIONS,
     DecodedImage,
     ImageLimits,
-    normalize_format,
 )
 from model.codecs.heif import writable_formats
-from model.config import BACKGROUND_SCALES, BACKGROUNDS, BackgroundName
 from model.errors import ImageTooLargeError, InvalidInputError
 from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE, align_face
 from model.faces.detect import DetectedFace, FaceDetector, select_faces
 from model.faces.paste import paste_faces
+from model.options import RestoreOptions
 
 logger = logging.getLogger(__name__)
-
-# What a caller may ask for; the command line and the HTTP form validate against these too.
-MIN_UPSCALE, MAX_UPSCALE = 1, 4
-MIN_QUALITY, MAX_QUALITY = 1, 100
 
 
 class _RestoredBatch(Protocol):
@@ -70,42 +64,6 @@ class BackgroundStep(Protocol):
     """
 
     def __call__(self, rgb: np.ndarray, scale: int) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class RestoreOptions:
-    """What the caller asks for one photo; `validated()` checks and normalises it."""
-
-    aligned: bool = False  # the input is already a FACE_SIZE square FFHQ-aligned crop
-    only_center_face: bool = False
-    max_faces: int | None = None
-    strength: float = 1.0  # 1 = fully restored, 0 = the original
-    upscale: int | None = None  # MIN_UPSCALE..MAX_UPSCALE; None: the background network's scale
-    background: BackgroundName = "none"  # "none" (Lanczos) or a Real-ESRGAN network
-    output_format: str | None = None  # jpeg, png, webp, heic, avif; None: see output_format()
-    quality: int = 95  # MIN_QUALITY..MAX_QUALITY, for JPEG and lossy WebP
-
-    def validated(self) -> RestoreOptions:
-        if self.background not in BACKGROUNDS:
-            raise InvalidInputError(f"background must be one of {', '.join(BACKGROUNDS)}")
-        if self.upscale is None:
-            return replace(self, upscale=BACKGROUND_SCALES.get(self.background, 1)).validated()
-        if not (isinstance(self.strength, int | float) and 0.0 <= self.strength <= 1.0):
-            raise InvalidInputError(f"strength must be in [0, 1], got {self.strength}")
-        if not (isinstance(self.upscale, int) and MIN_UPSCALE <= self.upscale <= MAX_UPSCALE):
-            raise InvalidInputError(f"upscale must be an integer {MIN_UPSCALE}..{MAX_UPSCALE}")
-        if self.max_faces is not None and not (
-            isinstance(self.max_faces, int) and self.max_faces >= 1
-        ):
-            raise InvalidInputError(f"max_faces must be a positive integer, got {self.max_faces}")
-        if not (isinstance(self.quality, int) and MIN_QUALITY <= self.quality <= MAX_QUALITY):
-            raise InvalidInputError(
-                f"quality must be an integer {MIN_QUALITY}..{MAX_QUALITY}, got {self.quality}"
-            )
-        fmt = normalize_format(self.output_format) if self.output_format else None
-        if fmt is not None and fmt not in writable_formats():
-            raise InvalidInputError(f"this build has no {fmt} encoder")
-        return replace(self, strength=float(self.strength), output_format=fmt)
 
 
 @dataclass
@@ -152,15 +110,21 @@ def prepare_photo(
     detector: FaceDetector | None,
     options: RestoreOptions,
     limits: ImageLimits,
+    *,
+    face_size: int = FACE_SIZE,
 ) -> PreparedPhoto:
-    """Decode, check the output size, detect and align. `detector` may be None when aligned."""
+    """Decode, check the output size, detect and align. `detector` may be None when aligned.
+
+    `face_size` is the restorer's input side: aligned crops must have it (512 for the released
+    model; a model trained at another size restores aligned crops of that size).
+    """
     options = options.validated()
     timings: dict[str, float] = {}
     with _timed(timings, "decode"):
         image = decode_image(data, limits)
     _check_output_size(image, options.upscale, limits)
     if options.aligned:
-        return _prepare_aligned(image, options, timings)
+        return _prepare_aligned(image, options, timings, face_size)
     if detector is None:
         raise InvalidInputError("a face detector is needed unless the input is an aligned crop")
     with _timed(timings, "detect"):
@@ -171,6 +135,8 @@ def prepare_photo(
             image.height,
             only_center_face=options.only_center_face,
             max_faces=options.max_faces,
+            indices=options.faces,
+            min_face_size=options.min_face_size,
         )
     with _timed(timings, "align"):
         aligned = [align_face(image.rgb, face.landmarks_array()) for face in faces]
@@ -180,14 +146,15 @@ def prepare_photo(
 
 
 def _prepare_aligned(
-    image: DecodedImage, options: RestoreOptions, timings: dict[str, float]
+    image: DecodedImage, options: RestoreOptions, timings: dict[str, float], size: int
 ) -> PreparedPhoto:
-    if (image.height, image.width) != (FACE_SIZE, FACE_SIZE):
+    if (image.height, image.width) != (size, size):
         raise InvalidInputError(
-            f"an aligned face must be {FACE_SIZE}x{FACE_SIZE}, got {image.width}x{image.height}"
+            f"an aligned face must be {size}x{size}, got {image.width}x{image.height}"
         )
-    landmarks = tuple((float(x), float(y)) for x, y in FFHQ_TEMPLATE)
-    face = DetectedFace((0.0, 0.0, float(FACE_SIZE), float(FACE_SIZE)), landmarks, 1.0)
+    scale = size / FACE_SIZE  # the template is FACE_SIZE's; a model of another size scales it
+    landmarks = tuple((float(x) * scale, float(y) * scale) for x, y in FFHQ_TEMPLATE)
+    face = DetectedFace((0.0, 0.0, float(size), float(size)), landmarks, 1.0)
     identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     timings.update(detect=0.0, align=0.0)
     return PreparedPhoto(image, [face], _to_tensor([image.rgb]), [identity], options, timings)
@@ -246,7 +213,7 @@ def finish_photo(
     faces are pasted into it, in place), or None for a Lanczos resize of the photo.
     """
     image, options = prepared.image, prepared.options
-    faces = _restored_to_numpy(restored, len(prepared.faces))
+    faces = _restored_to_numpy(restored, tuple(prepared.crops.shape))
     timings = dict(prepared.timings)
     out_format = output_format(image, options)
     if out_format != image.format and not options.output_format:
@@ -276,13 +243,12 @@ def finish_photo(
     return result
 
 
-def _restored_to_numpy(restored: torch.Tensor, count: int) -> list[np.ndarray]:
-    """(F, 3, 512, 512) tensor -> F (512, 512, 3) float32 arrays in [0, 1]."""
-    expected = (count, 3, FACE_SIZE, FACE_SIZE)
+def _restored_to_numpy(restored: torch.Tensor, expected: tuple[int, ...]) -> list[np.ndarray]:
+    """(F, 3, S, S) tensor, the crops' shape -> F (S, S, 3) float32 arrays in [0, 1]."""
     if not isinstance(restored, torch.Tensor) or tuple(restored.shape) != expected:
         shape = tuple(getattr(restored, "shape", ()))
         raise InvalidInputError(f"restored faces must be {expected}, got {shape}")
-    if count == 0:
+    if expected[0] == 0:
         return []
     array = restored.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
     if not np.isfinite(array).all():
@@ -332,11 +298,11 @@ def restore_photo(
 ) -> PhotoResult:
     """One photo end to end: all its faces go through ONE restorer call."""
     prepared = prepare_photo(data, detector, options, limits)
-    restored = _restore_crops(restorer, prepared, seed=seed)
+    restored = restore_crops(restorer, prepared, seed=seed)
     return finish_photo(prepared, restored, make_background(prepared, backgrounds))
 
 
-def _restore_crops(
+def restore_crops(
     restorer: FaceRestorer,
     prepared: PreparedPhoto,
     *,
@@ -352,78 +318,3 @@ def _restore_crops(
     with _timed(prepared.timings, "restore"):
         parts = [restorer(crops[i : i + step], **extra).images for i in range(0, len(crops), step)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-def restore_files(
-    paths: Sequence[Path],
-    out_dir: Path,
-    detector: FaceDetector | None,
-    restorer: FaceRestorer,
-    options: RestoreOptions,
-    limits: ImageLimits,
-    *,
-    save_faces: bool,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    backgrounds: Mapping[str, BackgroundStep] | None = None,
-) -> list[Path]:
-    """Restore each file into `out_dir` (`<stem>.<ext of the output format>`); the written paths.
-
-    With `save_faces`, also `out_dir/faces/<stem>_<k>_aligned.png` and `..._restored.png` per
-    face. A photo's faces go to the restorer in one call, or in calls of at most `batch_size`
-    faces; `backgrounds` holds the loaded background networks. Errors are raised, not
-    skipped: the exception carries a note naming the file.
-    """
-    options = options.validated()
-    if batch_size is not None and batch_size < 1:
-        raise InvalidInputError(f"batch_size must be positive, got {batch_size}")
-    targets = [_target_path(Path(p), out_dir, options) for p in paths]
-    if len(set(targets)) != len(targets):
-        raise InvalidInputError("two inputs would be written to the same output file")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path, target in zip(paths, targets, strict=True):
-        try:
-            prepared = prepare_photo(Path(path).read_bytes(), detector, options, limits)
-            restored = _restore_crops(restorer, prepared, batch_size=batch_size, seed=seed)
-            background = make_background(prepared, backgrounds)
-            result = finish_photo(prepared, restored, background)
-            # The format is sniffed from the bytes; the name's extension may have been wrong.
-            target = target.with_suffix(f".{EXTENSIONS[result.format]}")
-            target.write_bytes(result.data)
-            written.append(target)
-            if save_faces:
-                written.extend(_save_crops(target, prepared.crops, restored))
-        except Exception as exc:
-            exc.add_note(f"while restoring {path}")
-            raise
-        logger.info("%s: %d faces -> %s", path, len(result.faces), target)
-    return written
-
-
-def _target_path(path: Path, out_dir: Path, options: RestoreOptions) -> Path:
-    fmt = options.output_format or _format_from_name(path)
-    return out_dir / f"{path.stem}.{EXTENSIONS[fmt]}"
-
-
-def _format_from_name(path: Path) -> str:
-    # The real format is sniffed from the bytes; the extension only picks the output name.
-    try:
-        return normalize_format(path.suffix)
-    except InvalidInputError:
-        return "png"
-
-
-def _save_crops(target: Path, crops: torch.Tensor, restored: torch.Tensor) -> list[Path]:
-    folder = target.parent / "faces"
-    written = []
-    for k in range(crops.shape[0]):
-        for kind, batch in (("aligned", crops), ("restored", restored)):
-            rgb = (batch[k].detach().cpu().float().clamp(0, 1) * 255).round().byte()
-            path = folder / f"{target.stem}_{k:02d}_{kind}.png"
-            folder.mkdir(parents=True, exist_ok=True)
-            ok = cv2.imwrite(str(path), rgb.permute(1, 2, 0).numpy()[..., ::-1])  # BGR for cv2
-            if not ok:
-                raise OSError(f"cannot write {path}")
-            written.append(path)
-    return written

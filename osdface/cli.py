@@ -8,15 +8,18 @@ import sys
 
 from osdface import __version__, restore, serve, train, weights
 from osdface import eval as evaluate
+from osdface.plan import UsageError
 
 logger = logging.getLogger("osdface")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a run failed (or some files did), 2 usage: nothing was started."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if not hasattr(args, "func"):
@@ -26,9 +29,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
+    except UsageError as e:
+        logger.error("%s", e, exc_info=verbose)
+        return 2
     except OSDFaceError as e:
-        logger.error("%s", e)
+        logger.error("%s", e, exc_info=verbose)
         return 1
+    except KeyboardInterrupt:
+        logger.error("interrupted; run the same command again to resume")
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:

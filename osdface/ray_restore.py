@@ -20,65 +20,115 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from osdface import plan as local_plan
 from osdface import uris
-from osdface.ray_report import Record, Reporter
+from osdface.plan import UsageError
 from osdface.ray_stages import Job, RunConfig, build_dataset, stage_resources
+from osdface.reporting import Record, Reporter
 
-logger = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+logger = logging.getLogger("osdface.restore")
 
 
-class PlanError(ValueError):
-    """The command cannot run as given (exit 2); the message says what to do."""
+@dataclass
+class RayPlan:
+    """Photos to restore, photos whose output exists (skipped), files of no image kind."""
+
+    jobs: list[Job] = field(default_factory=list)
+    existing: list[Job] = field(default_factory=list)
+    unsupported: list[Any] = field(default_factory=list)
 
 
 # --- plan (driver, before Ray or torch is imported) ----------------------------------------
 
 
-def plan(
-    inputs: list[str], output: str, output_format: str | None, *, overwrite: bool = False
-) -> tuple[list[Job], list[Job]]:
-    """(jobs to run, jobs whose output exists). Raises PlanError on any clash with an input."""
-    from model.codecs.formats import EXTENSIONS, normalize_format
+def plan_jobs(
+    inputs: list[str],
+    output: str,
+    *,
+    recursive: bool = False,
+    suffix: str = "",
+    output_format: str | None = None,
+    overwrite: bool = False,
+    report: Path | None = None,
+) -> RayPlan:
+    """Local paths: the local CLI's plan (osdface/plan.py), exactly; URIs: `plan_uris`."""
+    if not any(uris.is_uri(item) and not item.startswith("file://") for item in [*inputs, output]):
+        found = local_plan.make_plan(
+            [item.removeprefix("file://") for item in inputs],
+            Path(output.removeprefix("file://")),
+            recursive=recursive,
+            suffix=suffix,
+            output_format=output_format,
+            overwrite=overwrite,
+            report=report,
+        )
+        videos = [j.name for j in found.jobs + found.existing if j.kind != "image"]
+        if videos:
+            raise UsageError(f"--ray restores photos; restore videos without --ray ({videos[0]})")
 
+        def ray_job(job: local_plan.Job) -> Job:
+            return Job(str(job.source), str(job.target), job.output_format)
+
+        return RayPlan(
+            [ray_job(j) for j in found.jobs],
+            [ray_job(j) for j in found.existing],
+            found.unsupported,
+        )
+    if recursive or suffix:
+        raise UsageError("--recursive and --suffix take local folders; with URIs, name them all")
+    return plan_uris(inputs, output, output_format, overwrite=overwrite)
+
+
+def plan_uris(
+    inputs: list[str], output: str, output_format: str | None, *, overwrite: bool = False
+) -> RayPlan:
+    """Inputs and output on any pyarrow filesystem (s3://, gs://, ...); refuses every clash."""
     out = uris.normalize(output)
-    sources = []
+    sources, unsupported = [], []
     for item in inputs:
         location = uris.normalize(item)
         entry = uris.stat(location)
         if not entry.exists:
-            raise PlanError(f"{item}: no such file or folder")
+            raise UsageError(f"{item}: no such file or folder")
         if entry.is_dir:
             if uris.inside(out, location):
-                raise PlanError(
+                raise UsageError(
                     f"the output folder {output} is inside the input folder {item}: results "
                     "would mix with the originals; choose another folder with -o"
                 )
-            sources += [f for f in uris.list_files(location) if _is_image(f)]
+            for found in uris.list_files(location):
+                (sources if _is_image(found) else unsupported).append(found)
         else:
             sources.append(location)
     jobs: dict[str, Job] = {}
     for source in sources:
-        stem, _, suffix = uris.basename(source).rpartition(".")
-        fmt = normalize_format(output_format or suffix)
-        target = uris.join(out, f"{stem}.{EXTENSIONS[fmt]}")
+        name = Path(uris.basename(source))
+        fmt = output_format or local_plan.image_format(name.suffix)
+        target = uris.join(out, local_plan.target_name("image", name, "", fmt))
         if target in jobs:
-            raise PlanError(f"{jobs[target].source} and {source} would both be written to {target}")
+            raise UsageError(
+                f"{jobs[target].source} and {source} would both be written to {target}"
+            )
         jobs[target] = Job(source, target, fmt)
     clash = set(jobs) & set(sources)
     if clash:
-        raise PlanError(f"the output {sorted(clash)[0]} is an input; choose another folder with -o")
+        raise UsageError(
+            f"the output {sorted(clash)[0]} is an input; choose another folder with -o"
+        )
     present = set() if overwrite else uris.existing(list(jobs))
-    todo = [j for t, j in jobs.items() if t not in present]
-    return todo, [j for t, j in jobs.items() if t in present]
+    return RayPlan(
+        [j for t, j in jobs.items() if t not in present],
+        [j for t, j in jobs.items() if t in present],
+        unsupported,
+    )
 
 
 def _is_image(location: str) -> bool:
-    return location.lower().endswith(IMAGE_SUFFIXES)
+    return location.lower().endswith(local_plan.KINDS["image"])
 
 
 def run(
@@ -122,7 +172,7 @@ def run(
             logger.error("%s", why)
         for job in jobs:  # every input not finished is still reported, as a failure
             if job.source not in seen:
-                reporter.record(Record.failed(job.source, job.target, why))
+                reporter.record(Record(job.source, job.target, "failed", error=why))
     finally:
         ray.shutdown()
 
@@ -136,50 +186,33 @@ def _env_address() -> str | None:
 # --- the command line's entry --------------------------------------------------------------
 
 
-def restore_from_args(args: Any) -> int:
-    """`osdface restore --ray ...`: 0 all restored or skipped, 1 any file failed, 2 usage."""
-    from model.pipeline import RestoreOptions
-    from service.settings import Settings
+def local_cluster(address: str | None) -> bool:
+    """No address given and none in RAY_ADDRESS: `ray.init` starts a cluster on this machine."""
+    return not address and not _env_address()
 
-    try:
-        address = check_address(args.ray)
-        if args.save_faces:
-            raise PlanError("--save-faces is not available with --ray")
-        if getattr(args, "background", "none") != "none":
-            raise PlanError("--background (Real-ESRGAN) is not available with --ray yet")
-        options = RestoreOptions(
-            aligned=args.aligned,
-            only_center_face=args.only_center_face,
-            max_faces=args.max_faces,
-            strength=args.strength,
-            upscale=args.upscale,
-            quality=args.quality,
-        ).validated()
-        jobs, existing = plan(args.inputs, args.output, args.format, overwrite=args.overwrite)
-    except (PlanError, ValueError) as exc:
-        logger.error("%s", exc)
-        return 2
-    settings = Settings(weights_dir=args.weights, detector=args.detector)
-    if not address and not _env_address():  # a local cluster reads the weights from here
-        try:
-            check_weights(settings.weights_dir, None if args.aligned else args.detector)
-        except PlanError as exc:
-            logger.error("%s", exc)
-            return 2
+
+def restore(address: str | None, plan: RayPlan, settings: Any, options: Any, args: Any) -> int:
+    """Run a checked plan (osdface/restore.py checked flags, paths and weights): the exit code,
+    0 all restored or skipped, 1 any file failed."""
+    import sys
+
     config = RunConfig(
         settings,
         options,
-        args.batch_size,
-        dtype=args.dtype,
-        device=args.device,
+        settings.max_batch_faces,
+        dtype=settings.dtype,
+        device=settings.device,
         merge_lora=not args.no_merge,
-        latent=args.latent,
-        seed=args.seed,
+        latent=settings.latent,
+        seed=settings.seed if settings.latent == "sample" else None,
     )
-    logger.info("%d inputs to restore, %d outputs exist already", len(jobs), len(existing))
-    reporter = Reporter(args.report)
+    logger.info("%d inputs to restore, %d outputs exist", len(plan.jobs), len(plan.existing))
+    tty = sys.stderr.isatty()
+    reporter = Reporter(len(plan.jobs), quiet=args.quiet, tty=tty, report=args.report)
+    reporter.summary.unsupported = len(plan.unsupported)
     try:
-        run(address, jobs, existing, config, reporter, num_cpus=args.ray_cpus)
+        with reporter.redirect_logging():
+            run(address, plan.jobs, plan.existing, config, reporter, num_cpus=args.ray_cpus)
     finally:
         reporter.close()
     return reporter.summary.exit_code
@@ -192,33 +225,11 @@ def check_address(value: str) -> str | None:
     if not value:
         return None
     if "://" not in value and value != "auto" and os.path.exists(value):
-        raise PlanError(
+        raise UsageError(
             f"--ray took {value!r}, a path, as the cluster address: write --ray=ADDRESS, "
             "or put --ray after the inputs"
         )
     return value
-
-
-def check_weights(weights_dir: Path, detector: str | None) -> None:
-    """The weights folder's parts exist (their contents are checked when the workers load)."""
-    from weights.layout import WeightsLayout
-
-    layout = WeightsLayout(weights_dir)
-    for folder in (layout.osdface, layout.sd21):
-        if not folder.is_dir():
-            raise PlanError(
-                f"no weights at {weights_dir} ({folder.name}/ is missing): run "
-                "`osdface weights fetch` (then convert and merge), or give --weights DIR"
-            )
-    if detector is not None:
-        from model.faces.detect import DETECTORS
-
-        path = layout.facexlib / DETECTORS[detector].filename
-        if not path.is_file():
-            raise PlanError(
-                f"the {detector} detector file {path} is missing: run `osdface weights fetch`, "
-                "or choose --detector retinaface_mobile0.25 if its file is there"
-            )
 
 
 def root_cause(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from osdface import uris
-from osdface.ray_report import Record, face_json, failure
+from osdface.reporting import Record, face_json, reason
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +36,13 @@ class RunConfig:
     """Everything the workers need; plain data, pickled once into each stage."""
 
     settings: Any  # service.settings.Settings (weights, detector, limits)
-    options: Any  # model.pipeline.RestoreOptions, output_format set per job
+    options: Any  # model.options.RestoreOptions, output_format set per job
     batch_size: int  # faces per restorer call
     dtype: str = "auto"
     device: str = "auto"
     merge_lora: bool = True
     latent: str = "mode"
-    seed: int = 0
+    seed: int | None = None  # None: the deterministic latent (mode)
 
 
 # --- the rows that travel between stages ----------------------------------------------------
@@ -102,7 +102,7 @@ class Prepare:
             options = replace(self.config.options, output_format=job.output_format)
             prepared = prepare_photo(data, self.detector, options, self.limits)
         except Exception as exc:
-            return _pack(PhotoState(job, error=failure(exc)))
+            return _pack(PhotoState(job, error=reason(exc)))
         # Back to the exact uint8 pixels (crops are uint8 / 255): a quarter of the bytes to ship.
         crops = (prepared.crops * 255.0).round().byte().permute(0, 2, 3, 1).numpy()
         prepared.crops = prepared.crops[:0]
@@ -139,7 +139,7 @@ class RestoreFaces:
                     try:
                         self._restore([state])
                     except Exception as exc:
-                        state.error = failure(exc)
+                        state.error = reason(exc)
         return {"state": [_pack(s)["state"] for s in states]}
 
     def _restore(self, states: list[PhotoState]) -> None:
@@ -174,7 +174,7 @@ def finish(row: dict[str, Any]) -> dict[str, str]:
     state = _unpack(row)
     job = state.job
     if state.error is not None:
-        return {"record": Record.failed(job.source, job.target, state.error).to_json()}
+        return {"record": Record(job.source, job.target, "failed", error=state.error).to_json()}
     try:
         state.prepared.crops = torch.from_numpy(state.crops).permute(0, 3, 1, 2)
         restored = torch.from_numpy(
@@ -183,7 +183,7 @@ def finish(row: dict[str, Any]) -> dict[str, str]:
         result = finish_photo(state.prepared, restored)
         uris.write_bytes_atomic(job.target, result.data)
     except Exception as exc:
-        return {"record": Record.failed(job.source, job.target, failure(exc)).to_json()}
+        return {"record": Record(job.source, job.target, "failed", error=reason(exc)).to_json()}
     timings = {**result.timings, "restore": state.timings.get("restore", 0.0)}
     record = Record(job.source, job.target, "restored", [face_json(f) for f in result.faces])
     record.timings = {k: round(v, 6) for k, v in timings.items()}

@@ -1,54 +1,103 @@
-"""`osdface restore`: faces in image files and folders, whole photos or aligned crops."""
+"""`osdface restore`: faces in photos, folders and aligned crops; never over an original.
+
+Everything a run needs is checked before torch is imported: arguments, settings, paths, output
+collisions, and the presence of the weight and detector files. Then each input goes through the
+same pipeline as the HTTP service (model/pipeline.py); a failing file is named and skipped.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
+import types
+import typing
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import get_args
+from typing import Any
 
-from model.codecs.formats import FORMATS
-from model.config import BACKGROUNDS, DetectorConfig, DetectorName, DType, LatentMode
+from pydantic import BaseModel, ValidationError
+
+from model.codecs.formats import normalize_format
+from model.errors import InvalidInputError
+from model.faces.detectors import DETECTORS
+from model.options import RestoreOptions
 from osdface import video
-from osdface.paths import default_weights_dir
+from osdface.plan import KINDS, STDIO, Job, Plan, UsageError, make_plan
+from service.schemas import RestoreForm
+from service.settings import Settings
+from weights.layout import WeightsLayout, missing_for_restore
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("osdface.restore")
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".heic", ".heif", ".avif")
-INPUT_SUFFIXES = IMAGE_SUFFIXES + video.VIDEO_SUFFIXES
+DEFAULT_OUTPUT = Path("results")
+EXAMPLES = """examples:
+  osdface restore photos/ -r                       every photo under photos/ -> results/, same tree
+  osdface restore scans/*.jpg -o out --faces 0 --upscale 2 --report out/report.jsonl
+  osdface restore --aligned crops/ --strength 0.7 -o restored_crops
+  osdface restore - < face.jpg > restored.jpg      stdin to stdout
+"""
+
+# Flags backed by a setting of service/settings.py: its default, its OSDFACE_* variable.
+SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--weights", "weights_dir", "weights folder"),
+    ("--device", "device", "where the model runs"),
+    ("--dtype", "dtype", "model precision"),
+    ("--detector", "detector", "face detector (retinaface_mobile0.25: small and fast)"),
+    ("--detect-threshold", "detect_threshold", "detector confidence to keep a face"),
+    ("--detect-max-side", "detect_max_side", "detect on a copy at most this large"),
+    ("--min-face-size", "min_face_size", "ignore faces smaller than this, in pixels"),
+    ("--max-faces", "max_faces", "restore at most this many (largest) faces per photo"),
+    ("--batch-size", "max_batch_faces", "faces per model call"),
+    ("--latent", "latent", "VAE latent: deterministic mode or sample"),
+    ("--seed", "seed", "seed for --latent sample"),
+    ("--max-file-bytes", "max_upload_bytes", "larger files fail (not read)"),
+    ("--max-pixels", "max_pixels", "larger images fail"),
+    ("--max-output-pixels", "max_output_pixels", "larger results (after --upscale) fail"),
+    ("--fast-path", "fast_path", "the restorer's fast path"),
+    ("--compile", "compile", "torch.compile the UNet and VAE (CUDA; slow first batch)"),
+    ("--torch-threads", "torch_threads", "CPU threads for the model"),
+)
+# Flags backed by a field of the HTTP form (service/schemas.py): same names, bounds, defaults.
+FORM_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--strength", "strength"),
+    ("--upscale", "upscale"),
+    ("--background", "background"),
+    ("--format", "output_format"),
+    ("--quality", "quality"),
+    ("--only-center-face", "only_center_face"),
+    ("--faces", "faces"),
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("restore", help="restore faces in image files or folders")
-    p.add_argument("inputs", nargs="+", help="image or video files, or folders (--ray: URIs too)")
-    p.add_argument("-o", "--output", required=True, help="output folder (--ray: also a URI)")
-    p.add_argument("--weights", type=Path, default=default_weights_dir())
+    p = sub.add_parser(
+        "restore",
+        help="restore faces in image files or folders",
+        description=__doc__,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    supported = ", ".join(s for suffixes in KINDS.values() for s in suffixes)
+    p.add_argument("inputs", nargs="+", help=f"files, folders, globs ({supported}), or - (stdin)")
+    p.add_argument(
+        "-o", "--output", help=f"output folder (default: {DEFAULT_OUTPUT}/; --ray: a URI too)"
+    )
+    p.add_argument("-r", "--recursive", action="store_true", help="also sub-folders; same tree")
+    p.add_argument("--suffix", default="", help="added to output names (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that exist (skipped)")
+    p.add_argument("--report", type=Path, help="write one JSON line per input to this file")
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 crops")
-    p.add_argument("--latent", choices=get_args(LatentMode), default="mode")
-    p.add_argument("--seed", type=int, default=0, help="seed for --latent sample")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto")
-    p.add_argument("--dtype", choices=get_args(DType), default="auto")
-    p.add_argument("--batch-size", type=int, default=4, help="aligned crops per model call")
-    p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower)")
-    p.add_argument("--detector", default=DetectorConfig.name, choices=get_args(DetectorName))
-    p.add_argument("--only-center-face", action="store_true")
-    p.add_argument("--max-faces", type=int, default=None)
-    p.add_argument("--strength", type=float, default=1.0, help="1 = fully restored")
-    p.add_argument("--upscale", type=int, default=None, help="1..4 (default: --background's)")
-    p.add_argument(
-        "--background",
-        choices=BACKGROUNDS,
-        default="none",
-        help="background upscaler: Lanczos (none) or Real-ESRGAN (docs/background.md)",
-    )
-    p.add_argument(
-        "--format",
-        choices=FORMATS,
-        default=None,
-        help="output format (default: png for --aligned, else the input's if writable, else png)",
-    )
-    p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality")
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
+    p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no per-file lines")
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    for flag, name, text in SETTING_FLAGS:
+        _add_field_flag(p, flag, name, Settings.model_fields[name], text, settings=True)
+    for flag, name in FORM_FLAGS:
+        field = RestoreForm.model_fields[name]
+        _add_field_flag(p, flag, name, field, field.description or "", settings=False)
     video.add_video_arguments(p)
     p.add_argument(
         "--ray",
@@ -56,126 +105,274 @@ def register(sub: argparse._SubParsersAction) -> None:
         const="",
         default=None,
         metavar="ADDRESS",
-        help="restore on a Ray cluster (docs/scale-out.md): ADDRESS such as ray://head:10001, "
-        "or none for RAY_ADDRESS or else a local cluster; write --ray=ADDRESS or put --ray last",
+        help="restore photos on a Ray cluster (docs/scale-out.md): ADDRESS such as "
+        "ray://head:10001, or none for RAY_ADDRESS or else a local cluster; write --ray=ADDRESS "
+        "or put --ray last",
     )
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local --ray cluster")
-    p.add_argument("--report", type=Path, default=None, help="--ray: one JSON line per input")
-    p.add_argument("--overwrite", action="store_true", help="--ray: redo existing outputs")
-    p.set_defaults(func=_restore)
+    p.set_defaults(func=run)
 
 
-def list_images(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for item in inputs:
-        if item.is_dir():
-            files += sorted(p for p in item.iterdir() if p.suffix.lower() in INPUT_SUFFIXES)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise FileNotFoundError(item)
-    return files
+def _add_field_flag(
+    p: argparse.ArgumentParser, flag: str, name: str, field: Any, text: str, *, settings: bool
+) -> None:
+    """One flag for a pydantic field; its help shows the field's default and variable."""
+    where = f"; env OSDFACE_{name.upper()}" if settings else ""
+    # A form field without a default value says in its description what None means.
+    default = (
+        "" if field.default is None and not settings else f" (default: {field.default}{where})"
+    )
+    help_text = f"{text}{default}".replace("%", "%%")
+    kind = _plain_type(field.annotation)
+    if kind is bool:
+        action = argparse.BooleanOptionalAction if field.default else "store_true"
+        p.add_argument(flag, dest=name, action=action, default=None, help=help_text)
+    elif typing.get_origin(kind) is typing.Literal:
+        p.add_argument(flag, dest=name, choices=typing.get_args(kind), help=help_text)
+    else:
+        p.add_argument(flag, dest=name, help=help_text, metavar=name.split("_")[-1].upper())
 
 
-def _restore(args: argparse.Namespace) -> int:
+def _plain_type(annotation: Any) -> Any:
+    """`int | None` -> int; Annotated[int, ...] -> int."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
+
+
+# --- checks before anything heavy ----------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = _validated(Settings, _given(args, [n for _, n, _ in SETTING_FLAGS]), "setting")
+    form = _validated(RestoreForm, _given(args, [n for _, n in FORM_FLAGS]), "option")
+    options = _restore_options(settings, form, args.aligned)
     if args.ray is not None:
-        from osdface.ray_restore import restore_from_args
-
-        return restore_from_args(args)
-    args.inputs, args.output = [Path(i) for i in args.inputs], Path(args.output)
-    from model.device import resolve_device, resolve_dtype
-    from model.restorer import OSDFaceRestorer
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    if args.aligned and args.background != "none":
-        logger.error("--background needs whole photos, not --aligned crops")
-        return 2
-    files = list_images(args.inputs)
-    videos = [f for f in files if video.is_video(f)]
-    files = [f for f in files if not video.is_video(f)]
-    if not files and not videos:
-        logger.error("no images or videos found in %s", [str(p) for p in args.inputs])
-        return 1
-    if videos:
-        video.video_options(args)  # bad video flags fail before the weights load
-    restorer = OSDFaceRestorer.from_pretrained(
-        args.weights, device, dtype, merge_lora=not args.no_merge, latent=args.latent
+        return _run_on_ray(args, settings, options)
+    output = Path(args.output) if args.output else DEFAULT_OUTPUT
+    plan = make_plan(
+        args.inputs,
+        output,
+        recursive=args.recursive,
+        suffix=args.suffix,
+        output_format=options.output_format,
+        overwrite=args.overwrite,
+        report=args.report,
     )
-    args.output.mkdir(parents=True, exist_ok=True)
-    if args.aligned and files:
-        restore_aligned(files, args.output, restorer, args.batch_size, args.latent, args.seed)
-    elif files:
-        restore_whole_photos(args, files, restorer, device)
-    failed = video.restore_videos(args, videos, restorer, device) if videos else 0
-    return 1 if failed else 0
+    if not plan.jobs and not plan.existing:
+        supported = ", ".join(s for suffixes in KINDS.values() for s in suffixes)
+        raise UsageError(f"no input files found in {' '.join(args.inputs)} ({supported})")
+    if any(job.kind == "video" for job in plan.jobs):
+        if args.aligned:
+            raise UsageError("--aligned takes aligned face crops, not videos")
+        args.video_options = _video_options(args, settings, form)
+    _check_weights(settings, aligned=args.aligned, merged=not args.no_merge)
+    if STDIO not in args.inputs:
+        _check_writable(output, args.report)
+    _warn_unsupported(plan.unsupported)
+    return _execute(args, settings, options, plan)
 
 
-def restore_aligned(
-    files: list[Path], out_dir: Path, restorer, batch_size: int, latent: str, seed: int
-) -> list[Path]:
-    """Aligned 512 crops -> restored PNGs, `batch_size` crops per model call."""
-    import numpy as np
-    import torch
-    from PIL import Image
-    from tqdm import tqdm
-
-    from model.errors import InvalidInputError
-
-    size = restorer.config.image_size
-    written: list[Path] = []
-    with tqdm(total=len(files), unit="face", desc="restoring") as bar:
-        for start in range(0, len(files), batch_size):
-            chunk = files[start : start + batch_size]
-            crops = []
-            for path in chunk:
-                with Image.open(path) as im:
-                    rgb = np.array(im.convert("RGB"))  # (H, W, 3) uint8 RGB
-                if rgb.shape[:2] != (size, size):
-                    raise InvalidInputError(f"{path}: aligned input must be {size}x{size}")
-                crops.append(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0)
-            restored = restorer(torch.stack(crops), latent=latent, seed=seed).images
-            for path, face in zip(chunk, restored, strict=True):
-                pixels = (face.permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-                target = out_dir / f"{path.stem}.png"
-                Image.fromarray(pixels).save(target)
-                written.append(target)
-            bar.update(len(chunk))
-    return written
+def _restore_options(settings: Settings, form: RestoreForm, aligned: bool) -> RestoreOptions:
+    """What every photo of the run gets: the form's fields, the settings' face choices."""
+    if aligned and form.background != "none":
+        raise UsageError("--background needs whole photos, not --aligned crops")
+    try:
+        return RestoreOptions(
+            aligned=aligned,
+            only_center_face=form.only_center_face,
+            max_faces=settings.max_faces,
+            strength=form.strength,
+            upscale=form.upscale,
+            background=form.background,
+            output_format=_output_format(form.output_format, settings),
+            quality=form.quality,
+            faces=form.faces,
+            min_face_size=settings.min_face_size,
+        ).validated()
+    except InvalidInputError as exc:
+        raise UsageError(str(exc)) from exc
 
 
-def restore_whole_photos(args: argparse.Namespace, files: list[Path], restorer, device) -> None:
-    """Detect, align, restore and paste back every face of each photo (default limits)."""
-    from model.background import BackgroundUpscaler
-    from model.codecs.formats import ImageLimits
-    from model.faces.detect import FaceDetector
-    from model.pipeline import RestoreOptions, restore_files
+def _warn_unsupported(unsupported: list[Path]) -> None:
+    if unsupported:
+        shown = ", ".join(str(p) for p in unsupported[:10])
+        more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
+        logger.warning("skipping %d unsupported files: %s%s", len(unsupported), shown, more)
 
-    options = RestoreOptions(
-        only_center_face=args.only_center_face,
-        max_faces=args.max_faces,
-        strength=args.strength,
-        upscale=args.upscale,
-        background=args.background,
-        output_format=args.format,
-        quality=args.quality,
-    ).validated()
-    detector = FaceDetector.from_config(args.weights, DetectorConfig(name=args.detector), device)
-    names = [] if args.background == "none" else [args.background]
-    device, dtype = restorer.device, restorer.dtype  # the background runs beside the restorer
-    backgrounds = {
-        n: BackgroundUpscaler.from_pretrained(args.weights, n, device, dtype) for n in names
+
+def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOptions) -> int:
+    """`--ray`: the same checks, then the photos on a Ray cluster (osdface/ray_restore.py)."""
+    from osdface import ray_restore, uris
+
+    for flag, used in (
+        ("--save-faces", args.save_faces),
+        ("--background", options.background != "none"),
+        ("- (stdin)", STDIO in args.inputs),
+    ):
+        if used:
+            raise UsageError(f"{flag} is not available with --ray; run without --ray")
+    address = ray_restore.check_address(args.ray)
+    output = args.output or str(DEFAULT_OUTPUT)
+    plan = ray_restore.plan_jobs(
+        args.inputs,
+        output,
+        recursive=args.recursive,
+        suffix=args.suffix,
+        output_format=options.output_format,
+        overwrite=args.overwrite,
+        report=args.report,
+    )
+    if not plan.jobs and not plan.existing:
+        raise UsageError(f"no photos found in {' '.join(args.inputs)}")
+    if ray_restore.local_cluster(address):  # its workers read the weights from this machine
+        _check_weights(settings, aligned=args.aligned, merged=not args.no_merge)
+    if not uris.is_uri(output):
+        _check_writable(Path(output), args.report)
+    elif args.report is not None:
+        _check_writable(args.report.parent, None)
+    _warn_unsupported(plan.unsupported)
+    return ray_restore.restore(address, plan, settings, options, args)
+
+
+def _output_format(name: str | None, settings: Settings) -> str | None:
+    """'jpg', 'JPEG', 'png' -> 'jpeg', 'png'; one the settings allow."""
+    if name is None:
+        return None
+    try:
+        fmt = normalize_format(name)
+    except InvalidInputError as exc:
+        raise UsageError(f"--format: {exc}") from exc
+    if fmt not in settings.allowed_formats:
+        raise UsageError(f"--format must be one of {', '.join(settings.allowed_formats)}")
+    return fmt
+
+
+def _video_options(args: argparse.Namespace, settings: Settings, form: RestoreForm) -> Any:
+    """The checked VideoOptions of the video flags, before the weights load."""
+    shared = {
+        "batch_size": settings.max_batch_faces,
+        "strength": form.strength,
+        "only_center_face": form.only_center_face,
+        "max_faces": settings.max_faces,
     }
-    written = restore_files(
-        files,
-        args.output,
-        detector,
-        restorer,
-        options,
-        ImageLimits(),
-        save_faces=args.save_faces,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        backgrounds=backgrounds,
-    )
-    logger.info("%d images written to %s", len(written), args.output)
+    try:
+        return video.video_options(argparse.Namespace(**{**vars(args), **shared}))
+    except InvalidInputError as exc:
+        raise UsageError(f"video: {exc}") from exc
+
+
+def _given(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _validated(model: type[BaseModel], values: dict[str, Any], what: str) -> Any:
+    """Build the settings or the options; a bad value names its flag and its variable."""
+    try:
+        if model is Settings and "max_batch_faces" in values:
+            # The CLI has no queue; keep the service's "queue holds a batch" rule satisfied.
+            queue = Settings.model_fields["max_queue_faces"].default
+            values["max_queue_faces"] = max(int(values["max_batch_faces"]), queue)
+        return model(**values) if model is Settings else model.model_validate(values)
+    except ValidationError as exc:
+        flags = {n: f for f, n, *_ in (*SETTING_FLAGS, *FORM_FLAGS)}
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else ""
+            env = f" / OSDFACE_{name.upper()}" if what == "setting" and name else ""
+            lines.append(f"{flags.get(name, name)}{env}: {err['msg']} (got {err['input']!r})")
+        raise UsageError(f"invalid {what}: " + "; ".join(lines)) from exc
+
+
+def _check_writable(output: Path, report: Path | None) -> None:
+    """Create the output folder (and the report's) now: an unwritable one fails every file."""
+    for folder in (output, report.parent if report is not None else None):
+        if folder is None:
+            continue
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the folder {folder}: {exc.strerror}") from exc
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write into {folder}: choose another with -o / --report")
+
+
+def _check_weights(settings: Settings, *, aligned: bool, merged: bool) -> None:
+    folder = settings.weights_dir
+    missing = missing_for_restore(WeightsLayout(folder), merged=merged)
+    if missing:
+        raise UsageError(
+            f"weights missing in {folder}: {'; '.join(missing)}. Run `osdface weights fetch "
+            f"--dir {folder}` (then `convert` and `merge`), or point --weights / "
+            "OSDFACE_WEIGHTS_DIR at a complete folder."
+        )
+    if aligned:
+        return
+    detector = folder / "facexlib" / DETECTORS[settings.detector].filename
+    if not detector.is_file():
+        others = [
+            name
+            for name, spec in DETECTORS.items()
+            if (folder / "facexlib" / spec.filename).is_file()
+        ]
+        hint = f"--detector {others[0]}" if others else "--detector retinaface_mobile0.25"
+        raise UsageError(
+            f"the face detector file {detector} is missing ({settings.detector}). "
+            f"`osdface weights fetch --dir {folder}` downloads it, or use {hint} "
+            "(OSDFACE_DETECTOR); --aligned crops need no detector."
+        )
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _execute(
+    args: argparse.Namespace, settings: Settings, options: RestoreOptions, plan: Plan
+) -> int:
+    from osdface.reporting import Record, Reporter
+    from osdface.runners import RUNNERS, group_size, load_context  # torch from here on
+
+    tty = sys.stderr.isatty()
+    stdio = STDIO in args.inputs
+    reporter = Reporter(len(plan.jobs), quiet=args.quiet or stdio, tty=tty, report=args.report)
+    reporter.summary.unsupported = len(plan.unsupported)
+    for job in plan.existing:
+        reporter.record(Record(job.name, str(job.target), "skipped"))
+    try:
+        if plan.jobs:
+            context = load_context(settings, options, args, reporter)
+            reporter.summary.restart_clock()  # time per face: without loading the model
+            with reporter.redirect_logging():
+                for group in _groups(plan.jobs, lambda kind: group_size(kind, context)):
+                    for record in _run_group(RUNNERS[group[0].kind], group, context):
+                        reporter.record(record)
+    finally:
+        reporter.close()
+    return reporter.summary.exit_code
+
+
+def _groups(jobs: list[Job], size: Callable[[str], int]) -> Iterator[list[Job]]:
+    """Consecutive jobs of one kind, as many as that kind restores in one go."""
+    group: list[Job] = []
+    for job in jobs:
+        if group and (job.kind != group[0].kind or len(group) >= size(group[0].kind)):
+            yield group
+            group = []
+        group.append(job)
+    if group:
+        yield group
+
+
+def _run_group(runner: Callable[..., list[Any]], group: list[Job], context: Any) -> list[Any]:
+    """Records of a group; when the group as a whole fails (its model call), each job alone."""
+    from osdface.reporting import failed
+
+    try:
+        return runner(group, context)
+    except Exception as exc:
+        logger.debug("traceback for %s", ", ".join(j.name for j in group), exc_info=True)
+        if len(group) == 1:
+            return [failed(group[0], exc)]
+        return [record for job in group for record in _run_group(runner, [job], context)]

@@ -14,6 +14,7 @@ logger = logging.getLogger(__name__)
 def register(sub: argparse._SubParsersAction) -> None:
     weights = sub.add_parser("weights", help="fetch, convert, merge and verify model weights")
     wsub = weights.add_subparsers(title="weights commands")
+    weights.set_defaults(func=lambda _args: weights.print_help() or 2)
     for name, func, text in (
         ("fetch", _weights_fetch, "download what is missing (resumable, checksummed)"),
         ("convert", _weights_convert, "released pickles -> safetensors, without running pickle"),
@@ -23,7 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = wsub.add_parser(name, help=text)
         p.add_argument("--dir", type=Path, default=default_weights_dir(), help="weights folder")
         p.set_defaults(func=func)
+        if name in ("convert", "merge"):
+            p.add_argument("--force", action="store_true", help="redo it even if up to date")
         if name == "fetch":
+            p.add_argument("--manifest", type=Path, help="a manifest of your own (same JSON shape)")
             p.add_argument("--sd-repo", help="a mirror of stabilityai/stable-diffusion-2-1-base")
             p.add_argument("--all", action="store_true", help="also optional files")
             p.add_argument("--train", action="store_true", help="also the training loss networks")
@@ -43,6 +47,7 @@ def _weights_fetch(args: argparse.Namespace) -> int:
         include_background=args.background,
         include_eval=args.eval,
         sd_repo=args.sd_repo,
+        manifest=args.manifest,
     )
     logger.info("%d files fetched into %s", len(fetched), args.dir)
     if args.background:  # ready to load: the pickles converted to safetensors, without pickle
@@ -53,26 +58,53 @@ def _weights_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up_to_date(args: argparse.Namespace, step: str) -> bool:
+    """Decided before torch is imported, so an up-to-date `make serve` step takes a moment."""
+    from weights.layout import WeightsLayout
+    from weights.stamps import Step
+
+    if args.force:
+        return False
+    current = getattr(Step, step)(WeightsLayout(args.dir)).is_current()
+    if current:
+        logger.info("%s: outputs in %s are up to date; nothing written", step, args.dir)
+    return current
+
+
 def _weights_convert(args: argparse.Namespace) -> int:
+    _convert_backgrounds(args.dir)
+    if _up_to_date(args, "convert"):
+        return 0
     from model.config import OSDFaceConfig
-    from weights.background import convert_background, present_backgrounds
     from weights.convert import convert_released
     from weights.layout import WeightsLayout
 
     layout = WeightsLayout(args.dir)
-    for name in present_backgrounds(args.dir):
-        convert_background(args.dir, name)
-    convert_released(layout, OSDFaceConfig.load(layout.osdface))
+    convert_released(layout, OSDFaceConfig.load(layout.osdface), force=args.force)
     return 0
 
 
+def _convert_backgrounds(root: Path) -> None:
+    """Real-ESRGAN pickles -> safetensors. weights.background imports torch, so it is imported
+    only when the folder has a released background file (an up-to-date `convert` stays fast)."""
+    if not any((root / "realesrgan").glob("*.pth")):  # weights.background.FOLDER
+        return
+    from weights.background import RELEASED, convert_background, released_path
+
+    for name in RELEASED:
+        if released_path(root, name).is_file():
+            convert_background(root, name)
+
+
 def _weights_merge(args: argparse.Namespace) -> int:
+    if _up_to_date(args, "merge"):
+        return 0
     from model.config import OSDFaceConfig
     from weights.convert import write_merged_unet
     from weights.layout import WeightsLayout
 
     layout = WeightsLayout(args.dir)
-    write_merged_unet(layout, OSDFaceConfig.load(layout.osdface))
+    write_merged_unet(layout, OSDFaceConfig.load(layout.osdface), force=args.force)
     return 0
 
 

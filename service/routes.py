@@ -259,6 +259,8 @@ def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
         background=form.background,
         output_format=fmt,
         quality=form.quality,
+        faces=form.faces,
+        min_face_size=form.min_face_size,
     ).validated()
 
 

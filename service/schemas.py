@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.codecs.formats import FORMATS
 from model.config import BackgroundName
-from model.pipeline import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
+from model.options import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
 
 
 class ErrorDetail(BaseModel):
@@ -65,6 +65,27 @@ class RestoreForm(BaseModel):
         le=MAX_QUALITY,
         description="JPEG / lossy WebP quality",
     )
+    faces: tuple[int, ...] | None = Field(
+        RestoreOptions.faces,
+        description="restore only these faces, e.g. 0,2: indices in the order the JSON lists "
+        "the faces of a run without this field (largest first)",
+    )
+    min_face_size: int | None = Field(
+        RestoreOptions.min_face_size,
+        ge=1,
+        description="ignore faces whose box is smaller than this many pixels",
+    )
+
+    @field_validator("faces", mode="before")
+    @classmethod
+    def _split_indices(cls, value: object) -> object:
+        """'0,2' (a form field, a command-line flag) -> (0, 2); indices are never negative."""
+        if isinstance(value, str):
+            parts = [p.strip() for p in value.split(",") if p.strip()]
+            if not all(p.isdigit() for p in parts) or not parts:
+                raise ValueError("faces must be face indices like 0,2")
+            return tuple(int(p) for p in parts)
+        return value
 
 
 def form_properties() -> dict[str, Any]:

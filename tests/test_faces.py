@@ -153,7 +153,7 @@ def test_detection_matches_facexlib_reference(
 ) -> None:
     """Our stateless pre/post-processing around the network equals facexlib's own, at full size."""
     rgb = photos["vqfr/whole_imgs/example.jpg"]
-    full_size = FaceDetector(detector.network, MOBILE, threshold=0.97, max_side=4096)
+    full_size = FaceDetector(detector.network, MOBILE, threshold=0.97, max_side=4096, min_side=0)
     ours = full_size.detect(rgb)
     with torch.no_grad():  # facexlib's method: BGR input, stateful, used here as the reference
         reference = detector.network.detect_faces(rgb[..., ::-1].copy(), conf_threshold=0.97)
@@ -235,6 +235,26 @@ def test_select_faces() -> None:
     assert select_faces(faces, 1000, 600, only_center_face=True) == [faces[1]]
     assert select_faces(faces, 1000, 600, max_faces=2) == [faces[2], faces[0]]
     assert select_faces([], 1000, 600, only_center_face=True) == []
+    # Indices count in the largest-first order, after the size filter; past the end: ignored.
+    assert select_faces(faces, 1000, 600, indices=[0, 2, 9]) == [faces[2], faces[1]]
+    assert select_faces(faces, 1000, 600, min_face_size=40) == [faces[2], faces[0]]
+    assert select_faces(faces, 1000, 600, min_face_size=40, indices=[1]) == [faces[0]]
+
+
+def test_small_photo_faces_are_found(detector: FaceDetector, photos: dict[str, np.ndarray]) -> None:
+    """A 200 px wide copy of a 3-face photo (faces about 20 px): detected on an upscaled copy,
+    boxes mapped back onto the small photo where the full-size detection puts them."""
+    full = photos["gfpgan/whole_imgs/10045.png"]  # 783x1146, 3 faces
+    scale = 200 / full.shape[1]  # faces of about 20 px
+    small = cv2.resize(full, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    reference = sorted(detector.detect(full), key=lambda f: f.box[0])
+    found = sorted(detector.detect(small), key=lambda f: f.box[0])
+    assert len(reference) == len(found) == 3
+    for big, tiny in zip(reference, found, strict=True):
+        side = np.sqrt(tiny.area)
+        assert np.abs(np.multiply(big.box, scale) - tiny.box).max() < 0.25 * side
+    # At its own size the same detector misses faces.
+    assert len(FaceDetector(detector.network, MOBILE, min_side=0).detect(small)) < 3
 
 
 # --- alignment -----------------------------------------------------------------------------
@@ -272,9 +292,40 @@ def test_align_face_with_exact_landmarks(assets: Path) -> None:
     realigned, affine = align_face(photo, landmarks)
     expected = cv2.invertAffineTransform(to_photo)
     np.testing.assert_allclose(affine, expected, atol=1e-9)
-    inner = slice(64, 448)  # away from the reflected border
+    inner = slice(64, 448)  # away from the filled border
     error = np.abs(realigned[inner, inner].astype(int) - crop[inner, inner]).mean()
     assert error < 6  # two resamplings at 0.7x
+
+
+def test_border_face_crop_shows_no_mirrored_features(assets: Path) -> None:
+    """A face cut through the nose by the photo's left edge: the crop's part outside the photo
+    must not mirror the part inside (a reflected half-face shows the restorer a third eye)."""
+    crop = load_rgb(assets / "images/gfpgan/cropped_faces/Adele_crop.png")
+    cut = 256
+    photo = np.ascontiguousarray(crop[:, cut:])  # the face's left half is outside the photo
+    realigned, _ = align_face(photo, FFHQ_TEMPLATE_512 - [cut, 0])
+    np.testing.assert_array_equal(realigned[:, cut + 2 :], crop[:, cut + 2 :])  # inside: as is
+    reflected = cv2.warpAffine(  # the old fill, as the independent reference
+        photo,
+        np.array([[1.0, 0, -cut], [0, 1.0, 0]]),
+        (FACE_SIZE, FACE_SIZE),
+        flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_REFLECT_101,
+    )
+
+    def mirror_correlation(image: np.ndarray) -> float:
+        grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        detail = grey - cv2.GaussianBlur(grey, (0, 0), 4.0)  # features, not the mean colour
+        width = 160
+        # 16..160 px from the edge, where a mirror would put the other eye and cheek.
+        outside = detail[:, cut - width : cut - 16]
+        mirrored = detail[:, cut + 16 : cut + width][:, ::-1]  # the inside, flipped
+        return float(np.corrcoef(outside.ravel(), mirrored.ravel())[0, 1])
+
+    assert mirror_correlation(reflected) > 0.9  # the test sees a mirror when there is one
+    assert abs(mirror_correlation(realigned)) < 0.2
+    # Far outside, the fill has faded to one flat colour.
+    assert realigned[:, :8].reshape(-1, 3).std(axis=0).max() < 3.0
 
 
 def test_realigned_faces_land_on_the_template(
@@ -283,7 +334,8 @@ def test_realigned_faces_land_on_the_template(
     """Re-detect on our aligned crops: landmarks fall on the template as closely as this detector
     manages on the reference crops (aligned by GFPGAN's pipeline). mobile0.25's own landmark
     noise on 512 px faces is about 10 px, so that is the yardstick, not zero."""
-    lenient = FaceDetector(detector.network, MOBILE, threshold=0.5)
+    # Crops measured at their own size (no small-photo upscale), like the reference crops.
+    lenient = FaceDetector(detector.network, MOBILE, threshold=0.5, min_side=0)
 
     def error(rgb: np.ndarray) -> float:
         faces = lenient.detect(rgb)  # the most confident one: 0.5 lets in some non-faces

@@ -241,6 +241,6 @@ def test_http_background_runs_on_the_worker_at_its_scale(client: TestClient, upr
 def test_asking_for_a_format_without_encoder_is_refused(monkeypatch) -> None:
     from model.errors import InvalidInputError
 
-    monkeypatch.setattr("model.pipeline.writable_formats", lambda: {"jpeg", "png", "webp"})
+    monkeypatch.setattr("model.options.writable_formats", lambda: {"jpeg", "png", "webp"})
     with pytest.raises(InvalidInputError, match="no heic encoder"):
         RestoreOptions(output_format="heif").validated()

@@ -28,12 +28,10 @@ from model.pipeline import (
     RestoreOptions,
     finish_photo,
     prepare_photo,
-    restore_files,
     restore_photo,
 )
 from tests.photo_variants import (
     WHOLE_PHOTOS,
-    RestoredBatch,
     border_cut,
     decode_output,
     detector_weights_dir,
@@ -324,70 +322,6 @@ def test_restored_batch_is_checked(detector: FaceDetector, example: np.ndarray) 
         finish_photo(prepared, torch.full_like(prepared.crops, float("nan")))
     result = finish_photo(prepared, prepared.crops)
     assert {"decode", "detect", "align", "paste", "encode"} <= set(result.timings)
-
-
-# --- files (the CLI's whole-photo mode) ----------------------------------------------------
-
-
-def test_restore_files_writes_each_photo_at_its_size(
-    detector: FaceDetector, assets: Path, tmp_path: Path
-) -> None:
-    folder = assets / "images/gfpgan/whole_imgs"
-    names = [folder / "10045.png", folder / "Blake_Lively.jpg"]
-    calls: list[tuple[int, int | None]] = []
-
-    def counting(images: torch.Tensor, *, seed: int | None = None) -> RestoredBatch:
-        calls.append((images.shape[0], seed))
-        return identity_restorer(images)
-
-    written = restore_files(
-        names,
-        tmp_path,
-        detector,
-        counting,
-        RestoreOptions(),
-        LIMITS,
-        save_faces=True,
-        batch_size=2,
-        seed=7,
-    )
-    assert calls == [(2, 7), (1, 7), (2, 7)]  # 3 faces in calls of 2, then 2 faces
-    photos = [p for p in written if p.parent == tmp_path]
-    assert [p.name for p in photos] == ["10045.png", "Blake_Lively.jpg"]
-    for source, target in zip(names, photos, strict=True):
-        assert Image.open(target).size == Image.open(source).size
-    crops = sorted(p.name for p in written if p.parent == tmp_path / "faces")
-    assert len(crops) == 2 * (3 + 2)
-    assert "10045_00_aligned.png" in crops and "Blake_Lively_01_restored.png" in crops
-    assert Image.open(tmp_path / "faces" / "10045_00_restored.png").size == (FACE_SIZE, FACE_SIZE)
-    # Without save_faces only the photos are written; the output format can be forced.
-    out = tmp_path / "webp"
-    written = restore_files(
-        names[1:],
-        out,
-        detector,
-        identity_restorer,
-        RestoreOptions(output_format="webp"),
-        LIMITS,
-        save_faces=False,
-    )
-    assert written == [out / "Blake_Lively.webp"] and not (out / "faces").exists()
-
-
-def test_restore_files_names_the_failing_file(detector: FaceDetector, tmp_path: Path) -> None:
-    bad = tmp_path / "notes.png"
-    bad.write_text("not an image")
-    with pytest.raises(Exception) as caught:
-        restore_files(
-            [bad],
-            tmp_path / "out",
-            detector,
-            identity_restorer,
-            RestoreOptions(),
-            LIMITS,
-            save_faces=False,
-        )
-    assert any("notes.png" in note for note in caught.value.__notes__)
 
 
 def test_with_the_osdface_restorer(

@@ -29,7 +29,8 @@ import torch
 pytest.importorskip("ray", reason="ray[data] is not installed (pip install -e .[ray])")
 
 from osdface import uris
-from osdface.ray_restore import PlanError, check_address, plan
+from osdface.plan import UsageError
+from osdface.ray_restore import check_address, plan_jobs, plan_uris
 from osdface.ray_stages import Job, PhotoState, RestoreFaces, RunConfig, _pack, _unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,38 +198,66 @@ def test_ray_run_killed_then_resumed_equals_the_local_cli(
 # --- the parts, without a cluster ----------------------------------------------------------
 
 
-def test_plan_names_outputs_skips_existing_and_refuses_clashes(tmp_path: Path) -> None:
+def test_uri_plan_names_outputs_skips_existing_and_refuses_clashes(tmp_path: Path) -> None:
+    """The planner for filesystem URIs (run here on local paths through pyarrow's local
+    filesystem): the local CLI's names, resume, and every clash refused."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("a.jpg", "b.png", "c.jpeg", "notes.txt", ".hidden.png"):
         (inputs / name).write_bytes(b"x")
     out = tmp_path / "out"
-    jobs, existing = plan([str(inputs)], str(out), None)
-    assert [Path(j.target).name for j in jobs] == ["a.jpg", "b.png", "c.jpg"]
-    assert existing == []
+    found = plan_uris([str(inputs)], str(out), None)
+    assert [Path(j.target).name for j in found.jobs] == ["a.jpg", "b.png", "c.jpeg"]
+    assert found.existing == [] and [Path(p).name for p in found.unsupported] == ["notes.txt"]
     out.mkdir()
     (out / "b.png").write_bytes(b"done")
-    jobs, existing = plan([str(inputs)], str(out), "webp")
-    assert [Path(j.target).name for j in jobs] == ["a.webp", "b.webp", "c.webp"]
-    jobs, existing = plan([str(inputs)], str(out), None)
-    assert [Path(j.source).name for j in existing] == ["b.png"]
-    assert len(plan([str(inputs)], str(out), None, overwrite=True)[0]) == 3
-    with pytest.raises(PlanError, match="inside the input folder"):
-        plan([str(inputs)], str(inputs / "restored"), None)
-    with pytest.raises(PlanError, match="is an input"):
-        plan([str(inputs / "a.jpg")], str(inputs), None)
+    found = plan_uris([str(inputs)], str(out), "webp")
+    assert [Path(j.target).name for j in found.jobs] == ["a.webp", "b.webp", "c.webp"]
+    found = plan_uris([str(inputs)], str(out), None)
+    assert [Path(j.source).name for j in found.existing] == ["b.png"]
+    assert len(plan_uris([str(inputs)], str(out), None, overwrite=True).jobs) == 3
+    with pytest.raises(UsageError, match="inside the input folder"):
+        plan_uris([str(inputs)], str(inputs / "restored"), None)
+    with pytest.raises(UsageError, match="is an input"):
+        plan_uris([str(inputs / "a.jpg")], str(inputs), None)
     (tmp_path / "a.png").write_bytes(b"x")
-    with pytest.raises(PlanError, match="both be written"):
-        plan([str(inputs / "a.jpg"), str(tmp_path / "a.png")], str(out), "png")
-    with pytest.raises(PlanError, match="no such file"):
-        plan([str(tmp_path / "missing")], str(out), None)
+    with pytest.raises(UsageError, match="both be written"):
+        plan_uris([str(inputs / "a.jpg"), str(tmp_path / "a.png")], str(out), "png")
+    with pytest.raises(UsageError, match="no such file"):
+        plan_uris([str(tmp_path / "missing")], str(out), None)
     assert uris.normalize(f"file://{inputs}") == str(inputs)
+
+
+def test_local_paths_get_the_local_cli_plan(tmp_path: Path) -> None:
+    """--ray on local folders plans as the local CLI does: recursion, suffix, the same targets."""
+    from osdface.plan import make_plan
+
+    inputs = tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.png", "clip.mp4"):
+        (inputs / name).write_bytes(b"x")
+    (inputs / "clip.mp4").unlink()
+    out = tmp_path / "out"
+    found = plan_jobs([str(inputs)], str(out), recursive=True, suffix="_r")
+    local = make_plan([str(inputs)], out, recursive=True, suffix="_r")
+    assert [(j.source, j.target) for j in found.jobs] == [
+        (str(j.source), str(j.target)) for j in local.jobs
+    ]
+    assert sorted(Path(j.target).relative_to(out).as_posix() for j in found.jobs) == [
+        "a_r.jpg",
+        "sub/b_r.png",
+    ]
+    with pytest.raises(UsageError, match="inside the input folder"):
+        plan_jobs([str(inputs)], str(inputs / "restored"))
+    (inputs / "clip.mp4").write_bytes(b"x")
+    with pytest.raises(UsageError, match="restores photos"):
+        plan_jobs([str(inputs)], str(out))
 
 
 def test_ray_address_taken_from_an_input_is_refused(tmp_path: Path) -> None:
     assert check_address("") is None
     assert check_address("ray://head:10001") == "ray://head:10001"
-    with pytest.raises(PlanError, match="--ray=ADDRESS"):
+    with pytest.raises(UsageError, match="--ray=ADDRESS"):
         check_address(str(tmp_path))
 
 

@@ -189,6 +189,30 @@ def test_output_format_and_upscale(client: TestClient, crop: bytes) -> None:
     assert decode(response.content).shape == (1024, 1024, 3)
 
 
+def test_faces_and_min_face_size_choose_faces(client: TestClient, assets: Path) -> None:
+    photo = (assets / "images/gfpgan/whole_imgs/Blake_Lively.jpg").read_bytes()
+    json_accept = {"Accept": "application/json"}
+
+    def post(**fields: str):
+        return client.post(
+            "/restore", files={"image": ("p.jpg", photo)}, data=fields, headers=json_accept
+        )
+
+    every = post().json()["faces"]  # largest first: the order `faces` indices count in
+    assert len(every) == 2
+    areas = [(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in every]
+    assert areas == sorted(areas, reverse=True)
+    second = post(faces="1").json()
+    assert second["faces_detected"] == 1 and second["faces"][0]["box"] == every[1]["box"]
+    smallest = min(min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) for f in every)
+    kept = post(min_face_size=str(int(smallest) + 1)).json()
+    assert [f["box"] for f in kept["faces"]] == [every[0]["box"]]
+    none = client.post("/restore", files={"image": ("p.jpg", photo)}, data={"faces": "5"})
+    assert none.status_code == 200 and none.content == photo  # no face chosen: as sent
+    assert_error_shape(post(faces="one"), 422, "invalid_parameter")
+    assert_error_shape(post(min_face_size="0"), 422, "invalid_parameter")
+
+
 def test_request_id_is_echoed_when_sane_and_made_otherwise(client: TestClient) -> None:
     assert (
         client.get("/healthz", headers={"X-Request-Id": "abc-123"}).headers["x-request-id"]

@@ -300,7 +300,7 @@ def test_cli_refuses_bad_video_flags_before_loading_weights(
 
     missing = tmp_path / "no-weights"
     argv = ["restore", str(still_clip), "-o", str(tmp_path / "out"), "--weights", str(missing)]
-    assert main([*argv, "--crf", "99", "--device", "cpu"]) == 1
+    assert main([*argv, "--crf", "99", "--device", "cpu"]) == 2  # a usage error: nothing ran
     assert "crf must be" in caplog.text and "no-weights" not in caplog.text
     assert not (tmp_path / "out").exists()
 

@@ -88,3 +88,28 @@ def require(path: Path, hint: str) -> Path:
     if not path.exists():
         raise WeightsNotFoundError(f"{path} is missing ({hint})")
     return path
+
+
+def missing_for_restore(layout: WeightsLayout, *, merged: bool = True) -> list[str]:
+    """What the restorer cannot load without, as short descriptions; [] when all is there.
+
+    Cheap (existence only, no hashing): the command line asks before importing torch. Either
+    form of the UNet will do: merged, or base + LoRA.
+    """
+    missing = []
+    if not layout.root.is_dir():
+        return [f"the folder {layout.root} does not exist"]
+    if not layout.vre.is_file():  # loading never converts the released pickles
+        missing.append("osdface/vre.safetensors (`osdface weights convert` writes it)")
+    merged_file = layout.merged_unet_dir / SAFETENSORS_NAME
+    base = [layout.unet_dir / "config.json", layout.unet_dir / SAFETENSORS_NAME, layout.lora]
+    if not (merged and merged_file.is_file()) and not all(p.is_file() for p in base):
+        missing += [str(p.relative_to(layout.root)) for p in base if not p.is_file()]
+    for path in (
+        layout.vae_dir / "config.json",
+        layout.vae_dir / SAFETENSORS_NAME,
+        layout.scheduler_dir / "scheduler_config.json",
+    ):
+        if not path.is_file():
+            missing.append(str(path.relative_to(layout.root)))
+    return missing

@@ -68,20 +68,53 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rotation, translation[:, None]])
 
 
+# Outside the photo the crop continues the border's pixels (no mirror: a reflected half-face
+# would show the restorer a third eye), blurred more and faded toward the photo's mean colour
+# the further out it goes, in crop pixels.
+_FILL_BLUR_SIGMA: Final[float] = 12.0
+_FILL_BLUR_DISTANCE: Final[float] = 24.0  # fully blurred this far from the photo
+_FILL_FADE_DISTANCE: Final[float] = 96.0  # fully the mean colour this far from the photo
+
+
 def align_face(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Warp the face with these (5, 2) landmarks onto the FFHQ template.
 
     Returns the crop, (FACE_SIZE, FACE_SIZE, 3) uint8 RGB, and the (2, 3) image -> crop affine.
-    Parts of the crop outside the photo are filled by reflection, so a face cut by the border
-    does not meet a black edge inside the model's input (those parts are never pasted back).
+    Parts of the crop outside the photo are filled with a blurred, faded continuation of its
+    border (see `fill_outside`); they are never pasted back.
     """
     check_rgb(rgb)
     affine = similarity_transform(landmarks, FFHQ_TEMPLATE)
-    crop = cv2.warpAffine(
-        rgb,
+    size = (FACE_SIZE, FACE_SIZE)
+    crop = cv2.warpAffine(rgb, affine, size, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE)
+    inside = cv2.warpAffine(
+        np.ones(rgb.shape[:2], np.uint8),
         affine,
-        (FACE_SIZE, FACE_SIZE),
-        flags=cv2.INTER_CUBIC,
-        borderMode=cv2.BORDER_REFLECT_101,
+        size,
+        flags=cv2.INTER_NEAREST,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0,
     )
-    return crop, affine
+    if inside.all():
+        return crop, affine
+    return fill_outside(crop, inside.astype(bool)), affine
+
+
+def fill_outside(crop: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Blend the crop's pixels outside the photo toward a blur, then the mean colour, by distance.
+
+    crop: (S, S, 3) uint8 RGB warped with replicated borders; inside: (S, S) bool, True
+    where the crop shows the photo. Pixels inside are returned unchanged.
+    """
+    if not inside.any():
+        return crop
+    distance = cv2.distanceTransform((~inside).astype(np.uint8), cv2.DIST_L2, 5)  # (512, 512)
+    pixels = crop.astype(np.float32)
+    blurred = cv2.GaussianBlur(pixels, (0, 0), _FILL_BLUR_SIGMA)
+    mean = pixels[inside].mean(axis=0)  # (3,) the photo's part of the crop
+    to_blur = np.clip(distance / _FILL_BLUR_DISTANCE, 0.0, 1.0)[..., None]
+    to_mean = np.clip(distance / _FILL_FADE_DISTANCE, 0.0, 1.0)[..., None]
+    filled = pixels + to_blur * (blurred - pixels)
+    filled = filled + to_mean * (mean - filled)
+    out = np.where(inside[..., None], pixels, filled)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

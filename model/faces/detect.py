@@ -31,7 +31,7 @@ import torchvision
 from facexlib.detection.retinaface import RetinaFace, generate_config
 from facexlib.detection.retinaface_utils import decode, decode_landm
 
-from model.config import DetectorConfig, DetectorName
+from model.config import DetectorConfig
 from model.errors import (
     ChecksumMismatchError,
     DetectorError,
@@ -40,6 +40,7 @@ from model.errors import (
     WeightsNotFoundError,
 )
 from model.faces.align import check_rgb
+from model.faces.detectors import DETECTORS
 from weights.layout import sha256_file
 from weights.strict import check_state_dict
 
@@ -48,31 +49,6 @@ logger = logging.getLogger(__name__)
 # RetinaFace expects BGR pixels in 0..255 minus the training images' per-channel mean (B, G, R).
 _BGR_MEAN: Final[tuple[float, float, float]] = (104.0, 117.0, 123.0)
 _NMS_IOU: Final[float] = 0.4
-
-
-@dataclass(frozen=True)
-class DetectorSpec:
-    """One RetinaFace variant: facexlib's network name, its file name, and the file's sha256."""
-
-    network: str
-    filename: str
-    sha256: str
-
-
-# The sha256 values are fixed here, independent of any manifest: a lookalike mobile0.25 file
-# with the same name and size circulates; it loads and returns bogus boxes.
-DETECTORS: Final[dict[DetectorName, DetectorSpec]] = {
-    "retinaface_resnet50": DetectorSpec(
-        "resnet50",
-        "detection_Resnet50_Final.pth",
-        "6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d",
-    ),
-    "retinaface_mobile0.25": DetectorSpec(
-        "mobile0.25",
-        "detection_mobilenet0.25_Final.pth",
-        "2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -109,6 +85,7 @@ class FaceDetector:
         threshold: float = DetectorConfig.threshold,
         max_side: int = DetectorConfig.max_side,
         min_face_size: int = DetectorConfig.min_face_size,
+        min_side: int = DetectorConfig.min_side,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise InvalidInputError(f"detection threshold must be in (0, 1), got {threshold}")
@@ -121,6 +98,7 @@ class FaceDetector:
         self.threshold = threshold
         self.max_side = max_side
         self.min_face_size = min_face_size
+        self.min_side = min_side  # 0: never upscale
         config = generate_config(DETECTORS[name].network)
         self._steps = tuple(config["steps"])
         self._min_sizes = tuple(tuple(sizes) for sizes in config["min_sizes"])
@@ -220,12 +198,13 @@ class FaceDetector:
     def detect(self, rgb: np.ndarray) -> list[DetectedFace]:
         """Faces in an (H, W, 3) uint8 RGB image, highest score first, in its pixel coordinates.
 
-        Runs on a copy downscaled so its longer side is at most `max_side`; boxes and landmarks
-        are mapped back to the full image.
+        Runs on a resized copy: downscaled so its longer side is at most `max_side`, or upscaled
+        so its shorter side is at least `min_side` (within `max_side`); boxes and landmarks
+        are mapped back to the image.
         """
         check_rgb(rgb)
         height, width = rgb.shape[:2]
-        small = _downscale(rgb, self.max_side)
+        small = _detection_copy(rgb, self.max_side, self.min_side)
         loc, conf, landms = self._forward(small)
         priors = _priors(small.shape[0], small.shape[1], self._steps, self._min_sizes)
         if priors.shape[0] != loc.shape[0]:
@@ -283,13 +262,15 @@ def load_detector_state(path: Path, sha256: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _downscale(rgb: np.ndarray, max_side: int) -> np.ndarray:
+def _detection_copy(rgb: np.ndarray, max_side: int, min_side: int) -> np.ndarray:
+    """The image at the scale the detector sees it (the image itself when that is 1)."""
     height, width = rgb.shape[:2]
-    scale = max_side / max(height, width)
-    if scale >= 1.0:
+    scale = min(max(min_side / min(height, width), 1.0), max_side / max(height, width))
+    if abs(scale - 1.0) < 1e-3:
         return rgb
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+    interpolation = cv2.INTER_AREA if scale < 1.0 else cv2.INTER_CUBIC
+    return cv2.resize(rgb, size, interpolation=interpolation)
 
 
 @functools.lru_cache(maxsize=32)
@@ -324,13 +305,24 @@ def select_faces(
     *,
     only_center_face: bool = False,
     max_faces: int | None = None,
+    indices: Sequence[int] | None = None,
+    min_face_size: int | None = None,
 ) -> list[DetectedFace]:
     """The faces to restore, largest first (also the paste order: small faces end on top).
 
-    `only_center_face` keeps the face whose box centre is nearest the image centre;
-    `max_faces` keeps the largest ones.
+    In this order: faces whose box's shorter side is under `min_face_size` pixels are dropped;
+    `indices` keeps those positions of the remaining largest-first list (the order results list
+    faces in; indices past the end are ignored); `only_center_face` keeps the face whose box
+    centre is nearest the image centre; `max_faces` keeps the largest ones.
     """
     chosen = sorted(faces, key=lambda f: f.area, reverse=True)
+    if min_face_size is not None:
+        chosen = [
+            f for f in chosen if min(f.box[2] - f.box[0], f.box[3] - f.box[1]) >= min_face_size
+        ]
+    if indices is not None:
+        wanted = set(indices)
+        chosen = [f for i, f in enumerate(chosen) if i in wanted]
     if only_center_face and chosen:
         cx, cy = width / 2, height / 2
         chosen = [min(chosen, key=lambda f: (f.center[0] - cx) ** 2 + (f.center[1] - cy) ** 2)]
