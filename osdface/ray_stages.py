@@ -115,6 +115,7 @@ class RestoreFaces:
     def __init__(self, config: RunConfig, num_cpus: float) -> None:
         from model.device import resolve_device, resolve_dtype
         from model.restorer import OSDFaceRestorer
+        from service.state import fast_path_config
 
         _set_threads(num_cpus)
         self.config = config
@@ -125,6 +126,7 @@ class RestoreFaces:
             resolve_dtype(config.dtype, device),
             merge_lora=config.merge_lora,
             latent=config.latent,
+            fast=fast_path_config(config.settings),  # as the local CLI and the service load it
         )
         logger.info("restorer on %s, %s", device, self.restorer.dtype)
 

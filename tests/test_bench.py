@@ -67,3 +67,26 @@ def test_model_harness_reports_baseline_configs_and_gmacs(bench_weights, tmp_pat
     gmacs = json.loads(raw.read_text())["gmacs"]
     assert 0 < gmacs["total_subpixel"] < gmacs["total"]
     assert "subpixel upsampling does" in text
+
+
+def test_quality_bench_compares_each_configuration_with_the_first(
+    tiny_weights_dir: Path, tmp_path: Path
+) -> None:
+    """Two runs of one configuration: equal means, and `eval compare` deltas of exactly 0."""
+    from bench import quality
+
+    results = tmp_path / "RESULTS.md"
+    argv = ["--weights", str(tiny_weights_dir), "--copies", "1", "--configs", "float32,float32"]
+    table = quality.main([*argv, "--results", str(results)])
+    rows = table_rows(table)
+    assert [r[0] for r in rows[1:]] == ["float32", "float32"]
+    header = rows[0]
+    reference, again = rows[1], rows[2]
+    assert reference[1] == again[1] == str(len(quality.HQ_FACES))
+    bounds = {"psnr": (5.0, 60.0), "ssim": (0.0, 1.0)}  # random weights: poor, not absurd
+    for metric, (low, high) in bounds.items():
+        k = header.index(metric)
+        assert reference[k] == again[k] and low < float(reference[k]) < high
+        assert reference[k + 1] == "A"
+        assert again[k + 1] == "+0 (+0, +0)"
+    assert results.read_text().strip().endswith(table.strip().splitlines()[-1])

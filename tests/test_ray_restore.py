@@ -300,7 +300,7 @@ def test_restore_stage_batches_faces_across_photos_and_returns_each_its_own(
     assert result[1].restored is None and result[1].error is None
     # a photo the restorer refuses fails alone; the others of its batch are restored
     bad, good = run(photo("bad", 1, size=64), photo("e", 1))
-    assert bad.error and "InvalidInputError" in bad.error and bad.restored is None
+    assert bad.error and "expected (B, 3, 512, 512)" in bad.error and bad.restored is None
     assert good.error is None and good.restored.shape == (1, 3, 512, 512)
 
 
@@ -336,7 +336,9 @@ def test_ray_refuses_save_faces_before_loading_anything(tmp_path: Path) -> None:
     assert result.returncode == 2 and "--background" in result.stderr, result.stderr[-2000:]
 
 
-def test_ray_without_weights_answers_before_starting_a_cluster(tmp_path: Path) -> None:
+def test_ray_without_weights_answers_before_starting_a_cluster(
+    tmp_path: Path, tiny_weights_dir: Path
+) -> None:
     (tmp_path / "in").mkdir()
     shutil.copyfile(REPO / "service/static/style.css", tmp_path / "in" / "x.png")
     argv = [str(tmp_path / "in"), "-o", str(tmp_path / "out")]
@@ -345,8 +347,8 @@ def test_ray_without_weights_answers_before_starting_a_cluster(tmp_path: Path) -
     result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "osdface weights fetch" in result.stderr and "Traceback" not in result.stderr
-    for part in ("osdface", "sd21-base"):  # the model's folders there, the detector's not
-        (tmp_path / "none" / part).mkdir(parents=True)
+    # the model's files there, the detector's not
+    shutil.copytree(tiny_weights_dir, tmp_path / "none", ignore=shutil.ignore_patterns("*.pth"))
     result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, env=env)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "detector file" in result.stderr and "retinaface_resnet50" in result.stderr
