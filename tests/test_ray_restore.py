@@ -5,8 +5,9 @@ part-way, runs again, and checks every output byte for byte against the local CL
 the same photo, the report, the summary and the exit code. 200 inputs by default, as a
 user's archive (2 min 50 s on this project's 2-core machine: two Ray start-ups, model loading
 in each worker, tiny-weights model calls); OSDFACE_RAY_TEST_INPUTS=16 for a quick run.
-Same settings on both sides: `--batch-size 1` and one thread per model process, because a model call's numbers depend in the last bits on its batch
-size and thread count (tests below check the batching separately).
+Same settings on both sides: `--batch-size 1` and one thread per model process, because a
+model call's numbers depend in the last bits on its batch size and thread count (tests below
+check the batching separately).
 """
 
 from __future__ import annotations
