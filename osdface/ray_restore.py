@@ -157,6 +157,8 @@ def run(
         log_to_driver=False,
     )
     ray.data.DataContext.get_current().enable_progress_bars = False  # our log says per file
+    if not logger.isEnabledFor(logging.DEBUG):  # Ray Data's plans, timings and notices: -v
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     try:
         res = stage_resources(ray.cluster_resources())
         logger.info("Ray cluster %s; stages %s", ray.cluster_resources(), res)
