@@ -97,6 +97,12 @@ def make_plan(
     out = output.resolve()
     if out.exists() and not out.is_dir():
         raise UsageError(f"the output {output} is a file; -o takes a folder")
+    if not out.exists() and kind_of(out) is not None:
+        raise UsageError(
+            f"-o takes a folder, and {output} looks like a file name. Results keep their "
+            f"input's name inside the folder: try -o {output.parent / output.stem}/. For one "
+            f"file named as you like: osdface restore - < INPUT > {output}"
+        )
     sources, unsupported = _expand(inputs, out, recursive)
     _refuse_output_inside_inputs(inputs, out, suffix)
     jobs = _jobs(sources, out, suffix, fmt)

@@ -306,6 +306,7 @@ def test_plan_names_outputs_and_refuses_collisions(tmp_path: Path) -> None:
         ([str(a)], a / "sub"),  # output inside an input folder
         ([str(tmp_path / "missing/*.png")], out),
         (["-", str(a)], out),
+        ([str(a / "x.jpg")], tmp_path / "restored.jpg"),  # a file name where a folder goes
     ):
         with pytest.raises(UsageError):
             make_plan(inputs, output)
