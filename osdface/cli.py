@@ -11,6 +11,9 @@ from osdface import eval as evaluate
 from osdface.plan import UsageError
 
 logger = logging.getLogger("osdface")
+# Libraries whose warnings are about their own optional parts, never about the user's run
+# (bitsandbytes, a training extra imported through peft, misses an optional CPU kernel).
+QUIET_LIBRARIES = ("bitsandbytes",)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in () if verbose else QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.ERROR)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
