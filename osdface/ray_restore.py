@@ -207,6 +207,7 @@ def restore(address: str | None, plan: RayPlan, settings: Any, options: Any, arg
         merge_lora=not args.no_merge,
         latent=settings.latent,
         seed=settings.seed if settings.latent == "sample" else None,
+        save_faces=args.save_faces,
     )
     logger.info("%d inputs to restore, %d outputs exist", len(plan.jobs), len(plan.existing))
     tty = sys.stderr.isatty()

@@ -42,6 +42,7 @@ class RunConfig:
     device: str = "auto"
     merge_lora: bool = True
     latent: str = "mode"
+    save_faces: bool = False  # also the aligned and restored crops, in faces/ beside each result
     seed: int | None = None  # None: the deterministic latent (mode)
 
 
@@ -167,7 +168,7 @@ class RestoreFaces:
             offset += n
 
 
-def finish(row: dict[str, Any]) -> dict[str, str]:
+def finish(row: dict[str, Any], config: RunConfig) -> dict[str, str]:
     """Paste back, encode and write one photo (CPU); its report record as JSON."""
     import torch
 
@@ -184,12 +185,22 @@ def finish(row: dict[str, Any]) -> dict[str, str]:
         )
         result = finish_photo(state.prepared, restored)
         uris.write_bytes_atomic(job.target, result.data)
+        if config.save_faces:
+            _save_faces(job.target, state.prepared.crops, restored)
     except Exception as exc:
         return {"record": Record(job.source, job.target, "failed", error=reason(exc)).to_json()}
     timings = {**result.timings, "restore": state.timings.get("restore", 0.0)}
     record = Record(job.source, job.target, "restored", [face_json(f) for f in result.faces])
     record.timings = {k: round(v, 6) for k, v in timings.items()}
     return {"record": record.to_json()}
+
+
+def _save_faces(target: str, crops: Any, restored: Any) -> None:
+    from osdface.runners import face_crop_pngs
+
+    folder, _, name = target.rpartition("/")
+    for rel, png in face_crop_pngs(name.rpartition(".")[0] or name, crops, restored):
+        uris.write_bytes_atomic(f"{folder}/{rel}", png)
 
 
 # --- the dataset and the driver ------------------------------------------------------------
@@ -241,4 +252,4 @@ def build_dataset(jobs: list[Job], config: RunConfig, res: StageResources):
         compute=ray.data.ActorPoolStrategy(size=res.restore_actors),
         **res.restore,
     )
-    return ds.map(finish, num_cpus=res.finish_cpus)
+    return ds.map(finish, fn_kwargs={"config": config}, num_cpus=res.finish_cpus)

@@ -208,7 +208,6 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOp
     from osdface import ray_restore, uris
 
     for flag, used in (
-        ("--save-faces", args.save_faces),
         ("--background", options.background != "none"),
         ("- (stdin)", STDIO in args.inputs),
     ):

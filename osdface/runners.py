@@ -231,13 +231,28 @@ def _read(source: Path | None, max_bytes: int) -> bytes:
 
 
 def _save_crops(target: Path, crops: torch.Tensor, restored: torch.Tensor) -> None:
-    """`faces/<stem>_<k>_aligned.png` and `..._restored.png` beside the target, atomically."""
-    folder = target.parent / "faces"
+    """The face crops beside the target (`face_crop_pngs`), each written atomically."""
+    for name, png in face_crop_pngs(target.stem, crops, restored):
+        write_atomic(target.parent / name, png)
+
+
+def face_crop_pngs(
+    stem: str, crops: torch.Tensor, restored: torch.Tensor
+) -> list[tuple[str, bytes]]:
+    """(`faces/<stem>_<k>_aligned.png` or `..._restored.png`, PNG bytes) for each face.
+
+    crops, restored: (F, 3, S, S) RGB, uint8 or float in [0, 1]. `--save-faces` writes these
+    beside a result, locally and on Ray alike.
+    """
+    files = []
     for k in range(crops.shape[0]):
         for kind, batch in (("aligned", crops), ("restored", restored)):
-            rgb = (batch[k].detach().cpu().float().clamp(0, 1) * 255).round().byte()
-            bgr = rgb.permute(1, 2, 0).numpy()[..., ::-1]  # BGR for OpenCV only
+            face = batch[k].detach().cpu()
+            if face.dtype != torch.uint8:
+                face = (face.float().clamp(0, 1) * 255).round().byte()
+            bgr = face.permute(1, 2, 0).numpy()[..., ::-1]  # BGR for OpenCV only
             ok, png = cv2.imencode(".png", bgr)
             if not ok:
-                raise OSError(f"cannot encode face {k} of {target}")
-            write_atomic(folder / f"{target.stem}_{k:02d}_{kind}.png", png.tobytes())
+                raise OSError(f"cannot encode face {k} of {stem}")
+            files.append((f"faces/{stem}_{k:02d}_{kind}.png", png.tobytes()))
+    return files

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("ray", reason="ray[data] is not installed (pip install -e .[ray])")
 
@@ -324,16 +326,53 @@ def test_stage_resources_one_restorer_per_gpu_and_cpu_shares_that_fit() -> None:
     assert cpu.restore["num_cpus"] + cpu.prepare_cpus + cpu.finish_cpus <= 2.0
 
 
-def test_ray_refuses_save_faces_before_loading_anything(tmp_path: Path) -> None:
+def test_ray_refuses_what_it_cannot_do_before_loading_anything(tmp_path: Path) -> None:
     (tmp_path / "in").mkdir()
-    argv = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--save-faces", "--ray"]
-    result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
-    assert "--save-faces is not available with --ray" in result.stderr
+    argv = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--background", "realesrgan-x2"]
+    result = subprocess.run(cli(*argv, "--ray"), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--background is not available with --ray" in result.stderr
     assert not (tmp_path / "out").exists()
-    argv[3:4] = ["--background", "realesrgan-x2"]
-    result = subprocess.run(cli(*argv), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "--background" in result.stderr, result.stderr[-2000:]
+
+
+def test_stages_save_the_faces_the_local_cli_saves(
+    assets: Path, tiny_weights_dir: Path, tmp_path: Path
+) -> None:
+    """--save-faces on Ray: the stages run in this process, one photo of two faces, against
+    the local CLI's faces/ for it (same settings, batch 1, one thread)."""
+    from model.options import RestoreOptions
+    from osdface.ray_stages import Prepare, finish
+    from service.settings import Settings
+
+    photo = assets / "images/gfpgan/whole_imgs/Blake_Lively.jpg"
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    argv = cli(str(photo), "-o", str(local), "--weights", str(tiny_weights_dir), *COMMON)
+    subprocess.run([*argv, "--save-faces"], check=True, env=one_thread_env(), timeout=300)
+
+    settings = Settings(weights_dir=tiny_weights_dir, detector="retinaface_mobile0.25")
+    config = RunConfig(settings, RestoreOptions().validated(), 1, device="cpu", save_faces=True)
+    job = Job(str(photo), str(ray_out / photo.name), "jpeg")
+    threads = torch.get_num_threads()
+    try:
+        prepared = Prepare(config, num_cpus=1)({"job": pickle.dumps(job)})
+        batch = {"state": np.array([prepared["state"]], dtype=object)}
+        restored = RestoreFaces(config, num_cpus=1)(batch)["state"][0]
+        record = json.loads(finish({"state": restored}, config)["record"])
+    finally:
+        torch.set_num_threads(threads)
+    assert record["status"] == "restored" and len(record["faces"]) == 2
+
+    names = sorted(p.name for p in (local / "faces").iterdir())
+    assert names == sorted(p.name for p in (ray_out / "faces").iterdir())
+    assert names == [
+        f"Blake_Lively_{k:02d}_{kind}.png" for k in (0, 1) for kind in ("aligned", "restored")
+    ]
+    for name in names:
+        ours = np.asarray(Image.open(ray_out / "faces" / name), dtype=np.int16)
+        theirs = np.asarray(Image.open(local / "faces" / name), dtype=np.int16)
+        assert ours.shape == theirs.shape == (512, 512, 3)
+        # aligned crops are the same pixels; restored ones at most one level apart
+        assert np.abs(ours - theirs).max() <= (0 if "aligned" in name else 1), name
 
 
 def test_ray_without_weights_answers_before_starting_a_cluster(
