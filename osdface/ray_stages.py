@@ -58,6 +58,7 @@ class PhotoState:
     prepared: Any = None  # model.pipeline.PreparedPhoto, its `crops` emptied for the trip
     crops: np.ndarray | None = None
     restored: np.ndarray | None = None
+    background: np.ndarray | None = None  # --background: (H * s, W * s, 3) uint8 RGB
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -129,6 +130,11 @@ class RestoreFaces:
             latent=config.latent,
             fast=fast_path_config(config.settings),  # as the local CLI and the service load it
         )
+        from osdface.runners import load_backgrounds
+
+        self.backgrounds = load_backgrounds(
+            config.settings.weights_dir, config.options, self.restorer
+        )
         logger.info("restorer on %s, %s", device, self.restorer.dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
@@ -141,6 +147,15 @@ class RestoreFaces:
                 for state in todo:  # isolate the photo that fails, keep the others
                     try:
                         self._restore([state])
+                    except Exception as exc:
+                        state.error = reason(exc)
+        if self.backgrounds:  # the photo's network on the same accelerator, photo by photo
+            from model.pipeline import make_background
+
+            for state in states:
+                if state.error is None:
+                    try:
+                        state.background = make_background(state.prepared, self.backgrounds)
                     except Exception as exc:
                         state.error = reason(exc)
         return {"state": [_pack(s)["state"] for s in states]}
@@ -183,7 +198,7 @@ def finish(row: dict[str, Any], config: RunConfig) -> dict[str, str]:
         restored = torch.from_numpy(
             state.restored if state.restored is not None else np.zeros((0, 3, 512, 512), "f4")
         )
-        result = finish_photo(state.prepared, restored)
+        result = finish_photo(state.prepared, restored, state.background)
         uris.write_bytes_atomic(job.target, result.data)
         if config.save_faces:
             _save_faces(job.target, state.prepared.crops, restored)

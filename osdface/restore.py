@@ -207,12 +207,8 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOp
     """`--ray`: the same checks, then the photos on a Ray cluster (osdface/ray_restore.py)."""
     from osdface import ray_restore, uris
 
-    for flag, used in (
-        ("--background", options.background != "none"),
-        ("- (stdin)", STDIO in args.inputs),
-    ):
-        if used:
-            raise UsageError(f"{flag} is not available with --ray; run without --ray")
+    if STDIO in args.inputs:
+        raise UsageError("- (stdin) is not available with --ray; run without --ray")
     address = ray_restore.check_address(args.ray)
     output = args.output or str(DEFAULT_OUTPUT)
     plan = ray_restore.plan_jobs(

@@ -76,12 +76,7 @@ def load_context(
         fast=fast_path_config(settings),
     )
     detector = None if args.aligned else load_detector(settings, device)
-    backgrounds = {
-        name: BackgroundUpscaler.from_pretrained(
-            settings.weights_dir, name, restorer.device, restorer.dtype
-        )  # beside the restorer, in its precision
-        for name in ([] if options.background == "none" else [options.background])
-    }
+    backgrounds = load_backgrounds(settings.weights_dir, options, restorer)
     return Context(
         restorer,
         detector,
@@ -95,6 +90,18 @@ def load_context(
         backgrounds=backgrounds,
         video_options=getattr(args, "video_options", None),
     )
+
+
+def load_backgrounds(
+    weights_dir: Path, options: RestoreOptions, restorer: OSDFaceRestorer
+) -> dict[str, BackgroundStep]:
+    """The background network `options` asks for ({} for "none"): on the restorer's device, in
+    its precision, so the two share the accelerator."""
+    names = [] if options.background == "none" else [options.background]
+    return {
+        name: BackgroundUpscaler.from_pretrained(weights_dir, name, restorer.device, restorer.dtype)
+        for name in names
+    }
 
 
 def restore_images(jobs: list[Job], ctx: Context) -> list[Record]:

@@ -326,31 +326,40 @@ def test_stage_resources_one_restorer_per_gpu_and_cpu_shares_that_fit() -> None:
     assert cpu.restore["num_cpus"] + cpu.prepare_cpus + cpu.finish_cpus <= 2.0
 
 
-def test_ray_refuses_what_it_cannot_do_before_loading_anything(tmp_path: Path) -> None:
-    (tmp_path / "in").mkdir()
-    argv = [str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--background", "realesrgan-x2"]
-    result = subprocess.run(cli(*argv, "--ray"), cwd=REPO, capture_output=True, text=True)
+def test_ray_refuses_stdin_before_loading_anything(tmp_path: Path) -> None:
+    result = subprocess.run(
+        cli("-", "-o", str(tmp_path / "out"), "--ray"), cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "--background is not available with --ray" in result.stderr
+    assert "- (stdin) is not available with --ray" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_stages_save_the_faces_the_local_cli_saves(
+def test_stages_write_what_the_local_cli_writes_with_background_and_faces(
     assets: Path, tiny_weights_dir: Path, tmp_path: Path
 ) -> None:
-    """--save-faces on Ray: the stages run in this process, one photo of two faces, against
-    the local CLI's faces/ for it (same settings, batch 1, one thread)."""
+    """--background and --save-faces on Ray: the stages run in this process on one photo of
+    two faces, against the local CLI's result and faces/ for it (same settings, batch 1, one
+    thread)."""
     from model.options import RestoreOptions
     from osdface.ray_stages import Prepare, finish
     from service.settings import Settings
+    from tests.tiny_realesrgan import write_tiny_realesrgan
 
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for entry in tiny_weights_dir.iterdir():
+        (weights / entry.name).symlink_to(entry)
+    write_tiny_realesrgan(weights, "realesrgan-x2")
     photo = assets / "images/gfpgan/whole_imgs/Blake_Lively.jpg"
     local, ray_out = tmp_path / "local", tmp_path / "ray"
-    argv = cli(str(photo), "-o", str(local), "--weights", str(tiny_weights_dir), *COMMON)
-    subprocess.run([*argv, "--save-faces"], check=True, env=one_thread_env(), timeout=300)
+    argv = cli(str(photo), "-o", str(local), "--weights", str(weights), *COMMON, "--save-faces")
+    argv += ["--background", "realesrgan-x2"]
+    subprocess.run(argv, check=True, env=one_thread_env(), timeout=300)
 
-    settings = Settings(weights_dir=tiny_weights_dir, detector="retinaface_mobile0.25")
-    config = RunConfig(settings, RestoreOptions().validated(), 1, device="cpu", save_faces=True)
+    settings = Settings(weights_dir=weights, detector="retinaface_mobile0.25")
+    options = RestoreOptions(background="realesrgan-x2").validated()
+    config = RunConfig(settings, options, 1, device="cpu", save_faces=True)
     job = Job(str(photo), str(ray_out / photo.name), "jpeg")
     threads = torch.get_num_threads()
     try:
@@ -361,18 +370,26 @@ def test_stages_save_the_faces_the_local_cli_saves(
     finally:
         torch.set_num_threads(threads)
     assert record["status"] == "restored" and len(record["faces"]) == 2
+    assert record["timings"]["background"] > 0
 
+    def pixels(path: Path) -> np.ndarray:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+    with Image.open(photo) as im:
+        width, height = im.size
+    ours, theirs = pixels(ray_out / photo.name), pixels(local / photo.name)
+    assert ours.shape == theirs.shape == (2 * height, 2 * width, 3)  # the network's scale
+    assert np.abs(ours - theirs).max() <= 1
     names = sorted(p.name for p in (local / "faces").iterdir())
     assert names == sorted(p.name for p in (ray_out / "faces").iterdir())
-    assert names == [
-        f"Blake_Lively_{k:02d}_{kind}.png" for k in (0, 1) for kind in ("aligned", "restored")
-    ]
+    kinds = ("aligned", "restored")
+    assert names == [f"Blake_Lively_{k:02d}_{kind}.png" for k in (0, 1) for kind in kinds]
     for name in names:
-        ours = np.asarray(Image.open(ray_out / "faces" / name), dtype=np.int16)
-        theirs = np.asarray(Image.open(local / "faces" / name), dtype=np.int16)
-        assert ours.shape == theirs.shape == (512, 512, 3)
+        a, b = pixels(ray_out / "faces" / name), pixels(local / "faces" / name)
+        assert a.shape == b.shape == (512, 512, 3)
         # aligned crops are the same pixels; restored ones at most one level apart
-        assert np.abs(ours - theirs).max() <= (0 if "aligned" in name else 1), name
+        assert np.abs(a - b).max() <= (0 if "aligned" in name else 1), name
 
 
 def test_ray_without_weights_answers_before_starting_a_cluster(
