@@ -6,7 +6,9 @@ The driver's side; the stages the workers run are in `osdface/ray_stages.py`:
     Prepare (CPU actors): read the file, decode, detect, align        -> uint8 crops
     RestoreFaces (one restorer per actor; a GPU each, or CPU shares): the faces of several
         photos cut into model calls of `batch_size` faces            -> restored faces
-    finish (CPU tasks): paste back, encode, write atomically           -> one report record
+        (with --background, also each photo's upscaled background, on the same device)
+    finish (CPU tasks): paste back, encode, write atomically (and --save-faces' crops)
+                                                                       -> one report record
     driver: one JSON line per input in `--report`, a summary, the exit code
 
 Each stage scales on its own: Ray Data streams rows between them and starts more CPU actors or

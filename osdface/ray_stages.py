@@ -3,7 +3,9 @@
     Prepare (CPU actors): read the file, decode, detect, align        -> uint8 crops
     RestoreFaces (one restorer per actor; a GPU each, or CPU shares): the faces of several
         photos cut into model calls of `batch_size` faces            -> restored faces
-    finish (CPU tasks): paste back, encode, write atomically           -> one report record
+        (with --background, also each photo's upscaled background, on the same device)
+    finish (CPU tasks): paste back, encode, write atomically (and --save-faces' crops)
+                                                                       -> one report record
 
 The photo functions are the local CLI's and the service's (`model.pipeline`). A photo that
 fails at any stage carries its error to `finish`, which turns it into a failed record.
