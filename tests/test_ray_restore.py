@@ -275,9 +275,11 @@ def test_help_does_not_import_ray_or_torch() -> None:
 def test_restore_stage_batches_faces_across_photos_and_returns_each_its_own(
     tiny_weights_dir: Path,
 ) -> None:
+    from model.options import RestoreOptions
     from service.settings import Settings
 
-    config = RunConfig(Settings(weights_dir=tiny_weights_dir), None, batch_size=2, device="cpu")
+    settings = Settings(weights_dir=tiny_weights_dir)
+    config = RunConfig(settings, RestoreOptions().validated(), batch_size=2, device="cpu")
     stage = RestoreFaces(config, num_cpus=2)
     g = torch.Generator().manual_seed(0)
 
