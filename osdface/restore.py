@@ -152,15 +152,7 @@ def run(args: argparse.Namespace) -> int:
     if args.ray is not None:
         return _run_on_ray(args, settings, options)
     output = Path(args.output) if args.output else DEFAULT_OUTPUT
-    plan = make_plan(
-        args.inputs,
-        output,
-        recursive=args.recursive,
-        suffix=args.suffix,
-        output_format=options.output_format,
-        overwrite=args.overwrite,
-        report=args.report,
-    )
+    plan = make_plan(args.inputs, output, **_plan_flags(args, options))
     if not plan.jobs and not plan.existing:
         supported = ", ".join(s for suffixes in KINDS.values() for s in suffixes)
         raise UsageError(f"no input files found in {' '.join(args.inputs)} ({supported})")
@@ -173,6 +165,17 @@ def run(args: argparse.Namespace) -> int:
         _check_writable(output, args.report)
     _warn_unsupported(plan.unsupported)
     return _execute(args, settings, options, plan)
+
+
+def _plan_flags(args: argparse.Namespace, options: RestoreOptions) -> dict[str, Any]:
+    """What the plan of inputs and outputs depends on, the same locally and with --ray."""
+    return {
+        "recursive": args.recursive,
+        "suffix": args.suffix,
+        "output_format": options.output_format,
+        "overwrite": args.overwrite,
+        "report": args.report,
+    }
 
 
 def _restore_options(settings: Settings, form: RestoreForm, aligned: bool) -> RestoreOptions:
@@ -211,15 +214,7 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOp
         raise UsageError("- (stdin) is not available with --ray; run without --ray")
     address = ray_restore.check_address(args.ray)
     output = args.output or str(DEFAULT_OUTPUT)
-    plan = ray_restore.plan_jobs(
-        args.inputs,
-        output,
-        recursive=args.recursive,
-        suffix=args.suffix,
-        output_format=options.output_format,
-        overwrite=args.overwrite,
-        report=args.report,
-    )
+    plan = ray_restore.plan_jobs(args.inputs, output, **_plan_flags(args, options))
     if not plan.jobs and not plan.existing:
         raise UsageError(f"no photos found in {' '.join(args.inputs)}")
     if ray_restore.local_cluster(address):  # its workers read the weights from this machine
