@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -58,28 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_clip(path: Path, assets: Path, width: int, frames: int, fps: int = 25) -> None:
     """The photo at `width`, drifting 1 px per frame, with a tone as long as the video."""
-    import av
+    from tests.video_helpers import photo_frame, write_clip
 
-    bgr = cv2.imread(str(assets / PHOTO))
-    height = int(round(bgr.shape[0] * width / bgr.shape[1] / 2) * 2)
-    rgb = np.ascontiguousarray(cv2.resize(bgr, (width, height))[..., ::-1])
-    with av.open(str(path), "w") as out:
-        video = out.add_stream("libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-        sound = out.add_stream("aac", rate=16000)
-        sound.layout = "mono"
-        for i in range(frames):
-            shifted = np.roll(rgb, i, axis=1)
-            out.mux(video.encode(av.VideoFrame.from_ndarray(shifted, format="rgb24")))
-        out.mux(video.encode(None))
-        samples = 16000 * frames // fps
-        tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 16000)).astype(np.float32)
-        for lo in range(0, samples, 1024):
-            chunk = tone[None, lo : lo + 1024]
-            block = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
-            block.sample_rate, block.pts = 16000, lo
-            out.mux(sound.encode(block))
-        out.mux(sound.encode(None))
+    rgb = photo_frame(assets, width, PHOTO)
+    write_clip(path, (np.roll(rgb, i, axis=1) for i in range(frames)), fps=fps)
 
 
 @dataclass

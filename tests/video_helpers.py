@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -32,9 +33,14 @@ def write_clip(
     rotation: int | None = None,
     codec: str = "libx264",
 ) -> None:
-    """Encode RGB frames (and a 440 Hz AAC tone as long as the video) into `path`."""
-    frames = list(frames)
-    height, width = frames[0].shape[:2]
+    """Encode RGB frames (and a 440 Hz AAC tone as long as the video) into `path`.
+
+    Frames are encoded as they come: a generator of a long clip holds one frame at a time.
+    """
+    frames = iter(frames)
+    first = next(frames)
+    height, width = first.shape[:2]
+    count = 0
     with av.open(str(path), "w") as out:
         video = out.add_stream(codec, rate=fps)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
@@ -45,14 +51,15 @@ def write_clip(
         if audio:
             sound = out.add_stream("aac", rate=16000)
             sound.layout = "mono"
-        for i, rgb in enumerate(frames):
+        for i, rgb in enumerate(itertools.chain([first], frames)):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
             frame.pts = i
             frame.time_base = Fraction(1, fps)
             out.mux(video.encode(frame))
+            count += 1
         out.mux(video.encode(None))
         if sound is not None:
-            samples = int(16000 * len(frames) / fps)
+            samples = int(16000 * count / fps)
             t = np.arange(samples) / 16000
             tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
             for lo in range(0, samples, 1024):
