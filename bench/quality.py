@@ -67,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tiny == (args.weights is not None):
         p.error("give exactly one of --tiny and --weights")
+    if args.lq is not None and args.hq is None:
+        p.error("--lq needs --hq: the HQ faces its files are scored against")
     return args
 
 
