@@ -45,11 +45,13 @@ class Job:
 
 @dataclass
 class Plan:
-    """What to do: jobs to run, jobs whose output exists (skipped), files of no known kind."""
+    """What to do: jobs to run, jobs whose output exists (skipped), files of no known kind,
+    sub-folders of an input folder that were not read (no -r)."""
 
     jobs: list[Job] = field(default_factory=list)
     existing: list[Job] = field(default_factory=list)
     unsupported: list[Path] = field(default_factory=list)
+    subfolders: list[Path] = field(default_factory=list)
 
 
 def kind_of(path: Path) -> str | None:
@@ -103,10 +105,11 @@ def make_plan(
             f"input's name inside the folder: try -o {output.parent / output.stem}/. For one "
             f"file named as you like: osdface restore - < INPUT > {output}"
         )
-    sources, unsupported = _expand(inputs, out, recursive)
+    subfolders: list[Path] = []
+    sources, unsupported = _expand(inputs, out, recursive, subfolders)
     _refuse_output_inside_inputs(inputs, out, suffix)
     jobs = _jobs(sources, out, suffix, fmt)
-    plan = Plan(unsupported=unsupported)
+    plan = Plan(unsupported=unsupported, subfolders=subfolders)
     for job in jobs:
         exists = job.target is not None and job.target.exists()
         (plan.existing if exists and not overwrite else plan.jobs).append(job)
@@ -115,8 +118,13 @@ def make_plan(
     return plan
 
 
-def _expand(inputs: list[str], out: Path, recursive: bool) -> tuple[list[tuple[Path, Path]], list]:
-    """(source, path relative to the output folder) for every input file; unsupported files."""
+def _expand(
+    inputs: list[str], out: Path, recursive: bool, subfolders: list[Path]
+) -> tuple[list[tuple[Path, Path]], list]:
+    """(source, path relative to the output folder) for every input file; unsupported files.
+
+    Without `recursive`, the sub-folders passed over are added to `subfolders`.
+    """
     found: list[tuple[Path, Path]] = []
     unsupported: list[Path] = []
     for item in inputs:
@@ -124,7 +132,7 @@ def _expand(inputs: list[str], out: Path, recursive: bool) -> tuple[list[tuple[P
         paths = matches or [Path(item)]
         for path in paths:
             if path.is_dir():
-                files = _walk(path, out, recursive)
+                files = _walk(path, out, recursive, subfolders)
                 pairs = [(f, f.relative_to(path)) for f in files]
             elif path.is_file():
                 pairs = [(path, Path(path.name))]
@@ -139,15 +147,22 @@ def _expand(inputs: list[str], out: Path, recursive: bool) -> tuple[list[tuple[P
     return found, unsupported
 
 
-def _walk(folder: Path, out: Path, recursive: bool) -> list[Path]:
-    """Files of `folder` (and below, if recursive), sorted; hidden names and `out` left out."""
+def _walk(folder: Path, out: Path, recursive: bool, subfolders: list[Path]) -> list[Path]:
+    """Files of `folder` (and below, if recursive), sorted; hidden names and `out` left out.
+
+    Sub-folders not entered (not recursive) are added to `subfolders`.
+    """
     files = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue  # hidden files, and the temporary files of an interrupted run
         if path.is_dir():
-            if recursive and path.resolve() != out:
-                files += _walk(path, out, recursive)
+            if path.resolve() == out:
+                continue
+            if recursive:
+                files += _walk(path, out, recursive, subfolders)
+            else:
+                subfolders.append(path)
         elif path.is_file():
             files.append(path)
     return files

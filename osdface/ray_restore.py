@@ -42,6 +42,7 @@ class RayPlan:
     jobs: list[Job] = field(default_factory=list)
     existing: list[Job] = field(default_factory=list)
     unsupported: list[Any] = field(default_factory=list)
+    subfolders: list[Path] = field(default_factory=list)  # not read: no -r
 
 
 # --- plan (driver, before Ray or torch is imported) ----------------------------------------
@@ -79,6 +80,7 @@ def plan_jobs(
             [ray_job(j) for j in found.jobs],
             [ray_job(j) for j in found.existing],
             found.unsupported,
+            found.subfolders,
         )
     if recursive or suffix:
         raise UsageError("--recursive and --suffix take local folders; with URIs, name them all")
@@ -221,20 +223,6 @@ def restore(address: str | None, plan: RayPlan, settings: Any, options: Any, arg
     finally:
         reporter.close()
     return reporter.summary.exit_code
-
-
-def check_address(value: str) -> str | None:
-    """'' -> None (RAY_ADDRESS, else a local cluster); refuses an input path taken as address."""
-    import os
-
-    if not value:
-        return None
-    if "://" not in value and value != "auto" and os.path.exists(value):
-        raise UsageError(
-            f"--ray took {value!r}, a path, as the cluster address: write --ray=ADDRESS, "
-            "or put --ray after the inputs"
-        )
-    return value
 
 
 def root_cause(exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import types
 import typing
@@ -80,7 +81,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     supported = ", ".join(s for suffixes in KINDS.values() for s in suffixes)
-    p.add_argument("inputs", nargs="+", help=f"files, folders, globs ({supported}), or - (stdin)")
+    # "*", not "+": `--ray photos/` hands its value over to the inputs after parsing (_RayFlag).
+    p.add_argument(
+        "inputs", nargs="*", metavar="INPUT", help=f"files, folders, globs ({supported}), or -"
+    )
     p.add_argument(
         "-o", "--output", help=f"output folder (default: {DEFAULT_OUTPUT}/; --ray: a URI too)"
     )
@@ -104,13 +108,32 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="?",
         const="",
         default=None,
+        action=_RayFlag,
         metavar="ADDRESS",
-        help="restore photos on a Ray cluster (docs/scale-out.md): ADDRESS such as "
-        "ray://head:10001, or none for RAY_ADDRESS or else a local cluster; write --ray=ADDRESS "
-        "or put --ray last",
+        help="restore photos on a Ray cluster (docs/scale-out.md): ADDRESS is auto, local, "
+        "ray://HOST:PORT or HOST:PORT; without one, RAY_ADDRESS or else a local cluster",
     )
     p.add_argument("--ray-cpus", type=int, default=None, help="CPUs of a local --ray cluster")
     p.set_defaults(func=run)
+
+
+# What ray.init takes as an address; anything else after --ray is an input.
+RAY_ADDRESS = re.compile(r"auto|local|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:]+\]:\d+")
+
+
+class _RayFlag(argparse.Action):
+    """`--ray [ADDRESS]`; a value that is no Ray address, or is an existing path, is an input.
+
+    So `osdface restore --ray photos/ -o out/` restores photos/ on a local cluster instead of
+    taking photos/ for the cluster's address. The value is kept in `ray_inputs`: argparse has
+    already assigned the positional inputs, and run() puts it first among them.
+    """
+
+    def __call__(self, parser: Any, namespace: Any, value: Any, option: Any = None) -> None:
+        if value and (os.path.exists(value) or not RAY_ADDRESS.fullmatch(value)):
+            namespace.ray_inputs = [value]
+            value = ""
+        setattr(namespace, self.dest, value)
 
 
 def _add_field_flag(
@@ -146,6 +169,7 @@ def _plain_type(annotation: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.inputs = _inputs(args)
     settings = _validated(Settings, _given(args, [n for _, n, _ in SETTING_FLAGS]), "setting")
     form = _validated(RestoreForm, _given(args, [n for _, n in FORM_FLAGS]), "option")
     options = _restore_options(settings, form, args.aligned)
@@ -155,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(args.inputs, output, **_plan_flags(args, options))
     if not plan.jobs and not plan.existing:
         supported = ", ".join(s for suffixes in KINDS.values() for s in suffixes)
-        raise UsageError(f"no input files found in {' '.join(args.inputs)} ({supported})")
+        raise UsageError(
+            f"no input files found in {' '.join(args.inputs)} ({supported})"
+            + _subfolder_hint(plan.subfolders)
+        )
     if any(job.kind == "video" for job in plan.jobs):
         if args.aligned:
             raise UsageError("--aligned takes aligned face crops, not videos")
@@ -163,8 +190,16 @@ def run(args: argparse.Namespace) -> int:
     _check_weights(settings, aligned=args.aligned, merged=not args.no_merge)
     if STDIO not in args.inputs:
         _check_writable(output, args.report)
-    _warn_unsupported(plan.unsupported)
+    _warn_left_out(plan)
     return _execute(args, settings, options, plan)
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """The positional inputs, after the one `--ray` took if it was no address (_RayFlag)."""
+    inputs = [*getattr(args, "ray_inputs", []), *args.inputs]
+    if not inputs:
+        raise UsageError("no inputs: name photo or video files, folders, globs, or - for stdin")
+    return inputs
 
 
 def _plan_flags(args: argparse.Namespace, options: RestoreOptions) -> dict[str, Any]:
@@ -199,11 +234,36 @@ def _restore_options(settings: Settings, form: RestoreForm, aligned: bool) -> Re
         raise UsageError(str(exc)) from exc
 
 
-def _warn_unsupported(unsupported: list[Path]) -> None:
-    if unsupported:
-        shown = ", ".join(str(p) for p in unsupported[:10])
-        more = f" and {len(unsupported) - 10} more" if len(unsupported) > 10 else ""
-        logger.warning("skipping %d unsupported files: %s%s", len(unsupported), shown, more)
+def _warn_left_out(plan: Any) -> None:
+    """Files of no supported kind, and sub-folders not read without -r: named, not silent."""
+    if plan.unsupported:
+        logger.warning(
+            "skipping %s of no supported kind: %s",
+            _count(plan.unsupported, "file"),
+            _some(plan.unsupported),
+        )
+    if plan.subfolders:
+        logger.warning(
+            "not reading %s: %s; add -r to restore them too (same tree in the output)",
+            _count(plan.subfolders, "sub-folder"),
+            _some(plan.subfolders),
+        )
+
+
+def _subfolder_hint(subfolders: list[Path]) -> str:
+    if not subfolders:
+        return ""
+    return f"; add -r to read its {_count(subfolders, 'sub-folder')} ({_some(subfolders)})"
+
+
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
+def _some(paths: list[Path], shown: int = 10) -> str:
+    """The first `shown` paths, and how many more."""
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(str(p) for p in paths[:shown]) + more
 
 
 def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOptions) -> int:
@@ -212,18 +272,20 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOp
 
     if STDIO in args.inputs:
         raise UsageError("- (stdin) is not available with --ray; run without --ray")
-    address = ray_restore.check_address(args.ray)
+    address = args.ray or None  # None: RAY_ADDRESS, else a local cluster
     output = args.output or str(DEFAULT_OUTPUT)
     plan = ray_restore.plan_jobs(args.inputs, output, **_plan_flags(args, options))
     if not plan.jobs and not plan.existing:
-        raise UsageError(f"no photos found in {' '.join(args.inputs)}")
+        raise UsageError(
+            f"no photos found in {' '.join(args.inputs)}" + _subfolder_hint(plan.subfolders)
+        )
     if ray_restore.local_cluster(address):  # its workers read the weights from this machine
         _check_weights(settings, aligned=args.aligned, merged=not args.no_merge)
     if not uris.is_uri(output):
         _check_writable(Path(output), args.report)
     elif args.report is not None:
         _check_writable(args.report.parent, None)
-    _warn_unsupported(plan.unsupported)
+    _warn_left_out(plan)
     return ray_restore.restore(address, plan, settings, options, args)
 
 

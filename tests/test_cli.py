@@ -243,11 +243,44 @@ def tmp_image(data: bytes) -> np.ndarray:
 # --- weights ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [["restore"], ["weights", "fetch", "--bogus"]])
-def test_bad_arguments_exit_nonzero(argv: list[str]) -> None:
+def test_bad_arguments_exit_nonzero(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(SystemExit) as err:
-        main(argv)
+        main(["weights", "fetch", "--bogus"])
     assert err.value.code == 2
+    for argv in (["restore"], ["restore", "--ray"], ["restore", "-o", "out", "--ray"]):
+        assert main(argv) == 2
+        assert "no inputs: name photo or video files" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("argv", "address", "inputs"),
+    [
+        (["--ray", "IN", "-o", "out"], "", ["IN"]),  # an existing folder is an input
+        (["--ray", "typo_photos", "IN"], "", ["typo_photos", "IN"]),  # no address shape
+        (["--ray", "s3://bucket/scans", "-o", "s3://b/out"], "", ["s3://bucket/scans"]),
+        (["IN", "--ray"], "", ["IN"]),
+        (["--ray=ray://head:10001", "IN"], "ray://head:10001", ["IN"]),
+        (["--ray", "ray://head:10001", "IN"], "ray://head:10001", ["IN"]),
+        (["--ray", "10.0.0.5:6379", "IN"], "10.0.0.5:6379", ["IN"]),
+        (["--ray", "[::1]:6379", "IN"], "[::1]:6379", ["IN"]),
+        (["--ray", "auto", "IN", "IN2"], "auto", ["IN", "IN2"]),
+        (["IN"], None, ["IN"]),
+    ],
+)
+def test_ray_flag_takes_an_address_only_when_it_looks_like_one(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    argv: list[str],
+    address: str | None,
+    inputs: list[str],
+) -> None:
+    from osdface import restore
+    from osdface.cli import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN").mkdir()
+    args = build_parser().parse_args(["restore", *argv])
+    assert (args.ray, restore._inputs(args)) == (address, inputs)
 
 
 def test_docs_list_every_restore_option() -> None:
@@ -291,9 +324,10 @@ def test_plan_names_outputs_and_refuses_collisions(tmp_path: Path) -> None:
     a, out = tmp_path / "a", tmp_path / "out"
     plan = make_plan([str(a), str(a / "x.jpg"), str(tmp_path / "a/*.jpg")], out, recursive=True)
     assert [j.target for j in plan.jobs] == [out / "sub/y.png", out / "x.jpg"]  # each once
-    assert plan.unsupported == [a / "readme.md"]
+    assert plan.unsupported == [a / "readme.md"] and plan.subfolders == []
     renamed = make_plan([str(a)], out, output_format="jpg", suffix="_r")
     assert [j.target for j in renamed.jobs] == [out / "x_r.jpg"]
+    assert renamed.subfolders == [a / "sub"]  # not read without -r, and said so
     assert renamed.jobs[0].output_format == "jpeg"
     # In place with a suffix: earlier results are recognised, not restored again.
     (a / "x_r.jpg").write_bytes(b"")

@@ -32,7 +32,7 @@ pytest.importorskip("ray", reason="ray[data] is not installed (pip install -e .[
 
 from osdface import uris
 from osdface.plan import UsageError
-from osdface.ray_restore import check_address, plan_jobs, plan_uris
+from osdface.ray_restore import plan_jobs, plan_uris
 from osdface.ray_stages import Job, PhotoState, RestoreFaces, RunConfig, _pack, _unpack
 
 REPO = Path(__file__).resolve().parents[1]
@@ -254,13 +254,6 @@ def test_local_paths_get_the_local_cli_plan(tmp_path: Path) -> None:
     (inputs / "clip.mp4").write_bytes(b"x")
     with pytest.raises(UsageError, match="restores photos"):
         plan_jobs([str(inputs)], str(out))
-
-
-def test_ray_address_taken_from_an_input_is_refused(tmp_path: Path) -> None:
-    assert check_address("") is None
-    assert check_address("ray://head:10001") == "ray://head:10001"
-    with pytest.raises(UsageError, match="--ray=ADDRESS"):
-        check_address(str(tmp_path))
 
 
 def test_help_does_not_import_ray_or_torch() -> None:
