@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from safetensors.torch import save_file
-from torch import nn
+from osdface.cli import QUIET_LIBRARIES
 
-from model.config import OSDFaceConfig, VREConfig
-from model.vre import VisualRepresentationEmbedder
+# Before diffusers imports them: the README runs this module, and their notes are not its run's.
+for _name in QUIET_LIBRARIES:
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+from model.config import OSDFaceConfig, VREConfig  # noqa: E402
+from model.vre import VisualRepresentationEmbedder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULER_CONFIG = REPO / "model/configs/sd21-base/scheduler/scheduler_config.json"
