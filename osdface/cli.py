@@ -19,7 +19,11 @@ QUIET_LIBRARIES = ("bitsandbytes",)
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a run failed (or some files did), 2 usage: nothing was started."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # with the usage of the command they were given to, not the top level's
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -27,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in () if verbose else QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
+    if getattr(args, "quiet", False) and not verbose:  # -q: warnings, errors, the summary line
+        from osdface.reporting import SUMMARY_LOGGER
+
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger(SUMMARY_LOGGER).setLevel(logging.INFO)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
@@ -58,7 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
         evaluate.register,
     ):
         register(sub)
+    _mark_commands(parser)
     return parser
+
+
+def _mark_commands(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser as a default of its own: the innermost one given wins."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                command.set_defaults(command_parser=command)
+                _mark_commands(command)
 
 
 if __name__ == "__main__":

@@ -13,18 +13,27 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import get_args
 
+from model.config import Device, DType
 from osdface.paths import default_weights_dir
 
 logger = logging.getLogger(__name__)
 
 PAPER_TABLES = ("celeba-test", "wider", "lfw", "webphoto")
+# argparse would end the usage with a required-looking `{degrade,compare} ...`: scoring takes
+# no sub-command, so the usage lists the three forms.
+USAGE = """
+  %(prog)s --lq DIR -o REPORT [--hq DIR] [--weights DIR | --url URL] [options]
+  %(prog)s degrade --hq DIR -o DIR [--seed N]
+  %(prog)s compare A B [--json]"""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="score restorations with the paper's metrics (docs/eval.md)",
+        usage=USAGE,
     )
     p.add_argument("--lq", type=Path, help="folder of aligned 512x512 low-quality faces")
     p.add_argument("--hq", type=Path, help="folder of the HQ faces (same file stems)")
@@ -41,12 +50,17 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--metrics", help="comma list, e.g. psnr,ssim,lpips (default: the paper table's)"
     )
     p.add_argument("--paper-table", choices=PAPER_TABLES, help="the paper's values beside yours")
-    p.add_argument("--device", default="auto", help="restorer and metric networks (auto)")
-    p.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    p.add_argument(
+        "--device",
+        choices=get_args(Device),
+        default="auto",
+        help="restorer and metric networks (auto)",
+    )
+    p.add_argument("--dtype", choices=get_args(DType), default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="faces per batch (4)")
     p.add_argument("--latent", choices=("mode", "sample"), default="mode", help="VAE latent (mode)")
     p.set_defaults(func=_eval, eval_parser=p)
-    esub = p.add_subparsers(title="eval commands")
+    esub = p.add_subparsers(title="eval commands", metavar="{degrade,compare}")
 
     d = esub.add_parser("degrade", help="synthetic LQ faces, CelebA-Test protocol")
     d.add_argument("--hq", type=Path, required=True, help="folder of aligned 512 HQ faces")

@@ -10,13 +10,15 @@ import json
 import logging
 import time
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Literal
 
 from osdface.plan import Job
 
 logger = logging.getLogger("osdface.restore")
+# The run's last line, which -q keeps (osdface/cli.py): a logger of its own.
+SUMMARY_LOGGER = "osdface.summary"
 
 Status = Literal["restored", "skipped", "failed"]
 
@@ -40,6 +42,23 @@ class Record:
         return cls(**json.loads(text))
 
 
+def earlier_records(report: Path) -> dict[str, Record]:
+    """The records of an existing report by input; a line cut short by a kill is passed over."""
+    records: dict[str, Record] = {}
+    try:
+        lines = report.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return records
+    for line in lines:
+        try:
+            record = Record.from_json(line)
+        except (ValueError, TypeError):
+            continue
+        if record.status != "failed":
+            records[record.input] = record
+    return records
+
+
 def reason(exc: BaseException) -> str:
     """One line for the log and the report: our errors' own message, others' kind too."""
     from model.errors import OSDFaceError
@@ -52,6 +71,10 @@ def failed(job: Job, exc: BaseException) -> Record:
     """The record of an input that failed."""
     target = str(job.target) if job.target is not None else None
     return Record(job.name, target, "failed", error=reason(exc))
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def face_json(face: Any) -> dict[str, Any]:
@@ -88,9 +111,9 @@ class Summary:
         elapsed = time.perf_counter() - self.started
         per_face = f"{elapsed / self.faces:.2f} s per face" if self.faces else "no faces"
         return (
-            f"{self.restored} files restored, {self.faces} faces, {self.skipped} skipped "
-            f"(output exists), {self.failed} failed, {self.unsupported} unsupported; "
-            f"{elapsed:.1f} s, {per_face}"
+            f"{plural(self.restored, 'file')} restored, {plural(self.faces, 'face')}, "
+            f"{self.skipped} skipped (output exists), {self.failed} failed, "
+            f"{self.unsupported} unsupported; {elapsed:.1f} s, {per_face}"
         )
 
     @property
@@ -104,6 +127,9 @@ class Reporter:
     def __init__(self, total: int, *, quiet: bool, tty: bool, report: Path | None) -> None:
         self.summary = Summary()
         self.quiet, self.tty = quiet, tty
+        # Read before the file is rewritten: a resumed run's skipped inputs keep what the run
+        # that wrote their outputs found (faces, timings) instead of an empty record.
+        self._earlier = earlier_records(report) if report is not None else {}
         self._report: IO[str] | None = report.open("w") if report is not None else None
         self._files = self._faces = None
         if tty and not quiet and total:
@@ -131,6 +157,8 @@ class Reporter:
             self._faces.update(count)
 
     def record(self, record: Record) -> None:
+        if record.status == "skipped":
+            record = self._with_earlier_findings(record)
         self.summary.add(record)
         self._done += record.status != "skipped"
         if self._report is not None:
@@ -141,16 +169,22 @@ class Reporter:
         elif record.status == "restored" and not self.quiet and not self.tty:
             seconds = sum(record.timings.values())
             logger.info(
-                "[%d/%d] %s: %d faces -> %s (%.1f s)",
+                "[%d/%d] %s: %s -> %s (%.1f s)",
                 self._done,
                 self._total,
                 record.input,
-                len(record.faces),
+                plural(len(record.faces), "face"),
                 record.output,
                 seconds,
             )
         if self._files is not None and record.status != "skipped":
             self._files.update(1)
+
+    def _with_earlier_findings(self, record: Record) -> Record:
+        earlier = self._earlier.get(record.input)
+        if earlier is None or earlier.output != record.output or not earlier.faces:
+            return record
+        return replace(record, faces=earlier.faces, timings=earlier.timings)
 
     def close(self) -> None:
         for bar in (self._faces, self._files):
@@ -158,4 +192,4 @@ class Reporter:
                 bar.close()
         if self._report is not None:
             self._report.close()
-        logger.info("%s", self.summary.line())
+        logging.getLogger(SUMMARY_LOGGER).info("%s", self.summary.line())

@@ -14,13 +14,14 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from model.codecs.formats import normalize_format
+from model.config import BACKGROUND_SCALES
 from model.errors import InvalidInputError
 from model.faces.detectors import DETECTORS
 from model.options import RestoreOptions
@@ -28,7 +29,7 @@ from osdface import video
 from osdface.plan import KINDS, STDIO, Job, Plan, UsageError, make_plan
 from service.schemas import RestoreForm
 from service.settings import Settings
-from weights.layout import WeightsLayout, missing_for_restore
+from weights.layout import WeightsLayout, background_file, missing_for_restore
 
 logger = logging.getLogger("osdface.restore")
 
@@ -60,15 +61,33 @@ SETTING_FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--compile", "compile", "torch.compile the UNet and VAE (CUDA; slow first batch)"),
     ("--torch-threads", "torch_threads", "CPU threads for the model"),
 )
+# What a setting's None default means, shown instead of "None".
+NONE_MEANS = {"torch_threads": "one per core"}
 # Flags backed by a field of the HTTP form (service/schemas.py): same names, bounds, defaults.
-FORM_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--strength", "strength"),
-    ("--upscale", "upscale"),
-    ("--background", "background"),
-    ("--format", "output_format"),
-    ("--quality", "quality"),
-    ("--only-center-face", "only_center_face"),
-    ("--faces", "faces"),
+# Their help is their own: the form's descriptions speak of requests, headers and JSON.
+FORM_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--strength", "strength", "1 = fully restored, 0 = the original"),
+    ("--upscale", "upscale", "output scale; default: the --background network's, else 1"),
+    (
+        "--background",
+        "background",
+        "how the background is upscaled: Lanczos (none), or Real-ESRGAN x2/x4 "
+        "(`osdface weights fetch --background`)",
+    ),
+    (
+        "--format",
+        "output_format",
+        "png, jpeg (or jpg), webp, heic or avif; default: the input's format when this build "
+        "can write it, else png",
+    ),
+    ("--quality", "quality", "JPEG / lossy WebP quality"),
+    ("--only-center-face", "only_center_face", "restore only the face nearest the centre"),
+    (
+        "--faces",
+        "faces",
+        "restore only these faces, e.g. 0,2: indices into the largest-first list of a run "
+        "without --faces (as --report lists them)",
+    ),
 )
 
 
@@ -96,12 +115,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no per-file lines")
-    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,  # `osdface -v restore` stays on
+        help="debug logging, tracebacks",
+    )
     for flag, name, text in SETTING_FLAGS:
         _add_field_flag(p, flag, name, Settings.model_fields[name], text, settings=True)
-    for flag, name in FORM_FLAGS:
-        field = RestoreForm.model_fields[name]
-        _add_field_flag(p, flag, name, field, field.description or "", settings=False)
+    for flag, name, text in FORM_FLAGS:
+        _add_field_flag(p, flag, name, RestoreForm.model_fields[name], text, settings=False)
     video.add_video_arguments(p)
     p.add_argument(
         "--ray",
@@ -139,13 +163,15 @@ class _RayFlag(argparse.Action):
 def _add_field_flag(
     p: argparse.ArgumentParser, flag: str, name: str, field: Any, text: str, *, settings: bool
 ) -> None:
-    """One flag for a pydantic field; its help shows the field's default and variable."""
-    where = f"; env OSDFACE_{name.upper()}" if settings else ""
-    # A form field without a default value says in its description what None means.
-    default = (
-        "" if field.default is None and not settings else f" (default: {field.default}{where})"
-    )
-    help_text = f"{text}{default}".replace("%", "%%")
+    """One flag for a pydantic field; its help shows the field's range, default and variable."""
+    notes = [_range(field)]
+    # A form field without a default value says in its help text what None means.
+    if field.default is not None or settings:
+        notes.append(f"default: {NONE_MEANS.get(name, field.default)}")
+    if settings:
+        notes.append(f"env OSDFACE_{name.upper()}")
+    shown = "; ".join(n for n in notes if n)
+    help_text = (f"{text} ({shown})" if shown else text).replace("%", "%%")
     kind = _plain_type(field.annotation)
     if kind is bool:
         action = argparse.BooleanOptionalAction if field.default else "store_true"
@@ -154,6 +180,13 @@ def _add_field_flag(
         p.add_argument(flag, dest=name, choices=typing.get_args(kind), help=help_text)
     else:
         p.add_argument(flag, dest=name, help=help_text, metavar=name.split("_")[-1].upper())
+
+
+def _range(field: Any) -> str:
+    """'0..1' for a field bounded on both sides (ge and le), else ''."""
+    low = next((c.ge for c in field.metadata if hasattr(c, "ge")), None)  # annotated_types.Ge
+    high = next((c.le for c in field.metadata if hasattr(c, "le")), None)
+    return f"{low:g}..{high:g}" if low is not None and high is not None else ""
 
 
 def _plain_type(annotation: Any) -> Any:
@@ -171,10 +204,15 @@ def _plain_type(annotation: Any) -> Any:
 def run(args: argparse.Namespace) -> int:
     args.inputs = _inputs(args)
     settings = _validated(Settings, _given(args, [n for _, n, _ in SETTING_FLAGS]), "setting")
-    form = _validated(RestoreForm, _given(args, [n for _, n in FORM_FLAGS]), "option")
+    form = _validated(RestoreForm, _given(args, [n for _, n, _ in FORM_FLAGS]), "option")
     options = _restore_options(settings, form, args.aligned)
     if args.ray is not None:
         return _run_on_ray(args, settings, options)
+    if STDIO in args.inputs and args.output:
+        raise UsageError(
+            "- writes its result to stdout, not into -o: drop -o (`osdface restore - < a.jpg > "
+            "restored.jpg`), or name the file instead of - to write into a folder"
+        )
     output = Path(args.output) if args.output else DEFAULT_OUTPUT
     plan = make_plan(args.inputs, output, **_plan_flags(args, options))
     if not plan.jobs and not plan.existing:
@@ -187,7 +225,9 @@ def run(args: argparse.Namespace) -> int:
         if args.aligned:
             raise UsageError("--aligned takes aligned face crops, not videos")
         args.video_options = _video_options(args, settings, form)
-    _check_weights(settings, aligned=args.aligned, merged=not args.no_merge)
+    check_weights(
+        settings, aligned=args.aligned, merged=not args.no_merge, backgrounds=_background(options)
+    )
     if STDIO not in args.inputs:
         _check_writable(output, args.report)
     _warn_left_out(plan)
@@ -280,7 +320,12 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, options: RestoreOp
             f"no photos found in {' '.join(args.inputs)}" + _subfolder_hint(plan.subfolders)
         )
     if ray_restore.local_cluster(address):  # its workers read the weights from this machine
-        _check_weights(settings, aligned=args.aligned, merged=not args.no_merge)
+        check_weights(
+            settings,
+            aligned=args.aligned,
+            merged=not args.no_merge,
+            backgrounds=_background(options),
+        )
     if not uris.is_uri(output):
         _check_writable(Path(output), args.report)
     elif args.report is not None:
@@ -351,7 +396,20 @@ def _check_writable(output: Path, report: Path | None) -> None:
             raise UsageError(f"cannot write into {folder}: choose another with -o / --report")
 
 
-def _check_weights(settings: Settings, *, aligned: bool, merged: bool) -> None:
+def _background(options: RestoreOptions) -> list[str]:
+    return [] if options.background == "none" else [options.background]
+
+
+def check_weights(
+    settings: Settings,
+    *,
+    aligned: bool = False,
+    merged: bool = True,
+    backgrounds: Sequence[str] = (),
+    has_aligned_flag: bool = True,
+) -> None:
+    """UsageError naming what is missing (restorer, detector, background network) and what to
+    run, before anything loads. `osdface serve` checks with it too (without --aligned)."""
     folder = settings.weights_dir
     missing = missing_for_restore(WeightsLayout(folder), merged=merged)
     if missing:
@@ -360,6 +418,15 @@ def _check_weights(settings: Settings, *, aligned: bool, merged: bool) -> None:
             f"--dir {folder}` (then `convert` and `merge`), or point --weights / "
             "OSDFACE_WEIGHTS_DIR at a complete folder."
         )
+    for name in backgrounds:
+        converted = background_file(folder, BACKGROUND_SCALES[name])
+        if not converted.is_file():
+            released = background_file(folder, BACKGROUND_SCALES[name], ".pth").is_file()
+            step = "convert" if released else "fetch --background"
+            raise UsageError(
+                f"the background network {name} ({converted}) is missing: run "
+                f"`osdface weights {step} --dir {folder}`, or choose another background"
+            )
     if aligned:
         return
     detector = folder / "facexlib" / DETECTORS[settings.detector].filename
@@ -373,7 +440,8 @@ def _check_weights(settings: Settings, *, aligned: bool, merged: bool) -> None:
         raise UsageError(
             f"the face detector file {detector} is missing ({settings.detector}). "
             f"`osdface weights fetch --dir {folder}` downloads it, or use {hint} "
-            "(OSDFACE_DETECTOR); --aligned crops need no detector."
+            "(OSDFACE_DETECTOR)"
+            + ("; --aligned crops need no detector." if has_aligned_flag else ".")
         )
 
 

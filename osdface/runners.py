@@ -176,7 +176,7 @@ def restore_videos(jobs: list[Job], ctx: Context) -> list[Record]:
                 progress=progress,
             )
         logger.info(
-            "%s: %d frames, %d faces, %.2f frames/s",
+            "%s: frames %d, faces %d, %.2f frames/s",
             job.name,
             result.frames,
             result.faces,

@@ -2,15 +2,17 @@
 
 Flags override the `OSDFACE_*` environment settings. On SIGTERM or Ctrl-C the server stops
 accepting connections and reports not-ready at once, lets running requests finish for up to
-`shutdown_grace_s`, lets the model worker drain, and exits.
+OSDFACE_SHUTDOWN_GRACE_S seconds, lets the model worker drain, and exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from types import FrameType
@@ -20,8 +22,8 @@ import uvicorn
 from pydantic import ValidationError
 
 from model.config import DetectorName, Device, DType
-from service.settings import Settings, describe_settings_error, unknown_env_names
-from weights.layout import WeightsLayout
+from osdface.plan import UsageError
+from service.settings import Settings, describe_settings_error, env_name, unknown_env_names
 
 logger = logging.getLogger(__name__)
 
@@ -43,16 +45,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# Setting -> the flag that sets it (argparse dest: the flag without its dashes).
+FLAGS = {
+    "weights_dir": "--weights",
+    "detector": "--detector",
+    "host": "--host",
+    "port": "--port",
+    "device": "--device",
+    "dtype": "--dtype",
+}
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment settings with the given flags on top."""
-    flags = {
-        "weights_dir": args.weights,
-        "detector": args.detector,
-        "host": args.host,
-        "port": args.port,
-        "device": args.device,
-        "dtype": args.dtype,
-    }
+    flags = {name: getattr(args, flag[2:]) for name, flag in FLAGS.items()}
     return Settings(**{name: value for name, value in flags.items() if value is not None})
 
 
@@ -87,23 +93,43 @@ def checked_settings(args: argparse.Namespace) -> Settings | list[str]:
     try:
         settings = settings_from_args(args)
     except ValidationError as exc:
-        return describe_settings_error(exc)
-    return preflight_weights(settings.weights_dir) or settings
+        return [_name_flag(line) for line in describe_settings_error(exc)]
+    from osdface.restore import check_weights
+
+    try:  # the restorer's files, the detector's and the background networks', as restore does
+        check_weights(settings, backgrounds=settings.background_models, has_aligned_flag=False)
+    except UsageError as exc:
+        return [str(exc)]
+    return _port_taken(settings.host, settings.port) or settings
 
 
-def preflight_weights(weights_dir: Path) -> list[str]:
-    """What is missing before anything loads: the folder, or the converted VRE (serve never
-    reads the released pickles; `osdface weights convert` turns them into safetensors once)."""
-    if not weights_dir.is_dir():
+def _name_flag(line: str) -> str:
+    """'OSDFACE_PORT: ...' -> '--port / OSDFACE_PORT: ...' for a setting serve has a flag for."""
+    for name, flag in FLAGS.items():
+        if line.startswith(f"{env_name(name)}:"):
+            return f"{flag} / {line}"
+    return line
+
+
+def _port_taken(host: str, port: int) -> list[str]:
+    """Bind the address once before the model loads (minutes): a port in use is refused now.
+    Another process may still take it before uvicorn binds; uvicorn then fails as before."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                # As uvicorn's own socket: a port left in TIME_WAIT by a stopped server is free.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return [
+                f"port {port} on {host} is in use (another server?): stop it, or choose "
+                "another with --port / OSDFACE_PORT"
+            ]
         return [
-            f"weights folder {weights_dir} not found (run `osdface weights fetch`, "
-            "or pass --weights / OSDFACE_WEIGHTS_DIR)"
-        ]
-    layout = WeightsLayout(weights_dir)
-    if not layout.vre.is_file():
-        return [
-            f"{layout.vre} is missing: run `osdface weights convert --dir {weights_dir}` "
-            "(serve never unpickles the released files)"
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another "
+            "--host / OSDFACE_HOST or --port / OSDFACE_PORT"
         ]
     return []
 
@@ -138,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     service.on_fatal = fatal
-    logger.info("serving on http://%s:%d", settings.host, settings.port)
+    # uvicorn logs "Uvicorn running on ..." once it listens (after the model has loaded).
+    logger.info("starting on http://%s:%d; loading the model first", settings.host, settings.port)
     server.run()
     return EXIT_MODEL_FAILED if failed else 0

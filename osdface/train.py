@@ -26,6 +26,7 @@ _SHORTCUTS = (  # flag, config key
 def register(subparsers: argparse._SubParsersAction) -> None:
     train = subparsers.add_parser("train", help="train OSDFace on a folder of aligned faces")
     stages = train.add_subparsers(title="stages")
+    train.set_defaults(func=lambda _args: train.print_help() or 2)  # as `osdface weights` does
     for name, text in (
         ("stage1", "the VRE tokenizer: HQ/LQ VQ autoencoders, then their association"),
         ("stage2", "the one-step generator: LoRA on the SD2.1 UNet and the prompt projection"),

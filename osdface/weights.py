@@ -7,12 +7,14 @@ import logging
 from pathlib import Path
 
 from osdface.paths import default_weights_dir
+from osdface.plan import UsageError
 
 logger = logging.getLogger(__name__)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    weights = sub.add_parser("weights", help="fetch, convert, merge and verify model weights")
+    text = "fetch, convert, merge and verify model weights"
+    weights = sub.add_parser("weights", help=text, description=f"{text} (docs/weights.md)")
     wsub = weights.add_subparsers(title="weights commands")
     weights.set_defaults(func=lambda _args: weights.print_help() or 2)
     for name, func, text in (
@@ -38,7 +40,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _weights_fetch(args: argparse.Namespace) -> int:
-    from weights.fetch import fetch
+    from weights.fetch import fetch, load_manifest
+
+    if args.manifest is not None:  # read now: a typo fails in a second, not after downloads
+        try:
+            load_manifest(args.manifest)
+        except OSError as exc:
+            raise UsageError(f"--manifest {args.manifest}: {exc.strerror}") from exc
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UsageError(
+                f"--manifest {args.manifest} is not a manifest ({exc}); it takes the JSON shape "
+                "of weights/manifest.json"
+            ) from exc
+    try:
+        args.dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot create the weights folder {args.dir}: {exc.strerror}; choose another "
+            "with --dir"
+        ) from exc
 
     fetched = fetch(
         args.dir,
@@ -49,13 +69,26 @@ def _weights_fetch(args: argparse.Namespace) -> int:
         sd_repo=args.sd_repo,
         manifest=args.manifest,
     )
-    logger.info("%d files fetched into %s", len(fetched), args.dir)
+    noun = "file" if len(fetched) == 1 else "files"
+    logger.info("%d %s fetched into %s", len(fetched), noun, args.dir)
     if args.background:  # ready to load: the pickles converted to safetensors, without pickle
         from weights.background import RELEASED, convert_background
 
         for name in RELEASED:
             convert_background(args.dir, name)
     return 0
+
+
+def _require(root: Path, relative: list[str]) -> None:
+    """Refuse (exit 2, nothing started) when input files of a step are not in the folder."""
+    if not root.is_dir():
+        missing = f"the weights folder {root} does not exist"
+    else:
+        absent = [name for name in relative if not (root / name).is_file()]
+        if not absent:
+            return
+        missing = f"missing in {root}: {', '.join(absent)}"
+    raise UsageError(f"{missing}; run `osdface weights fetch --dir {root}`")
 
 
 def _up_to_date(args: argparse.Namespace, step: str) -> bool:
@@ -72,14 +105,17 @@ def _up_to_date(args: argparse.Namespace, step: str) -> bool:
 
 
 def _weights_convert(args: argparse.Namespace) -> int:
+    from weights.layout import WeightsLayout
+
+    layout = WeightsLayout(args.dir)
+    released = [layout.released_vre, layout.released_projection]
+    _require(args.dir, [str(p.relative_to(args.dir)) for p in released])
     _convert_backgrounds(args.dir)
     if _up_to_date(args, "convert"):
         return 0
     from model.config import OSDFaceConfig
     from weights.convert import convert_released
-    from weights.layout import WeightsLayout
 
-    layout = WeightsLayout(args.dir)
     convert_released(layout, OSDFaceConfig.load(layout.osdface), force=args.force)
     return 0
 
@@ -97,18 +133,32 @@ def _convert_backgrounds(root: Path) -> None:
 
 
 def _weights_merge(args: argparse.Namespace) -> int:
+    from weights.layout import SAFETENSORS_NAME, WeightsLayout
+
+    layout = WeightsLayout(args.dir)
+    inputs = [layout.unet_dir / "config.json", layout.unet_dir / SAFETENSORS_NAME, layout.lora]
+    _require(args.dir, [str(p.relative_to(args.dir)) for p in inputs])
     if _up_to_date(args, "merge"):
         return 0
     from model.config import OSDFaceConfig
     from weights.convert import write_merged_unet
-    from weights.layout import WeightsLayout
 
-    layout = WeightsLayout(args.dir)
     write_merged_unet(layout, OSDFaceConfig.load(layout.osdface), force=args.force)
     return 0
 
 
 def _weights_verify(args: argparse.Namespace) -> int:
+    from weights.layout import WeightsLayout, missing_for_restore
+
+    # Before hashing gigabytes: what the restorer cannot load without (existence only).
+    missing = missing_for_restore(WeightsLayout(args.dir))
+    if missing:
+        if not args.dir.is_dir():
+            _require(args.dir, [])
+        raise UsageError(
+            f"missing in {args.dir}: {'; '.join(missing)}; run `osdface weights fetch "
+            f"--dir {args.dir}`, then `convert` and `merge` with the same --dir"
+        )
     from model.background import BackgroundUpscaler
     from model.restorer import OSDFaceRestorer
     from weights.background import present_backgrounds

@@ -22,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from model.errors import (
     ImageDecodeError,
@@ -48,7 +49,12 @@ class ErrorKind(enum.Enum):
     """
 
     MALFORMED_REQUEST = (400, "malformed_request", "the multipart body cannot be parsed", False)
-    INVALID_IMAGE = (400, "invalid_image", "the file is not a decodable image", False)
+    INVALID_IMAGE = (
+        400,
+        "invalid_image",
+        "an image of an accepted format that cannot be decoded (empty, truncated, corrupt)",
+        False,
+    )
     INVALID_VIDEO = (400, "invalid_video", "the file is not a decodable video", False)
     UNAUTHORIZED = (401, "unauthorized", "missing or wrong API key (when one is set)", False)
     NOT_FOUND = (404, "not_found", "no such path", False)
@@ -58,7 +64,12 @@ class ErrorKind(enum.Enum):
     PAYLOAD_TOO_LARGE = (413, "too_large", "the body or a form field is over its byte limit", False)
     IMAGE_TOO_LARGE = (413, "image_too_large", "too many pixels in or out", False)
     UNSUPPORTED_MEDIA_TYPE = (415, "unsupported_media_type", "the body is not multipart", False)
-    UNSUPPORTED_FORMAT = (415, "unsupported_format", "image format not allowed (sniffed)", False)
+    UNSUPPORTED_FORMAT = (
+        415,
+        "unsupported_format",
+        "the bytes are no image format on the allow-list (sniffed: text, SVG, GIF, ...)",
+        False,
+    )
     INVALID_PARAMETER = (422, "invalid_parameter", "a form field is missing, unknown or bad", False)
     QUEUE_FULL = (429, "queue_full", "the model queue has no room for the faces", True)
     OVERLOADED = (
@@ -197,19 +208,39 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
-        headers["Allow"] = _allowed_methods(request)
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = _method_hint(request.url.path, allowed) or message
     _count(request, kind)
     return error_response(ServiceError(kind, message, headers=headers))
 
 
-def _allowed_methods(request: Request) -> str:
-    """Every method of every route on this path: Starlette's 405 names only the first route's."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
-        if regex is not None and route_methods and regex.match(request.url.path):
-            methods |= set(route_methods)
-    return ", ".join(sorted(methods))
+# What a 405 on these paths says to do: they are the ones opened in a browser or sent by curl
+# without -F, and "takes POST" alone does not say how the upload goes.
+_METHOD_HINTS = {
+    "/restore": "POST a multipart form with the picture in the field 'image'",
+    "/v1/jobs": "POST a multipart form with the video in the field 'video'",
+}
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path (Starlette's 405 names only the first
+    route's), found by matching: an included router is one opaque entry of the app's routes."""
+    allowed = set()
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in request.app.router.routes):
+            allowed.add(method)
+    if "GET" in allowed:
+        allowed.add("HEAD")  # the request middleware answers HEAD wherever GET is routed
+    return sorted(allowed)
+
+
+def _method_hint(path: str, allowed: list[str]) -> str:
+    if not allowed:
+        return ""
+    return _METHOD_HINTS.get(path) or f"{path} takes only {', '.join(allowed)}"
 
 
 async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:

@@ -26,7 +26,7 @@ from service.jobs import Job, JobManager, JobState
 from service.openapi import OK_HEADERS, ops_responses
 from service.routes import get_service, require_api_key
 from service.state import ServiceState
-from service.upload import feed_multipart
+from service.upload import byte_limit, feed_multipart, refuse_query
 
 router = APIRouter(prefix="/v1/jobs", tags=["video jobs"])
 
@@ -123,8 +123,8 @@ def get_jobs(request: Request) -> JobManager:
 class _VideoPart:
     """python-multipart callbacks: the `video` field streamed to a file, short text fields."""
 
-    def __init__(self, target_dir: Path, max_bytes: int) -> None:
-        self.target_dir, self.max_bytes = target_dir, max_bytes
+    def __init__(self, target_dir: Path, max_bytes: int, too_large: str) -> None:
+        self.target_dir, self.max_bytes, self.too_large = target_dir, max_bytes, too_large
         self.path: Path | None = None
         self.filename = ""
         self.fields: dict[str, str] = {}
@@ -185,10 +185,7 @@ class _VideoPart:
         if self._file is not None:
             self._size += end - start
             if self._size > self.max_bytes:
-                raise ServiceError(
-                    ErrorKind.PAYLOAD_TOO_LARGE,
-                    f"the video is over the {self.max_bytes} byte limit",
-                )
+                raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, self.too_large)
             self._file.write(data[start:end])
         else:
             self._text += data[start:end]
@@ -216,12 +213,14 @@ async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoP
             ErrorKind.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the file in 'video'"
         )
     limit = max_bytes + MULTIPART_OVERHEAD
+    too_large = f"the video is over the limit of {byte_limit(max_bytes, 'max_job_bytes')}"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {limit} bytes")
-    part = _VideoPart(folder, max_bytes)
+        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, too_large)
+    part = _VideoPart(folder, max_bytes, too_large)
+    parser = MultipartParser(params[b"boundary"], part.callbacks())
     try:
-        await feed_multipart(request, MultipartParser(params[b"boundary"], part.callbacks()), limit)
+        await feed_multipart(request, parser, limit, too_large)
     finally:
         part.close()
     if not part.ended:
@@ -283,6 +282,7 @@ async def submit(
 ) -> JSONResponse:
     """Upload a video (multipart field `video`; optional start, duration, crf, strength,
     max_faces); 202 with the job, whose progress GET /v1/jobs/{id} reports."""
+    refuse_query(request)
     service.check_ready()
     if not jobs.has_room():
         raise ServiceError(

@@ -38,7 +38,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.state import SERVICE_NAME, ServiceState, service_version
-from service.upload import read_upload
+from service.upload import read_upload, refuse_query
 
 router = APIRouter()
 
@@ -203,6 +203,7 @@ async def restore(
     No face found is a 200 with `X-Faces-Detected: 0` and the image unchanged. A request the
     model worker cannot finish before its deadline is refused at once: 429 `overloaded`.
     """
+    refuse_query(request)
     service.check_ready()
     settings = service.settings
     started = request.scope.get("state", {}).get("started_at", time.monotonic())

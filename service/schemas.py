@@ -73,7 +73,8 @@ class RestoreForm(BaseModel):
     min_face_size: int | None = Field(
         RestoreOptions.min_face_size,
         ge=1,
-        description="ignore faces whose box is smaller than this many pixels",
+        description="ignore faces whose box is smaller than this many pixels; the detector "
+        "always drops those under OSDFACE_MIN_FACE_SIZE (default 16)",
     )
 
     @field_validator("faces", mode="before")

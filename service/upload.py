@@ -15,11 +15,33 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ErrorKind, ServiceError
+from service.settings import env_name
 
 IMAGE_FIELD = "image"
 MAX_FIELD_BYTES = 1024  # the options are short words and numbers
 MAX_PARTS = 16
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the option fields
+MIB = 1024 * 1024
+
+
+def refuse_query(request: Request) -> None:
+    """A 422 for a query string on an upload: options are form fields, and a query parameter
+    would otherwise be ignored without a word (`?strength=0.5` restoring at full strength)."""
+    if not request.url.query:
+        return
+    names = ", ".join(dict.fromkeys(request.query_params.keys())) or request.url.query
+    raise ServiceError(
+        ErrorKind.INVALID_PARAMETER,
+        f"options go in the multipart form, not the query string: send {names} as form "
+        "fields (curl -F name=value) and leave the URL without '?'",
+    )
+
+
+def byte_limit(limit: int, setting: str) -> str:
+    """A byte limit as the operator set it, with its variable: `20 MiB (20971520 bytes),
+    OSDFACE_MAX_UPLOAD_BYTES`. The body may be refused a little past it (multipart framing);
+    the message still names the configured number, the one the operator can look up."""
+    return f"{limit / MIB:.4g} MiB ({limit} bytes), {env_name(setting)}"
 
 
 @dataclass
@@ -42,8 +64,8 @@ class _Part:
 class _Collector:
     """python-multipart callbacks that keep the image and the fields, each within its limit."""
 
-    def __init__(self, max_image_bytes: int) -> None:
-        self.max_image_bytes = max_image_bytes
+    def __init__(self, max_image_bytes: int, too_large: str) -> None:
+        self.max_image_bytes, self.too_large = max_image_bytes, too_large
         self.part = _Part()
         self.image: bytearray | None = None
         self.fields: dict[str, str] = {}
@@ -103,10 +125,7 @@ class _Collector:
         part.data += data[start:end]
         if part.name == IMAGE_FIELD:
             if len(part.data) > self.max_image_bytes:
-                raise ServiceError(
-                    ErrorKind.PAYLOAD_TOO_LARGE,
-                    f"the image is over the {self.max_image_bytes} byte upload limit",
-                )
+                raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, self.too_large)
         elif len(part.data) > MAX_FIELD_BYTES:
             raise ServiceError(
                 ErrorKind.PAYLOAD_TOO_LARGE,
@@ -143,13 +162,14 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
             ErrorKind.MALFORMED_REQUEST, "the multipart Content-Type has no boundary"
         )
     body_limit = max_image_bytes + MULTIPART_OVERHEAD
+    limit = byte_limit(max_image_bytes, "max_upload_bytes")
+    too_large = f"the upload is over the limit of {limit}; send a smaller file"
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_limit:
-        raise ServiceError(
-            ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {body_limit} bytes"
-        )
-    collector = _Collector(max_image_bytes)
-    await feed_multipart(request, MultipartParser(boundary, collector.callbacks()), body_limit)
+        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, too_large)
+    collector = _Collector(max_image_bytes, too_large)
+    parser = MultipartParser(boundary, collector.callbacks())
+    await feed_multipart(request, parser, body_limit, too_large)
     if not collector.ended:
         raise ServiceError(
             ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"
@@ -159,8 +179,11 @@ async def read_upload(request: Request, max_image_bytes: int) -> Upload:
     return Upload(bytes(collector.image), collector.fields)
 
 
-async def feed_multipart(request: Request, parser: MultipartParser, body_limit: int) -> None:
-    """Stream the request body into `parser`, refusing it past `body_limit` bytes.
+async def feed_multipart(
+    request: Request, parser: MultipartParser, body_limit: int, too_large: str
+) -> None:
+    """Stream the request body into `parser`, refusing it past `body_limit` bytes (`too_large`
+    says so, naming the configured limit rather than `body_limit`'s framing slack).
 
     Parser callbacks may raise ServiceError (field limits); the body's own failures (client
     gone, unparseable multipart) become ServiceErrors here.
@@ -170,9 +193,7 @@ async def feed_multipart(request: Request, parser: MultipartParser, body_limit: 
         async for chunk in request.stream():
             received += len(chunk)
             if received > body_limit:
-                raise ServiceError(
-                    ErrorKind.PAYLOAD_TOO_LARGE, f"the request body is over {body_limit} bytes"
-                )
+                raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, too_large)
             parser.write(chunk)
         parser.finalize()
     except ClientDisconnect as exc:

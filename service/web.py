@@ -1,4 +1,4 @@
-"""The browser page (`GET /` and its two static files, plain HTML + JS + CSS with no build step)
+"""The browser page (`GET /` and its three static files: two scripts and a stylesheet, no build)
 and the API docs (`GET /docs`: the Swagger UI files the `fastapi-offline` package ships, served from
 this process so the docs work without network access).
 

@@ -28,6 +28,7 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 ARTIFACTS = REPO / "artifacts"
 PHOTO = Path("images/gfpgan/whole_imgs/Blake_Lively.jpg")  # 700x464, two faces
 RESULT_TIMEOUT_S = 180
+SPIN_BUTTONS_PX = 16  # what Chromium's number inputs keep for their arrows, right of the text
 
 # The flags this machine's Chromium needs: no sandbox as root, and no background connections
 # (the network is closed, they would be refused over and over).
@@ -232,6 +233,96 @@ def test_page_upscaled_result_keeps_the_outlines_on_the_faces(
     x, y, w, h = box
     _assert_overlay_aligned(driver, [x, y, x + w, y + h], width, height)
     assert _severe_console_messages(driver) == []
+
+
+# The geometry the layout test reads: what is shown of each [hidden] element, the timing rows
+# with the left edge of their text, the text lines of the slider's two labels, and each
+# placeholder's width against the room its number input has for it.
+_LAYOUT_JS = """
+const textLeft = (el) => { const r = document.createRange(); r.selectNodeContents(el);
+  return r.getBoundingClientRect().left; };
+const lines = (el) => { const r = document.createRange(); r.selectNodeContents(el);
+  return new Set([...r.getClientRects()].map((c) => Math.round(c.top))).size; };
+const ctx = document.createElement('canvas').getContext('2d');
+const room = (el) => { const cs = getComputedStyle(el); ctx.font = cs.font;
+  return [el.id, ctx.measureText(el.placeholder).width,
+          el.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight)]; };
+return {
+  hiddenShown: [...document.querySelectorAll('[hidden]')]
+    .filter((el) => getComputedStyle(el).display !== 'none').map((el) => el.id),
+  timings: Object.fromEntries([...document.querySelectorAll('#timings tr')]
+    .map((tr) => [tr.cells[0].textContent, textLeft(tr.cells[0])])),
+  sliderLines: [...document.querySelectorAll('.slider-label span')]
+    .map((el) => [el.textContent, lines(el)]),
+  placeholders: [...document.querySelectorAll('input[type=number][placeholder]')].map(room),
+  dropText: document.getElementById('drop-text').textContent,
+};
+"""
+
+
+def test_page_layout_at_desktop_and_phone_width(server: str, driver, assets: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    from model.codecs.formats import FORMATS
+
+    _open_page(driver, server)
+    drop_text = driver.execute_script(_LAYOUT_JS)["dropText"].lower()
+    assert all(fmt in drop_text for fmt in FORMATS), drop_text  # every format the server takes
+    driver.find_element(By.ID, "image-input").send_keys(str(assets / PHOTO))
+    driver.find_element(By.ID, "submit").click()
+    assert _wait_for_state(driver, ("done", "error")) == "done"
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        for width in (1280, 390):
+            driver.set_window_size(width, 1800)
+            layout = driver.execute_script(_LAYOUT_JS)
+            driver.save_screenshot(str(ARTIFACTS / f"browser-layout-{width}.png"))
+            driver.execute_script("document.getElementById('video-section').scrollIntoView()")
+            driver.save_screenshot(str(ARTIFACTS / f"browser-layout-{width}-video.png"))
+            assert "video-cancel" in driver.execute_script(
+                "return [...document.querySelectorAll('[hidden]')].map(e => e.id)"
+            )
+            assert layout["hiddenShown"] == [], width
+            left = layout["timings"]
+            # Model stages sit under inference; the CPU stages beside it, all under total.
+            assert left["total (server)"] < left["inference"] < left["unet"], left
+            for stage in ("decode", "detect", "align", "queue", "paste", "encode"):
+                assert left[stage] == left["inference"], (stage, left)
+            assert left["vre"] == left["vae_decode"] == left["unet"], left
+            assert [n for _, n in layout["sliderLines"]] == [1, 1], (width, layout)
+            for name, needed, room in layout["placeholders"]:
+                assert needed + SPIN_BUTTONS_PX <= room, (width, name, needed, room)
+    finally:
+        driver.set_window_size(1280, 1800)
+
+
+def test_page_restores_a_heic_photo_it_cannot_display(
+    server: str, driver, assets: Path, tmp_path: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    from model.codecs.heif import register_heif
+
+    if not register_heif():
+        skip("pillow-heif is not installed: no HEIC to upload")
+    heic = tmp_path / "phone.heic"
+    with Image.open(assets / PHOTO) as im:
+        im.convert("RGB").save(heic, "HEIF")
+    _open_page(driver, server)
+    driver.find_element(By.ID, "image-input").send_keys(str(heic))
+    driver.find_element(By.ID, "submit").click()
+    assert _wait_for_state(driver, ("done", "error")) == "done", driver.find_element(
+        By.ID, "message"
+    ).text
+    link = driver.find_element(By.ID, "download")
+    assert link.get_attribute("href").startswith("blob:")
+    assert link.get_attribute("download") == "phone-restored.heic"
+    assert driver.find_element(By.ID, "result-format").text == "image/heic"
+    shown = driver.execute_script("return !document.getElementById('compare').hidden")
+    if not shown:  # Chromium has no HEIC decoder: the page says where the result is
+        assert "use Download" in driver.find_element(By.ID, "message").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / "browser-heic.png"))
 
 
 def test_page_shows_the_error_of_a_bad_upload(server: str, driver, tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from osdface.cli import main
 REPO = Path(__file__).resolve().parents[1]
 MOBILE = {"OSDFACE_DETECTOR": "retinaface_mobile0.25", "OSDFACE_DEVICE": "cpu"}
 SUMMARY = re.compile(
-    r"(\d+) files restored, (\d+) faces, (\d+) skipped \(output exists\), (\d+) failed, "
+    r"(\d+) files? restored, (\d+) faces?, (\d+) skipped \(output exists\), (\d+) failed, "
     r"(\d+) unsupported"
 )
 
@@ -131,7 +131,7 @@ def test_help_names_defaults_and_environment() -> None:
     ).stdout
     for expected in ("OSDFACE_DETECTOR", "OSDFACE_DEVICE", "OSDFACE_MIN_FACE_SIZE", "examples:"):
         assert expected in text
-    assert "(default: 0.97; env OSDFACE_DETECT_THRESHOLD)" in " ".join(text.split())
+    assert "(0..1; default: 0.97; env OSDFACE_DETECT_THRESHOLD)" in " ".join(text.split())
     weights_help = subprocess.run(
         [sys.executable, "-m", "osdface", "weights"], capture_output=True, text=True, env=env
     ).stdout
@@ -188,11 +188,18 @@ def test_folder_interrupted_resumed_and_rerun(
         with Image.open(out / name) as result, Image.open(photos / name) as original:
             result.load()
             assert result.size == original.size
-    # 3. Run again: every result is skipped and not touched.
+    # 3. Run again: every result is skipped and not touched; the report, named again, keeps
+    # what the run that wrote each output found.
     kept = digests(out)
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    code, _, err = osdface(*argv, cwd=tmp_path, env=MOBILE)
+    code, _, err = osdface(*argv, "--report", str(report), cwd=tmp_path, env=MOBILE)
     assert code == 1 and summary(err)[:4] == (0, 0, 3, 1)
+    again = {Path(r["input"]).name: r for r in map(json.loads, report.read_text().splitlines())}
+    assert sorted(again) == sorted(by_name) and again["broken.jpg"]["status"] == "failed"
+    for name, r in by_name.items():
+        if r["status"] == "restored":
+            assert again[name]["status"] == "skipped"
+            assert (again[name]["faces"], again[name]["timings"]) == (r["faces"], r["timings"])
     assert digests(out) == kept
     assert mtimes == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert digests(photos) == before
@@ -289,7 +296,7 @@ def test_docs_list_every_restore_option() -> None:
     text = (REPO / "docs/cli.md").read_text()
     for flag, name, _ in SETTING_FLAGS:
         assert f"`{flag}" in text and f"`OSDFACE_{name.upper()}`" in text, flag
-    for flag, _ in FORM_FLAGS:
+    for flag, *_ in FORM_FLAGS:
         assert f"`{flag}" in text, flag
 
 

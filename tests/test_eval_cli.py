@@ -124,6 +124,28 @@ def test_bad_arguments(sets, tmp_path: Path, caplog, argv: list[str], message: s
     assert message in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("missing", "argv", "message"),
+    [
+        ("pyiqa", ["--metrics", "psnr,lpips"], "lpips need pyiqa: install the eval extra"),
+        ("httpx", ["--metrics", "psnr", "--url", "http://127.0.0.1:9"], "--url needs httpx"),
+    ],
+)
+def test_a_missing_eval_package_is_named_with_its_install_command(
+    sets, tmp_path: Path, caplog, monkeypatch, missing: str, argv: list[str], message: str
+) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name)
+    )
+    lq, hq = sets
+    assert main(["eval", "--lq", str(lq), "--hq", str(hq), "-o", str(tmp_path / "r"), *argv]) == 1
+    assert message in caplog.text and "`make dev`" in caplog.text
+    assert not (tmp_path / "r").exists()
+
+
 def test_fetch_eval_offline_lists_metric_files(tmp_path: Path) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 from pathlib import Path
 
 import cv2
@@ -94,8 +95,16 @@ def test_byte_limit_checked_before_decoding(photo: np.ndarray) -> None:
 def test_decompression_bomb_header_is_refused() -> None:
     bomb = png_header_only(100_000, 100_000)  # 10^10 pixels claimed in 100 bytes
     assert len(bomb) < 200
-    with pytest.raises(ImageTooLargeError):
+    with pytest.raises(ImageTooLargeError, match=r"over the 40000000 limit$"):
         decode_image(bomb, LIMITS)
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])  # past Pillow's warning, past its error
+def test_pillow_bomb_guard_speaks_with_our_limit_even_when_warnings_are_errors(side: int) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ImageTooLargeError, match=r"over the 40000000 limit$"):
+            decode_image(png_header_only(side, side), LIMITS)
 
 
 def test_pixel_limit_read_from_header(photo: np.ndarray) -> None:

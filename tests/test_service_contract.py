@@ -27,7 +27,16 @@ from service.errors import ErrorKind
 from service.queue_items import BatcherClosedError, DeadlineUnreachableError
 from service.settings import Settings, describe_settings_error, unknown_env_names
 from service.state import Phase
-from tests.service_helpers import assert_error_shape, exif_uploads, faceless_png, metric
+from service.upload import MULTIPART_OVERHEAD
+from tests.service_helpers import (
+    BOUNDARY,
+    assert_error_shape,
+    exif_uploads,
+    faceless_png,
+    metric,
+    multipart,
+    png_claiming,
+)
 from tests.test_service_api import make_settings, serving, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +83,73 @@ def test_head_works_wherever_get_does(client: TestClient) -> None:
         assert head.headers["content-type"] == got.headers["content-type"], path
 
 
+def test_wrong_method_names_the_allowed_ones_and_says_what_to_do(client: TestClient) -> None:
+    for method in ("GET", "HEAD", "PUT"):
+        r = client.request(method, "/restore")
+        assert r.status_code == 405 and r.headers["allow"] == "POST", (method, r.headers)
+        if method != "HEAD":
+            assert_error_shape(r, 405, "method_not_allowed")
+            assert "field 'image'" in r.json()["error"]["message"]
+    jobs = client.get("/v1/jobs")
+    assert_error_shape(jobs, 405, "method_not_allowed")
+    assert jobs.headers["allow"] == "POST" and "'video'" in jobs.json()["error"]["message"]
+    job = client.post("/v1/jobs/abc")
+    assert_error_shape(job, 405, "method_not_allowed")
+    assert job.headers["allow"] == "DELETE, GET, HEAD"
+    health = client.post("/healthz")
+    assert_error_shape(health, 405, "method_not_allowed")
+    assert health.headers["allow"] == "GET, HEAD"
+    assert health.json()["error"]["message"] == "/healthz takes only GET, HEAD"
+
+
+@pytest.mark.parametrize("path", ["/restore", "/v1/jobs"])
+@pytest.mark.parametrize("query", ["strength=2", "upscale=abc", "strength=1&crf=20", "aligned"])
+def test_options_in_the_query_string_are_refused_not_ignored(
+    client: TestClient, path: str, query: str
+) -> None:
+    field = "image" if path == "/restore" else "video"
+    files = {field: ("face.mp4", faceless_png())}
+    r = client.post(f"{path}?{query}", files=files)
+    assert_error_shape(r, 422, "invalid_parameter")
+    message = r.json()["error"]["message"]
+    assert "multipart form" in message and "query string" in message
+    for name in (part.split("=")[0] for part in query.split("&")):
+        assert name in message, (name, message)
+
+
+def test_too_large_uploads_name_the_configured_limit(
+    tiny_weights_dir: Path, tiny_restorer, detector, tmp_path: Path
+) -> None:
+    settings = make_settings(
+        tiny_weights_dir, max_upload_bytes=1024 * 1024, max_job_bytes=1024, jobs_dir=tmp_path
+    )
+    expected = "1 MiB (1048576 bytes), OSDFACE_MAX_UPLOAD_BYTES"
+    with serving(settings, tiny_restorer, detector) as c:
+        big = b"\xff\xd8\xff" + bytes(2 * 1024 * 1024)
+        declared = c.post("/restore", files={"image": ("big.jpg", big)})  # Content-Length
+        streamed = c.post(  # chunked: refused while reading, by the image part's size
+            "/restore",
+            content=iter([multipart([("image", big)])]),
+            headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+        )
+        for r in (declared, streamed):
+            assert_error_shape(r, 413, "too_large")
+            assert expected in r.json()["error"]["message"], r.json()
+            assert str(1024 * 1024 + MULTIPART_OVERHEAD) not in r.json()["error"]["message"]
+        video = c.post("/v1/jobs", files={"video": ("clip.mp4", bytes(200_000))})
+        assert_error_shape(video, 413, "too_large")
+        assert "(1024 bytes), OSDFACE_MAX_JOB_BYTES" in video.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("side", [10_000, 100_000])  # under and over Pillow's own guard
+def test_a_pixel_bomb_is_refused_with_the_configured_limit(client: TestClient, side: int) -> None:
+    r = client.post("/restore", files={"image": ("bomb.png", png_claiming(side, side))})
+    assert_error_shape(r, 413, "image_too_large")
+    message = r.json()["error"]["message"]
+    assert "over the 40000000 limit" in message, message
+    assert "decompression" not in message.lower() and "178956970" not in message
+
+
 def test_docs_assets_are_local(client: TestClient) -> None:
     page = client.get("/docs").text
     assert "cdn" not in page.lower() and "https://" not in page
@@ -117,7 +193,22 @@ def test_every_error_type_is_documented_once() -> None:
     assert len(set(types)) == len(types), "two kinds share a type"
     page = (REPO / "docs" / "api.md").read_text()
     for kind in ErrorKind:
-        assert f"| {kind.status} | `{kind.type}` |" in page, kind
+        assert f"| {kind.status} | `{kind.type}` | {kind.description} |" in page, kind
+
+
+def test_api_and_operations_pages_say_what_the_server_does() -> None:
+    from service.web import _STATIC_FILES
+
+    api = (REPO / "docs" / "api.md").read_text()
+    endpoints = [line.split(" | ")[0] for line in api.splitlines() if line.startswith("| `")]
+    assert len(endpoints) == len(set(endpoints)), "an endpoint or field listed twice"
+    floor = Settings.model_fields["min_face_size"].default  # the detector drops smaller faces
+    assert f"| `min_face_size` | `OSDFACE_MIN_FACE_SIZE` ({floor}) |" in api
+    operations = (REPO / "docs" / "operations.md").read_text()
+    count = ("one", "two", "three", "four", "five", "six")[len(_STATIC_FILES)]  # + index.html
+    assert f"It is {count} static files in `service/static/`" in operations
+    scripts = [name for name in _STATIC_FILES if name.endswith(".js")]
+    assert all(f"`{name}`" in operations for name in scripts), scripts
 
 
 def test_probe_traffic_is_not_counted(tiny_weights_dir: Path, tiny_restorer, detector) -> None:

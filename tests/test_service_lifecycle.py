@@ -74,14 +74,24 @@ def _weights_without(tiny: Path, root: Path, missing: str) -> Path:
     return root
 
 
-def test_missing_vae_exits_non_zero_with_one_clear_line(tiny_weights_dir: Path, tmp_path) -> None:
+def test_missing_vae_is_refused_before_loading(tiny_weights_dir: Path, tmp_path) -> None:
     missing = "sd21-base/vae/diffusion_pytorch_model.safetensors"
     weights = _weights_without(tiny_weights_dir, tmp_path / "w", missing)
+    code, out, _ = serve(weights, {}, timeout=120)
+    assert code == 2, out  # the same file checks as `osdface restore`, before torch
+    assert missing in out and f"osdface weights fetch --dir {weights}" in out, out
+    assert "loading the restorer" not in out and "Traceback" not in out
+
+
+def test_broken_vae_exits_non_zero_with_one_clear_line(tiny_weights_dir: Path, tmp_path) -> None:
+    broken = "sd21-base/vae/diffusion_pytorch_model.safetensors"
+    weights = _weights_without(tiny_weights_dir, tmp_path / "w", broken)
+    (weights / broken).write_bytes((tiny_weights_dir / broken).read_bytes()[:1000])  # cut short
     code, out, seconds = serve(weights, {}, timeout=240)
     assert code == 3, out
     errors = [line for line in out.splitlines() if " ERROR " in line or "ERROR:" in line]
     assert len(errors) == 1, errors
-    assert missing in errors[0] and "osdface weights fetch" in errors[0], errors[0]
+    assert broken in errors[0] and "osdface weights fetch" in errors[0], errors[0]
     assert "Traceback" not in out
     print(f"exited {code} after {seconds:.1f} s")
 

@@ -149,10 +149,59 @@ def test_fetch_offline_lists_the_files_and_the_next_step(tmp_path: Path) -> None
         "osdface/associate_2.ckpt",
         "facexlib/detection_Resnet50_Final.pth",
         "make serve",
-        "osdface weights convert",
+        f"osdface weights convert --dir {tmp_path / 'w'}",
     ):
         assert name in result.stderr, result.stderr
     assert time.perf_counter() - start < 120
+    # The hub client's retry warnings, once each: not also through its own stderr handler.
+    retries = [line for line in result.stderr.splitlines() if "Retrying in" in line]
+    assert retries, result.stderr
+    assert len(retries) == len(set(retries)) and all(" WARNING " in r for r in retries), retries
+
+
+@pytest.mark.parametrize("command", ["convert", "merge", "verify"])
+@pytest.mark.parametrize("folder", ["absent", "empty", "partial"])
+def test_missing_inputs_are_named_with_the_fetch_to_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, command: str, folder: str
+) -> None:
+    root = tmp_path / "w"
+    if folder != "absent":
+        (root / "osdface").mkdir(parents=True)
+    if folder == "partial":  # one released file of two, no UNet, no VAE
+        (root / "osdface/associate_2.ckpt").write_bytes(b"x")
+    assert main(["weights", command, "--dir", str(root)]) == 2  # usage: nothing was started
+    assert f"osdface weights fetch --dir {root}" in caplog.text, caplog.text
+    expected = {
+        "convert": "osdface/embedding_change_weights.pth",
+        "merge": "osdface/pytorch_lora_weights.safetensors",
+        "verify": "sd21-base/vae/diffusion_pytorch_model.safetensors",
+    }[command]
+    assert (expected if folder != "absent" else "does not exist") in caplog.text, caplog.text
+    assert not root.exists() or not (root / "checksums.json").exists()  # nothing written
+
+
+def test_verify_without_the_default_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OSDFACE_WEIGHTS_DIR", raising=False)
+    assert main(["weights", "verify"]) == 2
+    assert "osdface weights fetch --dir osdface-weights" in caplog.text, caplog.text
+
+
+def test_fetch_refuses_a_bad_manifest_or_folder(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for manifest, message in ((tmp_path / "none.json", "No such file"), (bad, "not a manifest")):
+        argv = ["weights", "fetch", "--dir", str(tmp_path / "w"), "--manifest", str(manifest)]
+        assert main(argv) == 2
+        assert message in caplog.text, caplog.text
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["weights", "fetch", "--dir", str(blocker / "w")]) == 2
+    assert f"cannot create the weights folder {blocker / 'w'}" in caplog.text, caplog.text
 
 
 def test_convert_and_merge_write_nothing_when_up_to_date(tmp_path: Path) -> None:

@@ -160,7 +160,9 @@ def load_background_net(
     converted, scale = _converted(root, name), RELEASED[name][1]
     if not converted.is_file():
         step = "convert" if released_path(root, name).is_file() else "fetch --background"
-        raise WeightsNotFoundError(f"{converted} is missing: run `osdface weights {step}`")
+        raise WeightsNotFoundError(
+            f"{converted} is missing: run `osdface weights {step} --dir {root}`"
+        )
     state = read_safetensors(converted)
     check_released_state(f"{name} ({converted})", state, scale)
     net = _build(name, state, scale)

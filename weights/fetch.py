@@ -68,8 +68,8 @@ def offline_message(root: Path, missing: list[ManifestEntry], reason: str) -> st
     lines = [f"cannot download ({reason}). Place these files under {root}:"]
     lines += [f"  {e.path:55s} <- {e.source}" for e in missing]
     lines.append(
-        "then run `make serve` again, or `osdface weights convert --dir DIR` and "
-        "`osdface weights merge --dir DIR`. A mirror: HF_ENDPOINT=https://..., a proxy: "
+        f"then run `make serve` again, or `osdface weights convert --dir {root}` and "
+        f"`osdface weights merge --dir {root}`. A mirror: HF_ENDPOINT=https://..., a proxy: "
         "HTTPS_PROXY=http://host:port."
     )
     return "\n".join(lines)
@@ -143,6 +143,7 @@ def _download_hf(root: Path, entry: ManifestEntry, target: Path) -> None:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    _one_handler("huggingface_hub")
     assert entry.hf_repo is not None and entry.hf_file is not None
     rel = Path(entry.path)
     hf_file = Path(entry.hf_file)
@@ -160,6 +161,14 @@ def _download_hf(root: Path, entry: ManifestEntry, target: Path) -> None:
         raise WeightsError(f"{entry.hf_repo}/{entry.hf_file}: {exc}".split("\n")[0]) from exc
     if Path(path).resolve() != target.resolve():
         shutil.copyfile(path, target)
+
+
+def _one_handler(library: str) -> None:
+    """The hub client adds a stderr handler of its own to its logger, which also propagates:
+    each retry warning was printed twice, once bare. Where the root logger has a handler (the
+    command line's), the library's records go there alone, in the same format."""
+    if logging.getLogger().handlers:
+        logging.getLogger(library).handlers.clear()
 
 
 def _is_network(exc: BaseException) -> bool:

@@ -12,6 +12,7 @@ Layout of a weights folder::
     osdface/vre.safetensors                  written by `osdface weights convert`
     osdface/unet-merged/                     written by `osdface weights merge`
     facexlib/detection_Resnet50_Final.pth    face detector (facexlib's file names)
+    realesrgan/RealESRGAN_x{2,4}plus.pth     background networks; .safetensors beside: converted
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ class WeightsLayout:
     @property
     def facexlib(self) -> Path:
         return self.root / "facexlib"
+
+
+def background_file(root: Path, scale: int, suffix: str = ".safetensors") -> Path:
+    """Real-ESRGAN x`scale` (weights/background.py): the released `.pth`, or the `.safetensors`
+    converted from it, which is the one loaded. Here so the command line can check for it
+    before torch is imported."""
+    return root / "realesrgan" / f"RealESRGAN_x{scale}plus{suffix}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

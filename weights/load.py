@@ -24,7 +24,9 @@ logger = logging.getLogger(__name__)
 
 def load_diffusers_model(cls: type, folder: Path, what: str) -> nn.Module:
     """Build a diffusers model from its config.json and load its safetensors strictly."""
-    require(folder / "config.json", f"{what} config; run `osdface weights fetch`")
+    # Every diffusers folder is two levels below the weights folder (sd21-base/vae, ...).
+    fetch = f"osdface weights fetch --dir {folder.parent.parent}"
+    require(folder / "config.json", f"{what} config; run `{fetch}`")
     config = cls.load_config(folder)
     with torch.device("meta"):
         model = cls.from_config(config)

@@ -61,8 +61,12 @@ def _open_checked(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
     _guard_pillow(limits.max_pixels)
     try:
         image = Image.open(io.BytesIO(data), formats=[PILLOW_FORMATS[fmt]])
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"the image header claims too many pixels: {exc}") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's guard (twice its own limit, or its warning where warnings are errors) fired
+        # before our check could: the same refusal, in our words, with the configured limit.
+        raise ImageTooLargeError(
+            f"the image header claims too many pixels, over the {limits.max_pixels} limit"
+        ) from exc
     except DECODE_ERRORS as exc:
         raise ImageDecodeError(f"cannot read the {fmt} header: {exc}") from exc
     width, height = image.size

@@ -16,6 +16,10 @@ from model.quality.names import ALL_METRICS, NEEDS_HQ, PER_IMAGE, PYIQA_METRICS
 from model.quality.paper import PAPER_TABLES
 from model.quality.run import CSV_NAME, RESTORED_DIR, pair_images, restore_all, score_all
 
+# `make venv` installs what serving needs; the eval extra (pinned in requirements-dev.lock) adds
+# pyiqa and its networks' packages, and httpx for --url.
+INSTALL_EVAL = "install the eval extra (`make dev`, pinned, or `pip install -e '.[eval]'`)"
+
 logger = logging.getLogger(__name__)
 
 
@@ -59,10 +63,9 @@ def check(options: EvalOptions) -> list[str]:
     fid = [m for m in metrics if m.startswith("fid")]
     pyiqa_based = [m for m in metrics if m in PYIQA_METRICS or m in fid]
     if pyiqa_based and importlib.util.find_spec("pyiqa") is None:
-        raise InvalidInputError(
-            f"{', '.join(pyiqa_based)} need pyiqa: install the eval extra "
-            "(`pip install -e '.[eval]'`, or `make`, which installs requirements.lock)"
-        )
+        raise InvalidInputError(f"{', '.join(pyiqa_based)} need pyiqa: {INSTALL_EVAL}")
+    if options.url and importlib.util.find_spec("httpx") is None:
+        raise InvalidInputError(f"--url needs httpx: {INSTALL_EVAL}")
     needed = per_image + (["fid"] if fid else [])
     require_files(options.weights, needed, ffhq_stats="fid_ffhq" in fid)
     return metrics

@@ -177,7 +177,7 @@ def restore_video(
             raise
     seconds = time.monotonic() - started
     logger.info(
-        "%s: %d frames, %d faces in %d calls, %.1f frames/s -> %s",
+        "%s: frames %d, faces %d, model calls %d, %.1f frames/s -> %s",
         src,
         counters.frames,
         counters.faces,

@@ -116,25 +116,43 @@ function drawFaces(faces, width, height) {
   });
 }
 
+// How the server's times nest (docs/api.md): all are parts of "total"; decode, detect and align
+// run before the faces are queued, "inference" is the model calls and holds the model stages,
+// background, paste and encode come after it. A stage not named here is listed after them.
+const MODEL_STAGES = ["vre", "vae_encode", "unet", "vae_decode"];
+const BEFORE_MODEL = ["decode", "detect", "align"];
+
 function fillTimings(timings, roundTrip) {
+  const stages = timings.stages || {};
   const rows = [
-    ["round trip (browser)", roundTrip],
-    ["total (server)", timings.total],
-    ["queue", timings.queue],
-    ["inference", timings.inference],
+    ["round trip (browser)", roundTrip, 0],
+    ["total (server)", timings.total, 0],
   ];
-  Object.entries(timings.stages || {}).forEach(([stage, s]) => rows.push([`  ${stage}`, s]));
+  const addStages = (names, level) =>
+    names.filter((name) => name in stages).forEach((name) => rows.push([name, stages[name], level]));
+  addStages(BEFORE_MODEL, 1);
+  rows.push(["queue", timings.queue, 1], ["inference", timings.inference, 1]);
+  addStages(MODEL_STAGES, 2);
+  const known = new Set([...BEFORE_MODEL, ...MODEL_STAGES]);
+  addStages(Object.keys(stages).filter((name) => !known.has(name)), 1);
   const tbody = $("timings").tBodies[0];
   tbody.replaceChildren();
-  rows.forEach(([name, s]) => {
+  rows.forEach(([name, s, level]) => {
     const tr = tbody.insertRow();
+    tr.className = `level-${level}`;
     tr.insertCell().textContent = name;
     tr.insertCell().textContent = formatSeconds(s);
   });
 }
 
 function downloadName(file, contentType) {
-  const ext = { "image/png": "png", "image/jpeg": "jpg", "image/webp": "webp" }[contentType] || "img";
+  const ext = {
+    "image/png": "png",
+    "image/jpeg": "jpg",
+    "image/webp": "webp",
+    "image/heic": "heic",
+    "image/avif": "avif",
+  }[contentType] || "img";
   const stem = file.name.replace(/\.[^.]+$/, "") || "photo";
   return `${stem}-restored.${ext}`;
 }
@@ -145,11 +163,20 @@ async function showResult(file, payload, roundTrip) {
   result.dataset.state = "loading";
   const restored = base64ToBlob(payload.image, payload.content_type);
   const afterUrl = keepUrl(restored);
-  const [before] = await Promise.all([
+  // Most browsers cannot show HEIC: without both pictures there is no before/after view, but
+  // the details and the restored file (Download) are still the result.
+  const shown = await Promise.all([
     loaded($("before"), keepUrl(file)),
     loaded($("after"), afterUrl),
-  ]);
-  drawFaces(payload.faces || [], before.naturalWidth, before.naturalHeight);
+  ]).then(
+    () => true,
+    () => false,
+  );
+  $("compare").hidden = !shown;
+  document.querySelectorAll(".slider-label").forEach((el) => {
+    el.hidden = !shown;
+  });
+  if (shown) drawFaces(payload.faces || [], $("before").naturalWidth, $("before").naturalHeight);
   $("faces-count").textContent = String(payload.faces_detected);
   $("result-size").textContent = `${payload.width} × ${payload.height}`;
   $("result-format").textContent = payload.content_type;
@@ -158,6 +185,7 @@ async function showResult(file, payload, roundTrip) {
   link.href = afterUrl;
   link.download = downloadName(file, payload.content_type);
   result.dataset.state = "done";
+  return shown;
 }
 
 function sizeProblem(file) {
@@ -257,9 +285,11 @@ async function restore(event) {
       setMessage(errorText(status, payload), "error");
       return;
     }
-    await showResult(file, payload, roundTrip);
+    const shown = await showResult(file, payload, roundTrip);
     const n = payload.faces_detected;
-    setMessage(n === 0 ? "No face found: the photo is unchanged." : `Restored ${n} face${n === 1 ? "" : "s"}.`, "ok");
+    const done = n === 0 ? "No face found: the photo is unchanged." : `Restored ${n} face${n === 1 ? "" : "s"}.`;
+    const unseen = shown ? "" : " This browser cannot display the picture's format: use Download.";
+    setMessage(done + unseen, "ok");
   } catch (err) {
     stopStatus();
     $("result").dataset.state = "error";
