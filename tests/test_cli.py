@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from osdface.cli import main
+from tests.cli_helpers import run_osdface
 
 REPO = Path(__file__).resolve().parents[1]
 MOBILE = {"OSDFACE_DETECTOR": "retinaface_mobile0.25", "OSDFACE_DEVICE": "cpu"}
@@ -28,17 +29,8 @@ SUMMARY = re.compile(
 
 
 def osdface(*argv: str, cwd: Path, env: dict[str, str] | None = None, stdin: bytes = b""):
-    """Run `python -m osdface ...` in a fresh process; (returncode, stdout bytes, stderr)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    result = subprocess.run(
-        [sys.executable, "-m", "osdface", *argv],
-        input=stdin,
-        capture_output=True,
-        cwd=cwd,
-        env=full_env,
-        timeout=600,
-    )
-    return result.returncode, result.stdout, result.stderr.decode()
+    """(returncode, stdout bytes, stderr) of `python -m osdface ...` in a fresh process."""
+    return run_osdface(*argv, cwd=cwd, env=env, stdin=stdin)
 
 
 def summary(stderr: str) -> tuple[int, ...]:

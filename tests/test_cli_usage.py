@@ -3,13 +3,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.cli_helpers import run_osdface
 from tests.live_server import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,17 +15,9 @@ MOBILE = ["--detector", "retinaface_mobile0.25", "--device", "cpu"]
 
 
 def osdface(*argv: str, cwd: Path = REPO, env: dict[str, str] | None = None, stdin: bytes = b""):
-    """`python -m osdface ...` in a fresh process; (returncode, stdout, stderr)."""
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
-    done = subprocess.run(
-        [sys.executable, "-m", "osdface", *argv],
-        input=stdin,
-        capture_output=True,
-        cwd=cwd,
-        env=full_env,
-        timeout=300,
-    )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    """(returncode, stdout text, stderr) of `python -m osdface ...` in a fresh process."""
+    code, out, err = run_osdface(*argv, cwd=cwd, env=env, stdin=stdin, timeout=300)
+    return code, out.decode(), err
 
 
 def _linked_without(tiny: Path, root: Path, left_out: str) -> Path:

@@ -164,7 +164,8 @@ def test_cli_background_upscales_with_the_network(tmp_path: Path, tiny_weights_d
     with Image.open(tmp_path / "out/photo.png") as im:
         assert im.size == (700, 464)  # the network's scale, by default
     missing = [*argv[:3], str(tmp_path / "out4"), *argv[4:], "--background", "realesrgan-x4"]
-    assert main(missing) == 1  # not fetched: a clear error, exit 1
+    assert main(missing) == 2  # not fetched: refused before anything loads
+    assert not (tmp_path / "out4").exists()
 
 
 # --- HTTP --------------------------------------------------------------------------------------
