@@ -70,7 +70,7 @@ def test_model_harness_reports_baseline_configs_and_gmacs(bench_weights, tmp_pat
 
 
 def test_quality_bench_compares_each_configuration_with_the_first(
-    tiny_weights_dir: Path, tmp_path: Path
+    tiny_weights_dir: Path, tmp_path: Path, assets: Path
 ) -> None:
     """Two runs of one configuration: equal means, and `eval compare` deltas of exactly 0."""
     from bench import quality

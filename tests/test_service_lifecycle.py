@@ -83,7 +83,10 @@ def test_missing_vae_is_refused_before_loading(tiny_weights_dir: Path, tmp_path)
     assert "loading the restorer" not in out and "Traceback" not in out
 
 
-def test_broken_vae_exits_non_zero_with_one_clear_line(tiny_weights_dir: Path, tmp_path) -> None:
+def test_broken_vae_exits_non_zero_with_one_clear_line(
+    tiny_weights_dir: Path, tmp_path, assets: Path
+) -> None:
+    # `assets`: serve checks the detector file (linked from there) before it loads anything.
     broken = "sd21-base/vae/diffusion_pytorch_model.safetensors"
     weights = _weights_without(tiny_weights_dir, tmp_path / "w", broken)
     (weights / broken).write_bytes((tiny_weights_dir / broken).read_bytes()[:1000])  # cut short

@@ -48,7 +48,8 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def detector(tiny_weights_dir: Path) -> FaceDetector:
+def detector(tiny_weights_dir: Path, assets: Path) -> FaceDetector:
+    # `assets`: the detector file is linked from there; without it, skip rather than error.
     return FaceDetector.load(tiny_weights_dir, "retinaface_mobile0.25", torch.device("cpu"))
 
 
@@ -233,8 +234,9 @@ def _write_audio_only(path: Path) -> None:
 def test_memory_stays_flat_on_a_long_clip(tmp_path: Path, detector) -> None:
     """2,000 tiny frames through the real streaming path: RSS does not grow with length."""
     rng = np.random.default_rng(3)
-    # 96x128: holding every frame would add 1,600 x 36 KiB = 56 MiB, far over the bound.
-    frame = rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    # 128x160: holding every frame would add 1,600 x 60 KiB = 94 MiB. The bound is well under
+    # that and over the allocator's own drift after the module's other tests (up to 25 MiB).
+    frame = rng.integers(0, 255, (128, 160, 3), dtype=np.uint8)
     src = tmp_path / "long.mp4"
     write_clip(src, (np.roll(frame, k, axis=1) for k in range(2000)), fps=50)
     process, samples = psutil.Process(), []
@@ -248,7 +250,7 @@ def test_memory_stays_flat_on_a_long_clip(tmp_path: Path, detector) -> None:
     settled = [rss for frames, rss in samples if frames >= 400]
     growth = (max(settled) - settled[0]) / 2**20
     print(f"RSS {settled[0] / 2**20:.0f} MiB at frame 400, growth to 2000: {growth:.1f} MiB")
-    assert growth < 16, f"RSS grew {growth:.1f} MiB from frame 400 to 2000"
+    assert growth < 40, f"RSS grew {growth:.1f} MiB from frame 400 to 2000"
     with VideoSource(result.path) as source:
         assert source.info.frames == 2000
 
