@@ -27,6 +27,7 @@ from model.faces.detectors import DETECTORS
 from model.options import RestoreOptions
 from osdface import video
 from osdface.plan import KINDS, STDIO, Job, Plan, UsageError, make_plan
+from osdface.reporting import Record, Reporter, failed, plural
 from service.schemas import RestoreForm
 from service.settings import Settings
 from weights.layout import WeightsLayout, background_file, missing_for_restore
@@ -279,13 +280,13 @@ def _warn_left_out(plan: Any) -> None:
     if plan.unsupported:
         logger.warning(
             "skipping %s of no supported kind: %s",
-            _count(plan.unsupported, "file"),
+            plural(len(plan.unsupported), "file"),
             _some(plan.unsupported),
         )
     if plan.subfolders:
         logger.warning(
             "not reading %s: %s; add -r to restore them too (same tree in the output)",
-            _count(plan.subfolders, "sub-folder"),
+            plural(len(plan.subfolders), "sub-folder"),
             _some(plan.subfolders),
         )
 
@@ -293,11 +294,7 @@ def _warn_left_out(plan: Any) -> None:
 def _subfolder_hint(subfolders: list[Path]) -> str:
     if not subfolders:
         return ""
-    return f"; add -r to read its {_count(subfolders, 'sub-folder')} ({_some(subfolders)})"
-
-
-def _count(items: list, noun: str) -> str:
-    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+    return f"; add -r to read its {plural(len(subfolders), 'sub-folder')} ({_some(subfolders)})"
 
 
 def _some(paths: list[Path], shown: int = 10) -> str:
@@ -451,7 +448,6 @@ def check_weights(
 def _execute(
     args: argparse.Namespace, settings: Settings, options: RestoreOptions, plan: Plan
 ) -> int:
-    from osdface.reporting import Record, Reporter
     from osdface.runners import RUNNERS, group_size, load_context  # torch from here on
 
     tty = sys.stderr.isatty()
@@ -487,8 +483,6 @@ def _groups(jobs: list[Job], size: Callable[[str], int]) -> Iterator[list[Job]]:
 
 def _run_group(runner: Callable[..., list[Any]], group: list[Job], context: Any) -> list[Any]:
     """Records of a group; when the group as a whole fails (its model call), each job alone."""
-    from osdface.reporting import failed
-
     try:
         return runner(group, context)
     except Exception as exc:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from osdface.paths import default_weights_dir
 from osdface.plan import UsageError
+from osdface.reporting import plural
 
 logger = logging.getLogger(__name__)
 
@@ -69,8 +70,7 @@ def _weights_fetch(args: argparse.Namespace) -> int:
         sd_repo=args.sd_repo,
         manifest=args.manifest,
     )
-    noun = "file" if len(fetched) == 1 else "files"
-    logger.info("%d %s fetched into %s", len(fetched), noun, args.dir)
+    logger.info("%s fetched into %s", plural(len(fetched), "file"), args.dir)
     if args.background:  # ready to load: the pickles converted to safetensors, without pickle
         from weights.background import RELEASED, convert_background
 
@@ -123,7 +123,9 @@ def _weights_convert(args: argparse.Namespace) -> int:
 def _convert_backgrounds(root: Path) -> None:
     """Real-ESRGAN pickles -> safetensors. weights.background imports torch, so it is imported
     only when the folder has a released background file (an up-to-date `convert` stays fast)."""
-    if not any((root / "realesrgan").glob("*.pth")):  # weights.background.FOLDER
+    from weights.layout import BACKGROUND_FOLDER
+
+    if not any((root / BACKGROUND_FOLDER).glob("*.pth")):
         return
     from weights.background import RELEASED, convert_background, released_path
 

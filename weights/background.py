@@ -27,17 +27,18 @@ from torch import nn
 
 from model.config import BACKGROUND_SCALES
 from model.errors import StateDictMismatchError, WeightsError, WeightsNotFoundError
-from weights.layout import sha256_file
+from weights.layout import BACKGROUND_FOLDER, background_file, sha256_file
 from weights.pickle_safe import load_checkpoint, tensors_only
 from weights.strict import read_safetensors
 
 logger = logging.getLogger(__name__)
 
-FOLDER = "realesrgan"
+FOLDER = BACKGROUND_FOLDER
 # Network name -> (released file name, output scale). Both files are RRDBNet with 23 blocks;
 # the x2 file folds the input 2x2 pixels into 12 channels first (pixel unshuffle).
 RELEASED: dict[str, tuple[str, int]] = {
-    name: (f"RealESRGAN_x{scale}plus.pth", scale) for name, scale in BACKGROUND_SCALES.items()
+    name: (background_file(Path(), scale, ".pth").name, scale)
+    for name, scale in BACKGROUND_SCALES.items()
 }
 STATE_KEYS = ("params_ema", "params")  # BasicSR keeps the EMA weights first when it has them
 GROWTH = 32  # channels each dense-block convolution adds (fixed in Real-ESRGAN and spandrel)
@@ -62,7 +63,7 @@ class BackgroundNet:
 def released_path(root: Path, name: str) -> Path:
     if name not in RELEASED:
         raise WeightsError(f"unknown background network {name!r}; one of {sorted(RELEASED)}")
-    return root / FOLDER / RELEASED[name][0]
+    return background_file(root, RELEASED[name][1], ".pth")
 
 
 def present_backgrounds(root: Path) -> list[str]:

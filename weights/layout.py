@@ -77,11 +77,14 @@ class WeightsLayout:
         return self.root / "facexlib"
 
 
+BACKGROUND_FOLDER = "realesrgan"
+
+
 def background_file(root: Path, scale: int, suffix: str = ".safetensors") -> Path:
     """Real-ESRGAN x`scale` (weights/background.py): the released `.pth`, or the `.safetensors`
     converted from it, which is the one loaded. Here so the command line can check for it
     before torch is imported."""
-    return root / "realesrgan" / f"RealESRGAN_x{scale}plus{suffix}"
+    return root / BACKGROUND_FOLDER / f"RealESRGAN_x{scale}plus{suffix}"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
