@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.background import BackgroundUpscaler, TileSettings, plan_windows
+from model.networks.background import BackgroundUpscaler, TileSettings, plan_windows
 from model.device import resolve_device, resolve_dtype
 from tests.tiny_realesrgan import write_tiny_realesrgan
 

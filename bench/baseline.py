@@ -34,7 +34,7 @@ from torch import nn
 
 from model.config import OSDFaceConfig
 from model.image_processor import denormalize, normalize
-from model.vre import VisualRepresentationEmbedder
+from model.networks.vre import VisualRepresentationEmbedder
 from weights.layout import WeightsLayout
 from weights.load import load_scheduler, load_unet, load_vae, load_vre
 
@@ -148,7 +148,7 @@ class AuthorsStyleBaseline:
                 z = dist.mode() * self.scaling_factor
         with _stage("unet", timings, self.device):
             eps = self.unet(z, self.timestep, encoder_hidden_states=prompt).sample
-            a = self.alpha_bar  # the release's formula, apart from model.restorer.x0_from_eps
+            a = self.alpha_bar  # the release's formula, apart from model.networks.restorer.x0_from_eps
             x0 = ((z.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)).float()
         with _stage("vae_decode", timings, self.device):
             out = denormalize(self.vae.decode(x0 / self.scaling_factor).sample)

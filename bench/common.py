@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from model.device import TORCH_DTYPES
-from model.fastpath import FastPathConfig
+from model.networks.fastpath import FastPathConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "RESULTS.md"

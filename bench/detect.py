@@ -27,7 +27,7 @@ from facexlib.detection.retinaface import RetinaFace
 from PIL import Image
 
 from model.config import DetectorConfig
-from model.faces.detect import DETECTORS, FaceDetector
+from model.media.faces.detect import DETECTORS, FaceDetector
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))

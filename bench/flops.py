@@ -10,9 +10,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import OSDFaceConfig
-from model.fastpath.upsample import use_subpixel_upsampling
-from model.restorer import STAGES
-from model.vre import VisualRepresentationEmbedder
+from model.networks.fastpath.upsample import use_subpixel_upsampling
+from model.networks.restorer import STAGES
+from model.networks.vre import VisualRepresentationEmbedder
 
 
 def count_gmacs(weights: Path) -> dict[str, float]:

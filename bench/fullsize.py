@@ -23,7 +23,7 @@ from torch import nn
 
 from model.config import OSDFaceConfig
 from model.image_processor import normalize
-from model.vre import VisualRepresentationEmbedder
+from model.networks.vre import VisualRepresentationEmbedder
 from weights.convert import convert_released, write_merged_unet
 from weights.layout import WeightsLayout
 

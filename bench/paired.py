@@ -39,7 +39,7 @@ from bench.common import (
     strict_fp32,
 )
 from bench.fullsize import ensure_weights
-from model.restorer import STAGES, OSDFaceRestorer
+from model.networks.restorer import STAGES, OSDFaceRestorer
 
 logger = logging.getLogger("bench.paired")
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from bench.common import SHORT, fast_config
-from model.restorer import STAGES
+from model.networks.restorer import STAGES
 
 
 @dataclass

@@ -55,7 +55,7 @@ from bench.common import (
 from bench.flops import count_gmacs
 from bench.fullsize import ensure_weights
 from bench.report import Row, format_report, summarize
-from model.restorer import STAGES, OSDFaceRestorer
+from model.networks.restorer import STAGES, OSDFaceRestorer
 
 logger = logging.getLogger("bench")
 

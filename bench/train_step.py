@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from model.config import OSDFaceConfig
-from model.vre import VisualRepresentationEmbedder
+from model.networks.vre import VisualRepresentationEmbedder
 from train.config import DataConfig, EngineConfig, Stage2Config
 from train.engine import Engine
 from train.losses import DISTS, IdentityLoss

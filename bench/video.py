@@ -1,4 +1,4 @@
-"""Video restore speed: frames per second through `model.video.restore_video`, batching the
+"""Video restore speed: frames per second through `model.media.video.restore_video`, batching the
 faces of many frames per restorer call against one call per frame.
 
 The clip is made from a real photo of the test assets (two faces), resized to `--size` pixels
@@ -28,9 +28,9 @@ import torch
 
 from bench.fullsize import ensure_weights
 from model.device import resolve_device, resolve_dtype
-from model.faces.detect import FaceDetector
-from model.restorer import OSDFaceRestorer
-from model.video.restore import VideoOptions, restore_video
+from model.media.faces.detect import FaceDetector
+from model.networks.restorer import OSDFaceRestorer
+from model.media.video.restore import VideoOptions, restore_video
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))

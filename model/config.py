@@ -22,9 +22,9 @@ DType = Literal["auto", "float32", "float16", "bfloat16"]
 LatentMode = Literal["mode", "sample"]
 # torch.compile modes (the fast path's `compile_mode`).
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-# The RetinaFace variants model/faces/detect.py can load.
+# The RetinaFace variants model/media/faces/detect.py can load.
 DetectorName = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
-# Background networks (Real-ESRGAN, model/background.py) and their output scales; "none" is a
+# Background networks (Real-ESRGAN, model/networks/background.py) and their output scales; "none" is a
 # Lanczos resize.
 BackgroundNet = Literal["realesrgan-x2", "realesrgan-x4"]
 BackgroundName = Literal["none", BackgroundNet]
@@ -43,7 +43,7 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """Which face detector, and what it counts as a face (model/faces/detect.py)."""
+    """Which face detector, and what it counts as a face (model/media/faces/detect.py)."""
 
     name: DetectorName = "retinaface_resnet50"
     threshold: float = 0.97  # confidence a face must exceed, in (0, 1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from model.codecs.formats import normalize_format
-from model.codecs.heif import writable_formats
+from model.media.codecs.formats import normalize_format
+from model.media.codecs.heif import writable_formats
 from model.config import BACKGROUND_SCALES, BACKGROUNDS, BackgroundName
 from model.errors import InvalidInputError
 

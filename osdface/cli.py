@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 
-from osdface import __version__, restore, serve, train, weights
-from osdface import eval as evaluate
-from osdface.plan import UsageError
+from osdface import __version__, serve, train, weights
+from osdface.eval import command as evaluate
+from osdface.restore import command as restore
+from osdface.common import UsageError
 
 logger = logging.getLogger("osdface")
 # Libraries whose warnings are about their own optional parts, never about the user's run
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in () if verbose else QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
     if getattr(args, "quiet", False) and not verbose:  # -q: warnings, errors, the summary line
-        from osdface.reporting import SUMMARY_LOGGER
+        from osdface.restore.reporting import SUMMARY_LOGGER
 
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger(SUMMARY_LOGGER).setLevel(logging.INFO)

@@ -22,7 +22,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from model.config import DetectorName, Device, DType
-from osdface.plan import UsageError
+from osdface.common import UsageError
 from service.settings import Settings, describe_settings_error, env_name, unknown_env_names
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def checked_settings(args: argparse.Namespace) -> Settings | list[str]:
         settings = settings_from_args(args)
     except ValidationError as exc:
         return [_name_flag(line) for line in describe_settings_error(exc)]
-    from osdface.restore import check_weights
+    from osdface.restore.command import check_weights
 
     try:  # the restorer's files, the detector's and the background networks', as restore does
         check_weights(settings, backgrounds=settings.background_models, has_aligned_flag=False)

@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-from osdface.paths import default_weights_dir
-from osdface.plan import UsageError
-from osdface.reporting import plural
+from osdface.common import default_weights_dir
+from osdface.common import UsageError
+from osdface.common import plural
 
 logger = logging.getLogger(__name__)
 
@@ -161,8 +161,8 @@ def _weights_verify(args: argparse.Namespace) -> int:
             f"missing in {args.dir}: {'; '.join(missing)}; run `osdface weights fetch "
             f"--dir {args.dir}`, then `convert` and `merge` with the same --dir"
         )
-    from model.background import BackgroundUpscaler
-    from model.restorer import OSDFaceRestorer
+    from model.networks.background import BackgroundUpscaler
+    from model.networks.restorer import OSDFaceRestorer
     from weights.background import present_backgrounds
     from weights.fetch import verify
 

@@ -26,8 +26,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.faces.detect import FaceDetector
-from model.restorer import OSDFaceRestorer
+from model.media.faces.detect import FaceDetector
+from model.networks.restorer import OSDFaceRestorer
 from service import job_routes, routes, web
 from service.errors import (
     UNCOUNTED_PATHS,

@@ -17,8 +17,8 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from model.background import BackgroundUpscaler, TileSettings
-from model.pipeline import PreparedPhoto, make_background
+from model.networks.background import BackgroundUpscaler, TileSettings
+from model.media.pipeline import PreparedPhoto, make_background
 from service.batching import Batcher
 from service.settings import Settings
 

@@ -18,9 +18,9 @@ from fastapi.responses import FileResponse, JSONResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from model.errors import InvalidInputError
-from model.video.config import VIDEO_SUFFIXES
-from model.video.io import VideoSource
-from model.video.restore import VideoOptions
+from model.media.video.config import VIDEO_SUFFIXES
+from model.media.video.io import VideoSource
+from model.media.video.restore import VideoOptions
 from service.errors import ErrorKind, ServiceError
 from service.jobs import Job, JobManager, JobState
 from service.openapi import OK_HEADERS, ops_responses

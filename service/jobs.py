@@ -1,7 +1,7 @@
 """Video jobs: long restores run one at a time beside /restore, on the same model worker.
 
 A job is a folder `<jobs_dir>/<id>/` holding the upload (`input<suffix>`) and, when done, the
-restored video (`output<suffix>`, written atomically by `model.video`). Jobs run in submission
+restored video (`output<suffix>`, written atomically by `model.media.video`). Jobs run in submission
 order on one thread; their faces go to the model worker as LOW-priority work, so a photo
 request waits at most for the batch already running. Jobs are bounded in number
 (`max_jobs`, counting finished ones until they are fetched, deleted or expire), in upload bytes
@@ -31,7 +31,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from model.errors import OSDFaceError, VideoCancelledError
-from model.video.restore import VideoOptions, VideoProgress, restore_video
+from model.media.video.restore import VideoOptions, VideoProgress, restore_video
 from service.batching import Batcher
 from service.settings import Settings
 

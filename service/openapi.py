@@ -11,7 +11,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from model.codecs.formats import CONTENT_TYPES
+from model.media.codecs.formats import CONTENT_TYPES
 from service.errors import COMMON_KINDS, REQUEST_ID_HEADER, ErrorKind, openapi_responses
 from service.schemas import RESULT_EXAMPLE, RestoreResult, form_properties
 from service.settings import Settings

@@ -12,9 +12,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
-from model.codecs.formats import normalize_format
+from model.media.codecs.formats import normalize_format
 from model.errors import InvalidInputError
-from model.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
+from model.media.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
 from service.background import background_on_worker, both
 from service.errors import (
     ErrorKind,

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.codecs.formats import FORMATS
+from model.media.codecs.formats import FORMATS
 from model.config import BackgroundName
 from model.options import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.codecs.formats import FORMATS, ImageFormat, ImageLimits
+from model.media.codecs.formats import FORMATS, ImageFormat, ImageLimits
 from model.config import (
     BackgroundNet,
     CompileMode,
@@ -24,8 +24,8 @@ from model.config import (
     LatentMode,
     TileConfig,
 )
-from model.fastpath.config import FastPathConfig
-from model.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
+from model.networks.fastpath.config import FastPathConfig
+from model.media.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
 
 
 class Settings(BaseSettings):
@@ -95,7 +95,7 @@ class Settings(BaseSettings):
 
     # --- fast path (performance area; `compile` and `channels_last` are above) --------------
     fast_path: bool = Field(
-        True, description="the restorer's fast path (model/fastpath/); off: the plain path"
+        True, description="the restorer's fast path (model/networks/fastpath/); off: the plain path"
     )
     cuda_graphs: bool = Field(
         FastPathConfig.cuda_graphs,

@@ -21,14 +21,14 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from model.background import BackgroundUpscaler
-from model.codecs.formats import ImageLimits
+from model.networks.background import BackgroundUpscaler
+from model.media.codecs.formats import ImageLimits
 from model.config import DetectorConfig
 from model.device import resolve_device, resolve_dtype
 from model.errors import WeightsError
-from model.faces.detect import FaceDetector
-from model.fastpath import FastPathConfig, batch_sizes_up_to
-from model.restorer import OSDFaceRestorer
+from model.media.faces.detect import FaceDetector
+from model.networks.fastpath import FastPathConfig, batch_sizes_up_to
+from model.networks.restorer import OSDFaceRestorer
 from service.background import load_backgrounds
 from service.batching import Batcher
 from service.errors import ErrorKind, ServiceError

@@ -3,7 +3,7 @@
 Starlette's form parser spools files of any size to disk before the handler sees them; here the
 body is streamed through python-multipart and refused the moment it passes its byte limit (and
 before reading anything when Content-Length already says so). The client's filename and
-content type are never used: the format is sniffed from the bytes by `model.codecs`.
+content type are never used: the format is sniffed from the bytes by `model.media.codecs`.
 """
 
 from __future__ import annotations

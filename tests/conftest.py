@@ -37,7 +37,7 @@ def tiny_weights_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_restorer(tiny_weights_dir: Path):
-    from model.restorer import OSDFaceRestorer
+    from model.networks.restorer import OSDFaceRestorer
 
     return OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cpu", torch.float32)
 

@@ -17,7 +17,7 @@ import numpy as np
 import scipy.io
 import torch
 
-from model.quality.files import FFHQ_STATS, METRIC_FILES, PYIQA, TORCHVISION, offline_pyiqa
+from osdface.eval.files import FFHQ_STATS, METRIC_FILES, PYIQA, TORCHVISION, offline_pyiqa
 
 FID_DIMS = 2048
 
@@ -144,7 +144,7 @@ def write_inception(root: Path, rng: np.random.Generator) -> None:
 
 
 def write_identity_and_landmarks(root: Path) -> None:
-    from model.quality.landmarks import build_fan
+    from osdface.eval.landmarks import build_fan
     from train.losses import ArcFaceResNet18
 
     _save(ArcFaceResNet18().state_dict(), Path(root) / METRIC_FILES["deg"][0])
@@ -156,7 +156,7 @@ def write_identity_and_landmarks(root: Path) -> None:
 def write_maniqa(root: Path) -> None:
     import pyiqa
 
-    from model.quality.iqa import _timm_without_imagenet
+    from osdface.eval.iqa import _timm_without_imagenet
 
     with offline_pyiqa(root), _timm_without_imagenet():
         network = pyiqa.create_metric("maniqa", pretrained=False, device="cpu").net

@@ -263,7 +263,7 @@ return {
 def test_page_layout_at_desktop_and_phone_width(server: str, driver, assets: Path) -> None:
     from selenium.webdriver.common.by import By
 
-    from model.codecs.formats import FORMATS
+    from model.media.codecs.formats import FORMATS
 
     _open_page(driver, server)
     drop_text = driver.execute_script(_LAYOUT_JS)["dropText"].lower()
@@ -301,7 +301,7 @@ def test_page_restores_a_heic_photo_it_cannot_display(
 ) -> None:
     from selenium.webdriver.common.by import By
 
-    from model.codecs.heif import register_heif
+    from model.media.codecs.heif import register_heif
 
     if not register_heif():
         skip("pillow-heif is not installed: no HEIC to upload")

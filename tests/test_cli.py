@@ -283,7 +283,7 @@ def test_ray_flag_takes_an_address_only_when_it_looks_like_one(
 
 
 def test_docs_list_every_restore_option() -> None:
-    from osdface.restore import FORM_FLAGS, SETTING_FLAGS
+    from osdface.restore.command import FORM_FLAGS, SETTING_FLAGS
 
     text = (REPO / "docs/cli.md").read_text()
     for flag, name, _ in SETTING_FLAGS:
@@ -314,7 +314,8 @@ def test_aligned_crops_share_model_calls_and_fail_alone(
 
 
 def test_plan_names_outputs_and_refuses_collisions(tmp_path: Path) -> None:
-    from osdface.plan import UsageError, make_plan
+    from osdface.common import UsageError
+    from osdface.restore.plan import make_plan
 
     (tmp_path / "a/sub").mkdir(parents=True)
     (tmp_path / "b").mkdir()
@@ -346,7 +347,7 @@ def test_plan_names_outputs_and_refuses_collisions(tmp_path: Path) -> None:
 
 
 def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> None:
-    from osdface.paths import write_atomic
+    from model.atomic import write_atomic
 
     target = tmp_path / "out/a.png"
     write_atomic(target, b"first")
@@ -360,14 +361,14 @@ def test_write_atomic_keeps_the_old_file_when_writing_fails(tmp_path: Path) -> N
 def test_plan_keeps_phone_formats_it_can_write_and_video_containers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from osdface.plan import make_plan
+    from osdface.restore.plan import make_plan
 
     folder = tmp_path / "in"
     folder.mkdir()
     for name in ("IMG_1.HEIC", "b.avif", "clip.MOV", "c.jpeg"):
         (folder / name).write_bytes(b"")
     out = tmp_path / "out"
-    monkeypatch.setattr("osdface.plan.writable_formats", lambda: {"jpeg", "png", "webp", "heic"})
+    monkeypatch.setattr("osdface.restore.plan.writable_formats", lambda: {"jpeg", "png", "webp", "heic"})
     plan = make_plan([str(folder)], out)
     by_target = {j.target.name: (j.kind, j.output_format) for j in plan.jobs if j.target}
     assert by_target == {

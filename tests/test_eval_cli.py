@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from model.quality.compare import compare_runs
-from model.quality.paper import PAPER_TABLES
+from osdface.eval.compare import compare_runs
+from osdface.eval.paper import PAPER_TABLES
 from osdface.cli import main
 from tests.live_server import running_server
 

@@ -16,13 +16,13 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from model.errors import InvalidInputError, WeightsNotFoundError
-from model.quality import fidelity
-from model.quality.compare import paired_bootstrap
-from model.quality.degrade import RECORD, degrade_folder
-from model.quality.files import METRIC_FILES, offline_pyiqa, require_files
-from model.quality.landmarks import heatmap_points
-from model.quality.run import read_face
-from model.quality.scorers import Scorers
+from osdface.eval import fidelity
+from osdface.eval.compare import paired_bootstrap
+from osdface.eval.degrade import RECORD, degrade_folder
+from osdface.eval.files import METRIC_FILES, offline_pyiqa, require_files
+from osdface.eval.landmarks import heatmap_points
+from osdface.eval.run import read_face
+from osdface.eval.scorers import Scorers
 
 FULL_REFERENCE = ["psnr", "ssim", "lpips", "dists", "deg", "lmd"]
 NO_REFERENCE = ["musiq", "niqe", "clipiqa"]
@@ -139,7 +139,7 @@ def test_metrics_build_offline(eval_weights_dir: Path, no_network: None) -> None
 def test_fid_zero_for_the_same_folder_and_against_ffhq(
     eval_weights_dir: Path, assets: Path, tmp_path: Path
 ):
-    from model.quality.fid import FID
+    from osdface.eval.fid import FID
 
     crops = sorted((assets / "images/vqfr/cropped_faces").glob("*.png"))[:4]
     sharp, blurred = tmp_path / "sharp", tmp_path / "blurred"
@@ -202,7 +202,7 @@ def test_degrade_is_seeded_recorded_and_resumable(assets: Path, tmp_path: Path) 
 def test_partial_checkpoint_keys_are_checked(scorers: Scorers, tmp_path: Path) -> None:
     """pyiqa loads LPIPS's file with strict=False; a file whose keys do not match is refused."""
     from model.errors import StateDictMismatchError
-    from model.quality.iqa import check_partial_checkpoint
+    from osdface.eval.iqa import check_partial_checkpoint
 
     network = scorers._networks["lpips"].network.net
     good = {k: v for k, v in network.state_dict().items() if k.startswith("lin")}

@@ -23,8 +23,8 @@ from model.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from model.faces.align import FACE_SIZE, FFHQ_TEMPLATE_512, align_face, similarity_transform
-from model.faces.detect import (
+from model.media.faces.align import FACE_SIZE, FFHQ_TEMPLATE_512, align_face, similarity_transform
+from model.media.faces.detect import (
     DETECTORS,
     DetectedFace,
     FaceDetector,
@@ -32,7 +32,7 @@ from model.faces.detect import (
     load_detector_state,
     select_faces,
 )
-from model.faces.paste import canvas_to_crop, paste_faces, paste_mask
+from model.media.faces.paste import canvas_to_crop, paste_faces, paste_mask
 from service.settings import Settings
 from tests.photo_variants import MOBILE_FILE, WHOLE_PHOTOS, detector_weights_dir, load_rgb
 from weights.layout import sha256_file

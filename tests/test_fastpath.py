@@ -16,11 +16,11 @@ import torch.nn.functional as F
 
 from bench.baseline import AuthorsStyleBaseline, select_codes_loop, tokens_from_codes
 from model.errors import InvalidInputError
-from model.fastpath import FastPathConfig, batch_sizes_up_to
-from model.fastpath.graphs import CudaGraphs, install_cuda_graphs, padded
-from model.fastpath.placement import resolve_decode_dtype
-from model.restorer import STAGES, OSDFaceRestorer
-from model.vre import nearest_codes, select_token_indices
+from model.networks.fastpath import FastPathConfig, batch_sizes_up_to
+from model.networks.fastpath.graphs import CudaGraphs, install_cuda_graphs, padded
+from model.networks.fastpath.placement import resolve_decode_dtype
+from model.networks.restorer import STAGES, OSDFaceRestorer
+from model.networks.vre import nearest_codes, select_token_indices
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")

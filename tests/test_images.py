@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from model.codecs.decode import apply_orientation, decode_image
-from model.codecs.encode import encode_image
-from model.codecs.formats import ImageLimits, normalize_format, sniff_format
+from model.media.codecs.decode import apply_orientation, decode_image
+from model.media.codecs.encode import encode_image
+from model.media.codecs.formats import ImageLimits, normalize_format, sniff_format
 from model.errors import (
     ImageDecodeError,
     ImageTooLargeError,

@@ -18,12 +18,12 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageCms
 
-from model.codecs.decode import decode_image
-from model.codecs.encode import encode_image
-from model.codecs.formats import ImageLimits, sniff_format
-from model.codecs.heif import writable_formats
+from model.media.codecs.decode import decode_image
+from model.media.codecs.encode import encode_image
+from model.media.codecs.formats import ImageLimits, sniff_format
+from model.media.codecs.heif import writable_formats
 from model.errors import ImageDecodeError, ImageError, UnsupportedFormatError
-from model.pipeline import RestoreOptions, output_format
+from model.media.pipeline import RestoreOptions, output_format
 from osdface.cli import main
 from service.app import create_app
 from tests.service_helpers import BOUNDARY, multipart
@@ -117,7 +117,7 @@ def test_phone_photo_is_written_back_in_its_format(upright, fmt) -> None:
 
 def test_without_an_encoder_the_answer_is_png(upright, monkeypatch) -> None:
     image = decode_image(phone_file(upright, "HEIF"), LIMITS)
-    monkeypatch.setattr("model.pipeline.writable_formats", lambda: {"jpeg", "png", "webp"})
+    monkeypatch.setattr("model.media.pipeline.writable_formats", lambda: {"jpeg", "png", "webp"})
     assert output_format(image, RestoreOptions().validated()) == "png"
     assert output_format(image, RestoreOptions(output_format="jpg").validated()) == "jpeg"
 
@@ -173,7 +173,7 @@ def test_cli_background_upscales_with_the_network(tmp_path: Path, tiny_weights_d
 
 @pytest.fixture(scope="module")
 def client(tiny_weights_dir, tiny_restorer, tmp_path_factory) -> TestClient:
-    from model.faces.detect import FaceDetector
+    from model.media.faces.detect import FaceDetector
     from service.settings import Settings
 
     root = tmp_path_factory.mktemp("bg-weights")

@@ -18,12 +18,12 @@ import pytest
 import torch
 from PIL import Image
 
-from model.codecs.formats import ImageLimits
+from model.media.codecs.formats import ImageLimits
 from model.errors import ImageTooLargeError, InvalidInputError
-from model.faces.align import FACE_SIZE
-from model.faces.detect import FaceDetector
-from model.faces.paste import paste_faces
-from model.pipeline import (
+from model.media.faces.align import FACE_SIZE
+from model.media.faces.detect import FaceDetector
+from model.media.faces.paste import paste_faces
+from model.media.pipeline import (
     PreparedPhoto,
     RestoreOptions,
     finish_photo,

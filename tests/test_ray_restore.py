@@ -30,10 +30,10 @@ from PIL import Image
 
 pytest.importorskip("ray", reason="ray[data] is not installed (pip install -e .[ray])")
 
-from osdface import uris
-from osdface.plan import UsageError
-from osdface.ray_restore import plan_jobs, plan_uris
-from osdface.ray_stages import Job, PhotoState, RestoreFaces, RunConfig, _pack, _unpack
+from osdface.restore import uris
+from osdface.common import UsageError
+from osdface.restore.ray_driver import plan_jobs, plan_uris
+from osdface.restore.ray_stages import Job, PhotoState, RestoreFaces, RunConfig, _pack, _unpack
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_TEST_INPUTS = int(os.environ.get("OSDFACE_RAY_TEST_INPUTS", "200"))
@@ -232,7 +232,7 @@ def test_uri_plan_names_outputs_skips_existing_and_refuses_clashes(tmp_path: Pat
 
 def test_local_paths_get_the_local_cli_plan(tmp_path: Path) -> None:
     """--ray on local folders plans as the local CLI does: recursion, suffix, the same targets."""
-    from osdface.plan import make_plan
+    from osdface.restore.plan import make_plan
 
     inputs = tmp_path / "in"
     (inputs / "sub").mkdir(parents=True)
@@ -310,7 +310,7 @@ def _unpacked(data: bytes) -> PhotoState:
 
 
 def test_stage_resources_one_restorer_per_gpu_and_cpu_shares_that_fit() -> None:
-    from osdface.ray_stages import stage_resources
+    from osdface.restore.ray_stages import stage_resources
 
     gpu = stage_resources({"CPU": 32.0, "GPU": 4.0})
     assert gpu.restore == {"num_gpus": 1} and gpu.restore_actors == 4
@@ -337,7 +337,7 @@ def test_stages_write_what_the_local_cli_writes_with_background_and_faces(
     two faces, against the local CLI's result and faces/ for it (same settings, batch 1, one
     thread)."""
     from model.options import RestoreOptions
-    from osdface.ray_stages import Prepare, finish
+    from osdface.restore.ray_stages import Prepare, finish
     from service.settings import Settings
     from tests.tiny_realesrgan import write_tiny_realesrgan
 
@@ -407,7 +407,7 @@ def test_ray_without_weights_answers_before_starting_a_cluster(
 
 
 def test_engine_errors_are_reported_by_their_root_cause() -> None:
-    from osdface.ray_restore import root_cause
+    from osdface.restore.ray_driver import root_cause
 
     text = "The actor died \x1b[36mray::MapWorker\x1b[39m\n  File x\nWeightsNotFoundError: gone"
     assert root_cause(RuntimeError(text)) == "WeightsNotFoundError: gone"

@@ -11,7 +11,7 @@ from diffusers import DDPMScheduler
 
 from bench.baseline import AuthorsStyleBaseline
 from model.errors import InvalidInputError
-from model.restorer import OSDFaceRestorer, x0_from_eps
+from model.networks.restorer import OSDFaceRestorer, x0_from_eps
 from tests.reference_osdface import reference_osdface
 from weights.layout import WeightsLayout
 from weights.load import alpha_bar

@@ -23,9 +23,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from model.codecs.formats import ImageLimits
-from model.faces.detect import FaceDetector
-from model.pipeline import RestoreOptions, restore_photo
+from model.media.codecs.formats import ImageLimits
+from model.media.faces.detect import FaceDetector
+from model.media.pipeline import RestoreOptions, restore_photo
 from service.app import create_app
 from service.routes import wants_json
 from service.settings import Settings
@@ -492,7 +492,7 @@ def test_a_model_that_outputs_nan_is_a_500_not_the_clients_fault(
     service reports its own failure (500, logged once with the request id), not a 422."""
     import torch
 
-    from model.restorer import OSDFaceRestorer
+    from model.networks.restorer import OSDFaceRestorer
 
     broken = OSDFaceRestorer.from_pretrained(tiny_weights_dir, "cpu", torch.float32)
     with torch.no_grad():

@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import ValidationError
 
-from model.codecs.decode import decode_image
-from model.codecs.formats import ImageLimits
-from model.faces.detect import FaceDetector
+from model.media.codecs.decode import decode_image
+from model.media.codecs.formats import ImageLimits
+from model.media.faces.detect import FaceDetector
 from service.admission import SAFETY_FACTOR, BatchTimeEstimator
 from service.app import create_app
 from service.batching import Batcher

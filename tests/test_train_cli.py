@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
-from model.restorer import OSDFaceRestorer
+from model.networks.restorer import OSDFaceRestorer
 from osdface.cli import main as osdface
 from tests.train_helpers import (
     TRAIN_VRE,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 from model.errors import StateDictMismatchError, WeightsNotFoundError
-from model.restorer import x0_from_eps
+from model.networks.restorer import x0_from_eps
 from tests.train_helpers import one_thread  # noqa: F401 - autouse fixture
 from train.discriminator import LatentDiscriminator, PatchDiscriminator, patch_d_loss
 from train.losses import (

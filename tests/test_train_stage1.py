@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.errors import StateDictMismatchError
-from model.vre import VisualRepresentationEmbedder
+from model.networks.vre import VisualRepresentationEmbedder
 from tests.train_helpers import (
     TRAIN_VRE,
     fixed_batch,

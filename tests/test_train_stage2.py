@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from model.image_processor import denormalize
-from model.restorer import OSDFaceRestorer
+from model.networks.restorer import OSDFaceRestorer
 from osdface.cli import main as osdface
 from tests.train_helpers import (
     fixed_batch,

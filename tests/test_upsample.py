@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.errors import InvalidInputError
-from model.fastpath.upsample import SubpixelUpsample2D, use_subpixel_upsampling
+from model.networks.fastpath.upsample import SubpixelUpsample2D, use_subpixel_upsampling
 
 CONFIGS = Path(__file__).resolve().parents[1] / "model/configs/sd21-base"
 

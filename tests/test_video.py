@@ -20,11 +20,11 @@ import pytest
 import torch
 
 from model.errors import NoVideoStreamError, UnsupportedVideoCodecError, VideoDecodeError
-from model.faces.align import align_face
-from model.faces.detect import FaceDetector, select_faces
-from model.video.io import VideoSource
-from model.video.restore import VideoOptions, restore_video
-from model.video.track import FaceTracker, OneEuroFilter, SmoothingConfig, box_iou
+from model.media.faces.align import align_face
+from model.media.faces.detect import FaceDetector, select_faces
+from model.media.video.io import VideoSource
+from model.media.video.restore import VideoOptions, restore_video
+from model.media.video.track import FaceTracker, OneEuroFilter, SmoothingConfig, box_iou
 from tests.video_helpers import clip_facts, decoded_frames, photo_frame, write_clip
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,7 +153,7 @@ def test_one_euro_still_noise_held_and_motion_followed() -> None:
 
 
 def test_tracker_keeps_ids_across_order_changes_and_drops_lost_faces() -> None:
-    from model.faces.detect import DetectedFace
+    from model.media.faces.detect import DetectedFace
 
     def face(x: float) -> DetectedFace:
         points = tuple(

@@ -22,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from model.faces.detect import FaceDetector
+from model.media.faces.detect import FaceDetector
 from service.app import create_app
 from service.batching import Batcher
 from service.settings import Settings

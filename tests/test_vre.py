@@ -9,7 +9,7 @@ import torch
 
 from bench.baseline import select_codes_loop, tokens_from_codes
 from model.config import VREConfig
-from model.vre import VisualRepresentationEmbedder, nearest_codes, select_token_indices
+from model.networks.vre import VisualRepresentationEmbedder, nearest_codes, select_token_indices
 
 KEYS_TSV = Path(__file__).resolve().parents[2] / "shared/reference/vre_checkpoint_keys.tsv"
 

@@ -19,7 +19,7 @@ from model.errors import (
     WeightsError,
     WeightsNotFoundError,
 )
-from model.restorer import OSDFaceRestorer
+from model.networks.restorer import OSDFaceRestorer
 from tests.tiny_weights import TINY_CONFIG, write_tiny_weights
 from weights.convert import convert_released
 from weights.layout import SAFETENSORS_NAME, WeightsLayout

@@ -28,7 +28,7 @@ from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 from model.config import OSDFaceConfig, VREConfig  # noqa: E402
-from model.vre import VisualRepresentationEmbedder  # noqa: E402
+from model.networks.vre import VisualRepresentationEmbedder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULER_CONFIG = REPO / "model/configs/sd21-base/scheduler/scheduler_config.json"

@@ -3,7 +3,7 @@ the VAE and the VRE's tokenizer are frozen.
 
 The generator is the restorer's computation with gradients: the VRE's tokens (frozen) through
 its projection (trained) as the prompt, the VAE latent of the LQ face (`mode`, frozen), one
-UNet call at T_L, x0 by `model.restorer.x0_from_eps` (float64), and the VAE decoder.
+UNet call at T_L, x0 by `model.networks.restorer.x0_from_eps` (float64), and the VAE decoder.
 
 Loss = mse_weight * MSE(out, gt) + id_weight * (1 - cos ArcFace) + per_weight * EA-DISTS
 + gan_weight * softplus(-D(noised x0)); the latent discriminator alternates with it.
@@ -34,8 +34,8 @@ from torch import nn
 from model.config import OSDFaceConfig
 from model.errors import LoraKeyError, StateDictMismatchError
 from model.image_processor import denormalize, normalize
-from model.restorer import x0_from_eps
-from model.vre import VisualRepresentationEmbedder
+from model.networks.restorer import x0_from_eps
+from model.networks.vre import VisualRepresentationEmbedder
 from train.common import build_datasets, frozen
 from train.config import Stage2Config, to_dict
 from train.discriminator import LatentDiscriminator
@@ -56,7 +56,7 @@ ADAPTER = "default"
 class OneStepGenerator(nn.Module):
     """LQ faces (B, 3, S, S) RGB [0, 1] -> restored (B, 3, S, S) in [-1, 1] and x0 latents.
 
-    The restorer's steps 1-4 (`model.restorer.OSDFaceRestorer.__call__`) with gradients
+    The restorer's steps 1-4 (`model.networks.restorer.OSDFaceRestorer.__call__`) with gradients
     through the projection, the LoRA UNet and the VAE decoder.
     """
 
@@ -80,7 +80,7 @@ class OneStepGenerator(nn.Module):
         dtype = self.vae.dtype
         return self.vae.encode(image.to(dtype)).latent_dist.mode() * self.scaling_factor
 
-    # Copied from model.restorer.OSDFaceRestorer.__call__ (steps 1-4), with gradients through
+    # Copied from model.networks.restorer.OSDFaceRestorer.__call__ (steps 1-4), with gradients through
     # the projection, the LoRA UNet and the decoder, the tokens in fp32 outside autocast, and
     # the output left in [-1, 1] for the losses. tests/test_train_stage2.py checks the two agree.
     def forward(self, lq01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,6 @@
 """Stage 1's VQ autoencoder: the restorer's VRE encoder, a codebook and a mirrored decoder.
 
-The encoder, `quant_conv` and codebook are the very modules `model.vre` builds, under the same
+The encoder, `quant_conv` and codebook are the very modules `model.networks.vre` builds, under the same
 names, so the LQ autoencoder's `tokenizer_state_dict()` loads strictly into
 `VisualRepresentationEmbedder` (everything but its projection, which stage 2 trains).
 
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import VREConfig
-from model.vre import AttnBlock, ResnetBlock, VQEncoder, group_norm, nearest_codes
+from model.networks.vre import AttnBlock, ResnetBlock, VQEncoder, group_norm, nearest_codes
 
 TOKENIZER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
 

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from model.config import OSDFaceConfig
 from model.errors import WeightsError
-from model.vre import VisualRepresentationEmbedder
+from model.networks.vre import VisualRepresentationEmbedder
 from weights.layout import WeightsLayout, require
 from weights.load import load_base_unet
 from weights.lora import merge_lora

@@ -14,7 +14,7 @@ from torch import nn
 
 from model.config import OSDFaceConfig
 from model.errors import WeightsError, WeightsNotFoundError
-from model.vre import VisualRepresentationEmbedder
+from model.networks.vre import VisualRepresentationEmbedder
 from weights.layout import SAFETENSORS_NAME, WeightsLayout, require
 from weights.lora import attach_lora, merge_lora
 from weights.strict import load_strict, read_safetensors

@@ -1,1 +1,0 @@
-"""Restoration quality: the paper's metrics, the eval loop and its report (osdface eval)."""

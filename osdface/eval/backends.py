@@ -1,0 +1,92 @@
+"""Who restores the LQ faces for eval: the restorer in this process, or a running service.
+
+Both take and give uint8 (512, 512, 3) RGB arrays, a batch at a time, so eval scores exactly
+what a deployment returns (its dtype, fast path and PNG encoding) when it goes through HTTP.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.errors import OSDFaceError
+
+logger = logging.getLogger(__name__)
+
+HTTP_TIMEOUT_S = 600.0
+
+
+class RemoteRestoreError(OSDFaceError):
+    """The service answered a restore request with an error."""
+
+
+class InProcessBackend:
+    """OSDFaceRestorer loaded once; one model call per batch."""
+
+    def __init__(self, restorer) -> None:
+        self.restorer = restorer
+
+    def describe(self) -> dict:
+        return {"kind": "in-process", **self.restorer.describe()}
+
+    def restore(self, faces: list[np.ndarray]) -> list[np.ndarray]:
+        batch = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).float() / 255.0
+        out = self.restorer(batch).images  # (B, 3, 512, 512) float32 [0, 1] RGB
+        pixels = (out.permute(0, 2, 3, 1).numpy() * 255.0).round().astype(np.uint8)
+        return list(pixels)
+
+
+class HTTPBackend:
+    """POST /restore with aligned=true, one request per face, a batch's requests concurrently
+    (so the service's cross-request batching sees them together)."""
+
+    def __init__(self, url: str, api_key: str | None = None, concurrency: int = 4) -> None:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.url = url.rstrip("/")
+        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=HTTP_TIMEOUT_S)
+        self.concurrency = max(1, concurrency)
+
+    def describe(self) -> dict:
+        info = self.client.get("/v1/info")
+        return {"kind": "http", "url": self.url, **(info.json() if info.is_success else {})}
+
+    def restore(self, faces: list[np.ndarray]) -> list[np.ndarray]:
+        with ThreadPoolExecutor(min(self.concurrency, len(faces))) as pool:
+            return list(pool.map(self._one, faces))
+
+    def _one(self, face: np.ndarray) -> np.ndarray:
+        buffer = io.BytesIO()
+        Image.fromarray(face).save(buffer, format="PNG")
+        response = self.client.post(
+            "/restore",
+            files={"image": ("face.png", buffer.getvalue(), "image/png")},
+            data={"aligned": "true", "output_format": "png"},
+        )
+        if not response.is_success:
+            raise RemoteRestoreError(
+                f"{self.url}/restore answered {response.status_code}: {response.text[:300]}"
+            )
+        with Image.open(io.BytesIO(response.content)) as im:
+            return np.array(im.convert("RGB"))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def in_process(weights: Path, device: str, dtype: str, latent: str = "mode") -> InProcessBackend:
+    from model.device import resolve_device, resolve_dtype
+    from model.networks.restorer import OSDFaceRestorer
+
+    resolved = resolve_device(device)
+    restorer = OSDFaceRestorer.from_pretrained(
+        weights, resolved, resolve_dtype(dtype, resolved), latent=latent
+    )
+    return InProcessBackend(restorer)
