@@ -8,20 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.assets import locate
 from tests.tiny_weights import write_tiny_weights
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def assets_dir() -> Path:
-    return Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
+    """OSDFACE_TEST_ASSETS (default ../shared/assets), else the cache `make assets` fills."""
+    return locate()
 
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
     path = assets_dir()
     if not path.is_dir():
-        reason = f"test assets not found at {path} (set OSDFACE_TEST_ASSETS)"
+        reason = f"test assets not found at {path} (set OSDFACE_TEST_ASSETS or run `make assets`)"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     return path

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
+from model.atomic import write_atomic
 from weights.layout import SAFETENSORS_NAME, WeightsLayout, require, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,5 @@ def is_current(stamp: Path, outputs: list[Path], inputs: dict[str, Path]) -> boo
 
 def write_stamp(stamp: Path, inputs: Record, outputs: list[Path]) -> None:
     """Atomically, after the outputs: a crash between the two leaves outputs never trusted."""
-    temp = stamp.with_name(f".{stamp.name}.partial")
     data = {"inputs": inputs, "outputs": _stats(outputs)}
-    temp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, stamp)
+    write_atomic(stamp, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())

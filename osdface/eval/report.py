@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from model.atomic import atomic_path, write_atomic
 from osdface.eval.paper import HIGHER_IS_BETTER, LOWER_IS_BETTER, PAPER_TABLES
 
 METRICS_JSON = "metrics.json"
@@ -38,9 +38,7 @@ def summarise(
 
 
 def write_json(path: Path, data: dict) -> None:
-    part = path.with_name(f".{path.name}.part")
-    part.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
-    os.replace(part, path)
+    write_atomic(path, (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())
 
 
 def _arrow(metric: str) -> str:
@@ -115,6 +113,5 @@ def contact_sheet(
                 thumb = im.convert("RGB").resize((THUMB, THUMB), Image.Resampling.LANCZOS)
             sheet.paste(thumb, (col * THUMB, y + caption))
             draw.text((col * THUMB + 4, y + caption + 3), title, fill="white")
-    part = target.with_name(f".{target.name}.part")
-    sheet.save(part, format="PNG")
-    os.replace(part, target)
+    with atomic_path(target) as part:
+        sheet.save(part, format="PNG")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from model.atomic import atomic_path
 from model.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -78,9 +78,8 @@ def read_face(path: Path) -> np.ndarray:
 
 def write_png(rgb: np.ndarray, target: Path) -> None:
     """Write atomically: a temporary name in the same folder, then rename."""
-    part = target.with_name(f".{target.name}.part")
-    Image.fromarray(rgb).save(part, format="PNG")
-    os.replace(part, target)
+    with atomic_path(target) as part:
+        Image.fromarray(rgb).save(part, format="PNG")
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -161,15 +160,13 @@ def score_all(
 def _write_rows(path: Path, rows: dict[str, dict[str, float]], pairs: list[Pair]) -> None:
     """The whole CSV, atomically, in the pairs' order (its size is bounded by the set's)."""
     columns = list(dict.fromkeys(m for r in rows.values() for m in r))
-    part = path.with_name(f".{path.name}.part")
-    with part.open("w", newline="") as f:
+    with atomic_path(path) as part, part.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["name", *columns])
         for pair in pairs:
             if pair.name in rows:
                 row = rows[pair.name]
                 writer.writerow([pair.name, *(_fmt(row.get(c)) for c in columns)])
-    os.replace(part, path)
 
 
 def _fmt(value: float | None) -> str:
