@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
 from model.errors import InvalidInputError
 from model.media.video.config import VIDEO_SUFFIXES
@@ -26,14 +26,13 @@ from service.jobs import Job, JobManager, JobState
 from service.openapi import OK_HEADERS, ops_responses
 from service.routes import get_service, require_api_key
 from service.state import ServiceState
-from service.upload import byte_limit, feed_multipart, refuse_query
+from service.upload import feed_multipart, open_multipart, refuse_query, too_large_message
 
 router = APIRouter(prefix="/v1/jobs", tags=["video jobs"])
 
 VIDEO_FIELD = "video"
 FIELDS = ("start", "duration", "crf", "strength", "max_faces")
 MAX_FIELD_BYTES = 64
-MULTIPART_OVERHEAD = 64 * 1024
 MEDIA_TYPES = {
     ".mp4": "video/mp4",
     ".mov": "video/quicktime",
@@ -207,20 +206,10 @@ class _VideoPart:
 
 
 async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoPart:
-    kind, params = parse_options_header(request.headers.get("content-type"))
-    if kind != b"multipart/form-data" or not params.get(b"boundary"):
-        raise ServiceError(
-            ErrorKind.UNSUPPORTED_MEDIA_TYPE, "send multipart/form-data with the file in 'video'"
-        )
-    limit = max_bytes + MULTIPART_OVERHEAD
-    too_large = f"the video is over the limit of {byte_limit(max_bytes, 'max_job_bytes')}"
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, too_large)
-    part = _VideoPart(folder, max_bytes, too_large)
-    parser = MultipartParser(params[b"boundary"], part.callbacks())
+    part = _VideoPart(folder, max_bytes, too_large_message(max_bytes, "max_job_bytes"))
+    body = open_multipart(request, part.callbacks(), max_bytes, "max_job_bytes", VIDEO_FIELD)
     try:
-        await feed_multipart(request, parser, limit, too_large)
+        await feed_multipart(request, body.parser, body.body_limit, body.too_large)
     finally:
         part.close()
     if not part.ended:

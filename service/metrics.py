@@ -22,6 +22,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from service.errors import ErrorKind
+
 # `_created` series double every counter and histogram and no dashboard reads them.
 disable_created_metrics()
 
@@ -33,6 +35,8 @@ FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
 STAGES = ("decode", "detect", "align", "vre", "vae_encode", "unet", "vae_decode", "paste", "encode")
 STAGES += ("background",)  # Real-ESRGAN, when asked for
+# The label values of osdface_rejected_total: the error types of work refused or dropped.
+REJECTION_REASONS = tuple(kind.type for kind in ErrorKind if kind.rejection)
 
 
 class Metrics:
@@ -85,11 +89,12 @@ class Metrics:
         )
         self.rejected = Counter(
             "osdface_rejected_total",
-            "Work refused or dropped: queue_full, too_many_requests, not_ready, draining, "
-            "deadline, client_disconnected.",
+            f"Work refused or dropped, by reason: {', '.join(REJECTION_REASONS)}.",
             ["reason"],
             registry=reg,
         )
+        for reason in REJECTION_REASONS:  # present at 0 from start, so rate() is never empty
+            self.rejected.labels(reason=reason)
         self.errors = Counter(
             "osdface_errors_total",
             "Error responses by error type (the `type` of the JSON error body).",

@@ -44,6 +44,10 @@ def byte_limit(limit: int, setting: str) -> str:
     return f"{limit / MIB:.4g} MiB ({limit} bytes), {env_name(setting)}"
 
 
+def too_large_message(limit: int, setting: str) -> str:
+    return f"the upload is over the limit of {byte_limit(limit, setting)}; send a smaller file"
+
+
 @dataclass
 class Upload:
     """The image's bytes (not yet validated) and the text form fields."""
@@ -148,28 +152,57 @@ class _Collector:
         self.ended = True
 
 
-async def read_upload(request: Request, max_image_bytes: int) -> Upload:
-    """Stream and parse the multipart body; raise the service error that explains a refusal."""
+@dataclass(frozen=True)
+class MultipartBody:
+    """A multipart request that passed the header checks: its parser and byte limit."""
+
+    parser: MultipartParser
+    body_limit: int  # the file's limit plus the framing slack
+    too_large: str  # the message for a body past the limit, naming the configured setting
+
+
+def open_multipart(
+    request: Request, callbacks: dict, max_bytes: int, setting: str, field: str
+) -> MultipartBody:
+    """Check the headers of a multipart upload whose file goes in `field`, and build its parser.
+
+    Every refusal is the client's: 415 for another content type, 400 for a missing or unusable
+    boundary (python-multipart refuses long ones in its constructor), 413 for a declared length
+    over `max_bytes` plus framing.
+    """
     kind, params = parse_options_header(request.headers.get("content-type"))
     if kind != b"multipart/form-data":
         raise ServiceError(
             ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-            "send multipart/form-data with the picture in the 'image' field",
+            f"send multipart/form-data with the file in the '{field}' field",
         )
     boundary = params.get(b"boundary")
     if not boundary:
         raise ServiceError(
             ErrorKind.MALFORMED_REQUEST, "the multipart Content-Type has no boundary"
         )
-    body_limit = max_image_bytes + MULTIPART_OVERHEAD
-    limit = byte_limit(max_image_bytes, "max_upload_bytes")
-    too_large = f"the upload is over the limit of {limit}; send a smaller file"
+    body_limit = max_bytes + MULTIPART_OVERHEAD
+    too_large = too_large_message(max_bytes, setting)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > body_limit:
         raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, too_large)
-    collector = _Collector(max_image_bytes, too_large)
-    parser = MultipartParser(boundary, collector.callbacks())
-    await feed_multipart(request, parser, body_limit, too_large)
+    try:
+        parser = MultipartParser(boundary, callbacks)
+    except (MultipartParseError, ValueError) as exc:
+        raise ServiceError(
+            ErrorKind.MALFORMED_REQUEST,
+            f"the multipart boundary cannot be used ({exc}); a boundary is 1 to 70 characters",
+        ) from exc
+    return MultipartBody(parser, body_limit, too_large)
+
+
+async def read_upload(request: Request, max_image_bytes: int) -> Upload:
+    """Stream and parse the multipart body; raise the service error that explains a refusal."""
+    collector = _Collector(max_image_bytes, too_large_message(max_image_bytes, "max_upload_bytes"))
+    body = open_multipart(
+        request, collector.callbacks(), max_image_bytes, "max_upload_bytes", IMAGE_FIELD
+    )
+    await feed_multipart(request, body.parser, body.body_limit, body.too_large)
     if not collector.ended:
         raise ServiceError(
             ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"

@@ -29,9 +29,10 @@ RESTORES = 3
 SCRAPE_INTERVAL = "1s"
 # Grafana's built-in interval variables, as Grafana would expand them for a short range.
 GRAFANA_INTERVALS = {"__rate_interval": "1m", "__interval": "15s", "__range": "5m"}
-# Counters whose series only appear once the event happened (no rejection is provoked here):
-# their panels may be empty, but their metric must still be known to Prometheus.
-MAY_BE_EMPTY = {"osdface_rejected_total"}
+# Counters whose series only appear once the event happened: their panels may be empty, but
+# their metric must still be known to Prometheus. None today: even osdface_rejected_total has
+# its series at 0 from start.
+MAY_BE_EMPTY: set[str] = set()
 
 
 def scrape_config(target: str) -> dict[str, Any]:
