@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.networks.background import BackgroundUpscaler, TileSettings, plan_windows
 from model.device import resolve_device, resolve_dtype
+from model.networks.background import BackgroundUpscaler, TileSettings, plan_windows
 from tests.tiny_realesrgan import write_tiny_realesrgan
 
 REPO = Path(__file__).resolve().parents[1]

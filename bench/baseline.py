@@ -148,7 +148,7 @@ class AuthorsStyleBaseline:
                 z = dist.mode() * self.scaling_factor
         with _stage("unet", timings, self.device):
             eps = self.unet(z, self.timestep, encoder_hidden_states=prompt).sample
-            a = self.alpha_bar  # the release's formula, apart from model.networks.restorer.x0_from_eps
+            a = self.alpha_bar  # the release's formula, apart from restorer.x0_from_eps
             x0 = ((z.double() - math.sqrt(1 - a) * eps.double()) / math.sqrt(a)).float()
         with _stage("vae_decode", timings, self.device):
             out = denormalize(self.vae.decode(x0 / self.scaling_factor).sample)

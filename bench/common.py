@@ -9,6 +9,7 @@ import gc
 import os
 import platform
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +26,12 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 DTYPES = TORCH_DTYPES
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # The restorer's configurations: the plain path, the fast path, and the fast path with one
-# setting changed (see `fast_config`).
-VARIANTS = ("plain", "fast", "overlap", "nosubpixel", "compile")
+# setting changed (see `fast_config`). `busy` and `busynostream` run beside a detector-like
+# load on the default stream (`DefaultStreamLoad`), with and without the worker's own stream.
+VARIANTS = (
+    "plain", "fast", "overlap", "nosubpixel", "nochannelslast", "busy", "busynostream", "compile"
+)  # fmt: skip
+BUSY = ("busy", "busynostream")
 
 
 def sample_faces(n: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -87,6 +92,52 @@ def strict_fp32(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@contextmanager
+def on_worker_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """The block's CUDA work on `stream`, waited for at the end; as the service's model worker
+    runs each call (service/worker_device.py's `on_stream`, which the GPU image cannot import).
+    `None`: a plain block (CPU, or the worker stream off)."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        yield
+    stream.synchronize()
+
+
+class DefaultStreamLoad:
+    """A thread doing what the service's GPU face detector does beside the model: convolutions
+    on a photo-sized input on the default stream, each result copied to the host (`.cpu()`
+    waits for that stream). Without the worker's own stream, the model's kernels queue on the
+    same stream, and each copy waits for the model's batch in flight (and the model for it)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.calls = device, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="default-stream-load", daemon=True)
+
+    def __enter__(self) -> DefaultStreamLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        net = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 32, 3, 2, 1), torch.nn.ReLU(),
+            torch.nn.Conv2d(32, 64, 3, 2, 1),
+        ).to(self.device)  # fmt: skip
+        photo = torch.rand(1, 3, 960, 1280, generator=g).to(self.device)  # (1, 3, H, W)
+        while not self._stop.is_set():
+            net(photo).amax().cpu()
+            self.calls += 1
+
+
 def fast_config(variant: str, args) -> FastPathConfig | None:
     if variant == "plain":
         return None
@@ -95,6 +146,8 @@ def fast_config(variant: str, args) -> FastPathConfig | None:
         compile=variant == "compile",
         overlap=variant == "overlap",
         subpixel_upsample=variant != "nosubpixel",
+        channels_last=variant != "nochannelslast",
+        worker_stream=variant != "busynostream",
         compile_mode=args.compile_mode,
         num_threads=args.threads,
     )
@@ -122,13 +175,14 @@ def environment(device: torch.device, args) -> dict:
 
 
 def parse_configs(text: str) -> list[tuple[str, str]]:
-    """`fast:float32,compile:bfloat16` -> [("fast", "float32"), ("compile", "bfloat16")]."""
+    """`fast:float32,compile:bfloat16` -> [("fast", "float32"), ("compile", "bfloat16")];
+    `startup:DTYPE` stands for the start-up of the fast path in that dtype, at that place."""
     configs = []
     for item in text.split(","):
         variant, _, dtype = item.partition(":")
-        if variant not in VARIANTS or dtype not in DTYPES:
+        if variant not in (*VARIANTS, "startup") or dtype not in DTYPES:
             raise argparse.ArgumentTypeError(
-                f"{item!r}: want VARIANT:DTYPE of {VARIANTS} x {tuple(DTYPES)}"
+                f"{item!r}: want VARIANT:DTYPE of {(*VARIANTS, 'startup')} x {tuple(DTYPES)}"
             )
         configs.append((variant, dtype))
     return configs

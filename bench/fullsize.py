@@ -10,9 +10,12 @@ exercises and times the real start-up path. Nothing is downloaded.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import nn
 
+from model.atomic import partial_name
 from model.config import OSDFaceConfig
 from model.image_processor import normalize
 from model.networks.vre import VisualRepresentationEmbedder
@@ -143,5 +147,29 @@ def ensure_weights(root: Path, *, tiny: bool, seed: int = 0) -> Path:
         return root
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} is not empty and holds no {kind} bench weights")
-    root.mkdir(parents=True, exist_ok=True)
-    return write_tiny(root, seed=seed) if tiny else write_full_size_weights(root, seed=seed)
+    # Written under a temporary name and renamed when complete: a run killed while writing
+    # leaves no half folder under `root`, and the next run starts that one afresh.
+    temp = partial_name(root)
+    shutil.rmtree(temp, ignore_errors=True)
+    temp.mkdir(parents=True)
+    if tiny:
+        write_tiny(temp, seed=seed)
+    else:
+        write_full_size_weights(temp, seed=seed)
+    os.replace(temp, root)  # over an empty `root`, if there is one
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m bench.fullsize DIR [--tiny]`: write (or keep) the weights ahead of a run."""
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("root", type=Path)
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ensure_weights(args.root, tiny=args.tiny)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -139,6 +139,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.batch_sizes = [1]
     if args.rounds < 1 or args.warmup < 1:
         p.error("--rounds and --warmup must be >= 1")
+    if any(variant == "startup" for variant, _ in args.configs):
+        p.error("startup is a step of bench/speed.py, not a configuration to pair")
     return args
 
 

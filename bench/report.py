@@ -1,12 +1,17 @@
-"""The benchmark's table and summary: rows per configuration and batch size, as markdown."""
+"""The benchmark's record and table: rows per configuration and batch size, the JSON kept after
+every row, the markdown table and the summary against the targets."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
+import time
 from dataclasses import dataclass, field
 
 from bench.common import SHORT, fast_config
+from model.atomic import write_atomic
 from model.networks.restorer import STAGES
 
 
@@ -32,6 +37,39 @@ class Row:
         return 1.0 / self.total if self.total > 0 else float("nan")
 
 
+@dataclass
+class Results:
+    """What the run has measured so far. `save` rewrites the `--json` file with it after every
+    row, so a run killed at any point leaves what it had."""
+
+    args: argparse.Namespace
+    env: dict
+    began: float = field(default_factory=time.perf_counter)
+    gmacs: dict[str, float] = field(default_factory=dict)
+    rows: list[Row] = field(default_factory=list)
+    startups: list[dict] = field(default_factory=list)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.began
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        self.save()
+        return row
+
+    def add_startup(self, startup: dict) -> None:
+        self.startups.append(startup)
+        self.save()
+
+    def save(self) -> None:
+        if self.args.json is None:
+            return
+        rows = [dataclasses.asdict(r) for r in self.rows]
+        payload = {"env": self.env, "gmacs": self.gmacs, "rows": rows, "startups": self.startups,
+                   "note": self.args.note, "elapsed_s": self.elapsed()}  # fmt: skip
+        write_atomic(self.args.json, (json.dumps(payload, indent=2, default=float) + "\n").encode())
+
+
 def _ms(seconds: float) -> str:
     return "-" if seconds != seconds else f"{seconds * 1e3:,.1f}"
 
@@ -41,16 +79,17 @@ def _ratio(a: float, b: float) -> str:
 
 
 def format_report(env: dict, gmacs: dict, rows: list[Row], startups: list[dict], args) -> str:
-    base = next((r for r in rows if r.impl == "baseline"), None)
+    """The markdown table; failed or skipped rows (the baseline's too) show their note."""
+    base = next((r for r in rows if r.impl == "baseline" and r.total == r.total), None)
     head = (
         "| impl | dtype | batch | VRE | VAE enc | UNet | VAE dec | total ms/face | faces/s "
-        "| TFLOP/s | CPU s/face | peak GiB | PSNR dB | first call s |"
+        "| TFLOP/s | CPU s/face | peak GiB | PSNR dB | warm-up s |"
     )
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         name = r.impl if r.impl == "baseline" else f"ours ({r.variant})"
         psnr_text = "-" if r.psnr_db is None else f"{r.psnr_db:.1f}"
-        tflops = 2 * gmacs["total"] / 1e3 / r.total if r.total == r.total else float("nan")
+        tflops = 2 * gmacs.get("total", math.nan) / 1e3 / r.total if r.total > 0 else math.nan
         lines.append(
             f"| {name} | {SHORT[r.dtype]} | {r.batch} | "
             + " | ".join(_ms(r.stages.get(k, float("nan"))) for k in STAGES)
@@ -59,7 +98,9 @@ def format_report(env: dict, gmacs: dict, rows: list[Row], startups: list[dict],
             f"| {psnr_text} | {r.first_call_s:.1f} |" + (f" {r.note}" if r.note else "")
         )
         if base is not None and r is not base and r.total == r.total:
-            ratios = [_ratio(r.stages[k], base.stages[k]) for k in STAGES]
+            ratios = [
+                _ratio(r.stages.get(k, math.nan), base.stages.get(k, math.nan)) for k in STAGES
+            ]
             total = _ratio(r.total, base.total)
             speed = _ratio(r.faces_per_s, base.faces_per_s)
             cpu = _ratio(r.cpu, base.cpu)
@@ -68,23 +109,19 @@ def format_report(env: dict, gmacs: dict, rows: list[Row], startups: list[dict],
                 f"| ours/baseline | | | {' | '.join(ratios)} | **{total}** | {speed} | "
                 f"| {cpu} | {memory} | | |"
             )
-    g = gmacs
     out = [
         f"### {env['date']}: {env['device']}",
         "",
         f"torch {env['torch']}, diffusers {env['diffusers']}, Python {env['python']}; "
         f"THP_MEM_ALLOC_ENABLE={env['THP_MEM_ALLOC_ENABLE']}; `{env['command']}`",
         "",
-        f"GMACs per face (flop counter, 512x512): VRE {g['vre']:.0f}, VAE encoder "
-        f"{g['vae_encode']:.0f}, UNet {g['unet']:.0f}, VAE decoder {g['vae_decode']:.0f}; total "
-        f"{g['total']:,.0f}, of which attention products {g['attention']:.0f} "
-        f"({g['total'] - g['attention']:,.0f} without them). The fast path's subpixel "
-        f"upsampling does {g['total_subpixel']:,.0f} of them (UNet {g['unet_subpixel']:.0f}, "
-        f"VAE decoder {g['vae_decode_subpixel']:.0f}); TFLOP/s counts {g['total']:,.0f} for all.",
+        _gmacs_line(gmacs),
         "",
         f"Median of {args.repeats} runs after {args.warmup} warm-up; stage columns are ms per "
         "face (VRE and VAE encode run concurrently on CUDA when `overlap` is on); CPU s/face "
-        "is the process's CPU time (all threads); PSNR against fp32.",
+        "is the process's CPU time (all threads); PSNR against fp32; warm-up s is the "
+        "configuration's `warmup()` (cuDNN autotuning, graph capture, compilation), the "
+        "baseline's first call.",
         "",
         *lines,
     ]
@@ -105,6 +142,19 @@ def format_report(env: dict, gmacs: dict, rows: list[Row], startups: list[dict],
     if args.note:
         out += ["", args.note]
     return "\n".join(out) + "\n"
+
+
+def _gmacs_line(g: dict) -> str:
+    if not g:
+        return "GMACs per face: not counted (see the log)."
+    return (
+        f"GMACs per face (flop counter, 512x512): VRE {g['vre']:.0f}, VAE encoder "
+        f"{g['vae_encode']:.0f}, UNet {g['unet']:.0f}, VAE decoder {g['vae_decode']:.0f}; total "
+        f"{g['total']:,.0f}, of which attention products {g['attention']:.0f} "
+        f"({g['total'] - g['attention']:,.0f} without them). The fast path's subpixel "
+        f"upsampling does {g['total_subpixel']:,.0f} of them (UNet {g['unet_subpixel']:.0f}, "
+        f"VAE decoder {g['vae_decode_subpixel']:.0f}); TFLOP/s counts {g['total']:,.0f} for all."
+    )
 
 
 def summarize(payload: dict) -> str:
@@ -139,9 +189,11 @@ def summarize(payload: dict) -> str:
         if psnrs:
             text += f"; PSNR vs fp32 >= {min(psnrs):.1f} dB"
         lines.append(text)
+    lines += settled(rows)
     for r in payload["rows"]:
         if r["note"]:
-            lines.append(f"ours {r['variant']} {SHORT[r['dtype']]} batch {r['batch']}: {r['note']}")
+            where = f"{r['impl']} {r['variant']} {SHORT[r['dtype']]} batch {r['batch']}"
+            lines.append(f"{where}: {r['note']}")
     for st in payload["startups"]:
         if "ready_s" in st:
             verdict = ("met" if st["ready_s"] <= 30 else "MISSED") if cuda else "reported"
@@ -150,3 +202,36 @@ def summarize(payload: dict) -> str:
         else:
             lines.append(f"start-up: {st.get('error')}")
     return "\n".join(lines)
+
+
+# Settings only a GPU run can settle: (setting, variant with it on, variant with it off).
+SETTLED_BY_GPU = (
+    ("channels_last", "fast", "nochannelslast"),
+    ("worker_stream", "busy", "busynostream"),
+    ("overlap", "overlap", "fast"),
+    ("subpixel_upsample", "fast", "nosubpixel"),
+)
+
+
+def settled(rows: list[dict]) -> list[str]:
+    """For each setting of SETTLED_BY_GPU measured both ways in one dtype: ms per face with it
+    on over off at each batch size (below 1: on is faster)."""
+    by = {(r["variant"], r["dtype"], r["batch"]): r["total"] for r in rows if r["impl"] == "ours"}
+    lines = []
+    for setting, on, off in SETTLED_BY_GPU:
+        for dtype in dict.fromkeys(d for v, d, _ in by if v == on):
+            batches = sorted(b for v, d, b in by if (v, d) == (on, dtype) and (off, d, b) in by)
+            ratios = [by[on, dtype, b] / by[off, dtype, b] for b in batches]
+            if ratios:
+                each = ", ".join(
+                    f"{x:.2f}x at batch {b}" for x, b in zip(ratios, batches, strict=True)
+                )
+                verdict = (
+                    "on is faster"
+                    if max(ratios) < 1
+                    else "off is faster"
+                    if min(ratios) > 1
+                    else "mixed"
+                )
+                lines.append(f"{setting} {SHORT[dtype]}: on/off ms per face {each} ({verdict})")
+    return lines

@@ -29,8 +29,8 @@ import torch
 from bench.fullsize import ensure_weights
 from model.device import resolve_device, resolve_dtype
 from model.media.faces.detect import FaceDetector
-from model.networks.restorer import OSDFaceRestorer
 from model.media.video.restore import VideoOptions, restore_video
+from model.networks.restorer import OSDFaceRestorer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_ASSETS = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))

@@ -24,8 +24,8 @@ LatentMode = Literal["mode", "sample"]
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 # The RetinaFace variants model/media/faces/detect.py can load.
 DetectorName = Literal["retinaface_resnet50", "retinaface_mobile0.25"]
-# Background networks (Real-ESRGAN, model/networks/background.py) and their output scales; "none" is a
-# Lanczos resize.
+# Background networks (Real-ESRGAN, model/networks/background.py) and their output scales;
+# "none" is a Lanczos resize.
 BackgroundNet = Literal["realesrgan-x2", "realesrgan-x4"]
 BackgroundName = Literal["none", BackgroundNet]
 BACKGROUND_SCALES: dict[str, int] = {"realesrgan-x2": 2, "realesrgan-x4": 4}

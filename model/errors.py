@@ -69,6 +69,11 @@ class InvalidInputError(OSDFaceError, ValueError):
     """A tensor or parameter handed to the model is outside its contract."""
 
 
+class ModelOutputError(OSDFaceError):
+    """The model returned what its contract rules out (NaN or infinite pixels): a failure of
+    the model or its device, never of the input (which passed its checks before the call)."""
+
+
 class ImageError(OSDFaceError):
     """Base class for problems with an uploaded image file."""
 

@@ -5,26 +5,26 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import NoReturn
 
 from osdface import __version__, serve, train, weights
+from osdface.common import UsageError
 from osdface.eval import command as evaluate
 from osdface.restore import command as restore
-from osdface.common import UsageError
+from osdface.restore.flags import explain_parse_error
 
 logger = logging.getLogger("osdface")
 # Libraries whose warnings are about their own optional parts, never about the user's run
 # (bitsandbytes, a training extra imported through peft, misses an optional CPU kernel).
 QUIET_LIBRARIES = ("bitsandbytes",)
+# Libraries that log a line per HTTP request at INFO (`osdface eval --url`: one per face):
+# warnings only, unless -v.
+CHATTY_LIBRARIES = ("httpx", "httpcore")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done, 1 a run failed (or some files did), 2 usage: nothing was started."""
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # with the usage of the command they were given to, not the top level's
-        getattr(args, "command_parser", parser).error(
-            f"unrecognized arguments: {' '.join(unknown)}"
-        )
+    parser, args = parse(sys.argv[1:] if argv is None else argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name in () if verbose else QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name in () if verbose else CHATTY_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
     if getattr(args, "quiet", False) and not verbose:  # -q: warnings, errors, the summary line
         from osdface.restore.reporting import SUMMARY_LOGGER
 
@@ -55,21 +57,60 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="osdface", description=__doc__)
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser; an error about an old form of a flag says what to write now."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(explain_parse_error(message))
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; for a `command` other than serve, serve's flags are left out (they
+    come from the service's settings, which the other commands never import)."""
+    parser = _Parser(prog="osdface", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, tracebacks")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands")
+    serving = serve.register if command in (None, "serve") else serve.register_name
     for register in (
         weights.register,
         restore.register,
-        serve.register,
+        serving,
         train.register,
         evaluate.register,
     ):
         register(sub)
     _mark_commands(parser)
     return parser
+
+
+def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser and the parsed arguments; a usage error exits (2) with the usage of the
+    command the arguments were given to."""
+    parser = build_parser(_command(argv))
+    args, unknown = parser.parse_known_args(argv)
+    unknown = _positionals_anywhere(args, unknown)
+    if unknown:  # with the usage of the command they were given to, not the top level's
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
+    return parser, args
+
+
+def _positionals_anywhere(args: argparse.Namespace, unknown: list[str]) -> list[str]:
+    """Words left over after an option (`a.jpg --ray b.jpg`: argparse takes the positionals
+    before the first option only) join the positionals of a command that takes them anywhere
+    (`positionals_anywhere`: their dest); what is left is unknown."""
+    dest = getattr(args, "positionals_anywhere", None)
+    if dest is None:
+        return unknown
+    getattr(args, dest).extend(word for word in unknown if not word.startswith("-"))
+    return [word for word in unknown if word.startswith("-")]
+
+
+def _command(argv: list[str]) -> str | None:
+    """The command `argv` names: its first word that is not an option."""
+    return next((word for word in argv if not word.startswith("-")), None)
 
 
 def _mark_commands(parser: argparse.ArgumentParser) -> None:

@@ -14,64 +14,69 @@ import math
 import os
 import socket
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from types import FrameType
-from typing import get_args
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
 from pydantic import ValidationError
 
-from model.config import DetectorName, Device, DType
-from osdface.common import UsageError
-from service.settings import Settings, describe_settings_error, env_name, unknown_env_names
+from osdface.common import UsageError, add_field_flag, given, setting_flags
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+HELP = "run the HTTP service"
+# (flag, setting, help): the run-time settings' flags as `osdface restore` has them, and the
+# service's own. Their defaults and variables come from `service.settings.Settings`.
+FLAGS: tuple[tuple[str, str, str], ...] = (
+    *setting_flags("weights_dir", "detector"),
+    ("--host", "host", "address to bind"),
+    ("--port", "port", "port to bind"),
+    *setting_flags("device", "dtype"),
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the `serve` subcommand to the `osdface` parser."""
+    """Add the `serve` subcommand to the `osdface` parser (this imports the service's settings,
+    not the service: `register_name` adds the command without them)."""
+    from service.settings import Settings
+
     p = subparsers.add_parser(
         "serve",
-        help="run the HTTP service",
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--weights", type=Path, help="weights folder (OSDFACE_WEIGHTS_DIR)")
-    p.add_argument("--detector", choices=get_args(DetectorName), help="(OSDFACE_DETECTOR)")
-    p.add_argument("--host", help="address to bind (OSDFACE_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port to bind (OSDFACE_PORT, default 8000)")
-    p.add_argument("--device", choices=get_args(Device), help="(OSDFACE_DEVICE)")
-    p.add_argument("--dtype", choices=get_args(DType), help="(OSDFACE_DTYPE)")
+    for flag, name, text in FLAGS:
+        add_field_flag(p, flag, name, Settings.model_fields[name], text, env=True)
     p.set_defaults(func=run)
 
 
-# Setting -> the flag that sets it (argparse dest: the flag without its dashes).
-FLAGS = {
-    "weights_dir": "--weights",
-    "detector": "--detector",
-    "host": "--host",
-    "port": "--port",
-    "device": "--device",
-    "dtype": "--dtype",
-}
+def register_name(subparsers: argparse._SubParsersAction) -> None:
+    """The `serve` command in the list of commands, its flags left out: for a command line that
+    runs another command, which need not import the service's settings."""
+    subparsers.add_parser("serve", help=HELP)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """Environment settings with the given flags on top."""
-    flags = {name: getattr(args, flag[2:]) for name, flag in FLAGS.items()}
-    return Settings(**{name: value for name, value in flags.items() if value is not None})
+    from service.settings import Settings
+
+    return Settings(**given(args, [name for _, name, _ in FLAGS]))
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn.Server that flips the app to not-ready the moment a stop signal arrives."""
+def _draining_server(config: Any, on_exit: Callable[[], None]) -> Any:
+    """A uvicorn.Server that flips the app to not-ready the moment a stop signal arrives."""
+    import uvicorn
 
-    def __init__(self, config: uvicorn.Config, on_exit) -> None:
-        super().__init__(config)
-        self._on_exit = on_exit
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            on_exit()
+            super().handle_exit(sig, frame)
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._on_exit()
-        super().handle_exit(sig, frame)
+    return DrainingServer(config)
 
 
 # Exit statuses of `osdface serve`: 2 = refused to start (settings, weights folder),
@@ -87,6 +92,8 @@ def _refuse(lines: list[str]) -> int:
 
 def checked_settings(args: argparse.Namespace) -> Settings | list[str]:
     """The settings, or the lines saying what is wrong with the environment or the flags."""
+    from service.settings import describe_settings_error, unknown_env_names
+
     unknown = unknown_env_names(os.environ)
     if unknown:
         return unknown
@@ -94,7 +101,7 @@ def checked_settings(args: argparse.Namespace) -> Settings | list[str]:
         settings = settings_from_args(args)
     except ValidationError as exc:
         return [_name_flag(line) for line in describe_settings_error(exc)]
-    from osdface.restore.command import check_weights
+    from osdface.restore.checks import check_weights
 
     try:  # the restorer's files, the detector's and the background networks', as restore does
         check_weights(settings, backgrounds=settings.background_models, has_aligned_flag=False)
@@ -105,7 +112,9 @@ def checked_settings(args: argparse.Namespace) -> Settings | list[str]:
 
 def _name_flag(line: str) -> str:
     """'OSDFACE_PORT: ...' -> '--port / OSDFACE_PORT: ...' for a setting serve has a flag for."""
-    for name, flag in FLAGS.items():
+    from service.settings import env_name
+
+    for flag, name, _ in FLAGS:
         if line.startswith(f"{env_name(name)}:"):
             return f"{flag} / {line}"
     return line
@@ -136,9 +145,11 @@ def _port_taken(host: str, port: int) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     checked = checked_settings(args)
-    if not isinstance(checked, Settings):
+    if isinstance(checked, list):
         return _refuse(checked)
     settings = checked
+    import uvicorn
+
     from service.app import create_app  # imports torch; keep `osdface --help` fast
     from service.protocol import GuardedH11Protocol
 
@@ -156,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
         http=GuardedH11Protocol.with_headers_timeout(settings.headers_timeout_s),
     )
     service = app.state.service
-    server = _DrainingServer(config, on_exit=service.begin_drain)
+    server = _draining_server(config, on_exit=service.begin_drain)
     failed: list[str] = []
 
     def fatal(reason: str) -> None:  # any thread: uvicorn polls should_exit

@@ -1,6 +1,7 @@
-"""The configuration reference page, generated from `Settings` (one source for every setting).
+"""The configuration reference page, generated from `Settings` (one source for every setting)
+and the `osdface serve` flags that set them.
 
-`python -m service.settings_doc > docs/configuration.md` rewrites the page;
+`python -m osdface.settings_doc > docs/configuration.md` rewrites the page;
 `tests/test_settings_doc.py` fails when the page and the class disagree.
 """
 
@@ -18,19 +19,24 @@ from annotated_types import Ge, Gt, Le, Lt
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from osdface import serve
 from service.settings import Settings
 
-COMMAND = "python -m service.settings_doc > docs/configuration.md"
+COMMAND = "python -m osdface.settings_doc > docs/configuration.md"
 BOUNDS = ((Ge, "ge", "≥"), (Gt, "gt", ">"), (Le, "le", "≤"), (Lt, "lt", "<"))
 
 INTRO = f"""\
 # Configuration
 
-<!-- Generated from service/settings.py by `{COMMAND}`; edit the class, not this page. -->
+<!-- Generated from service/settings.py and model/runtime/settings.py by
+`{COMMAND}`; edit the classes, not this page. -->
 
 Every setting of the service is a field of `service.settings.Settings`, read from the
-environment with the prefix `{{prefix}}`. `osdface serve` flags, where a setting has one, override
-the environment. A value the class refuses stops the server at start-up with the setting named.
+environment with the prefix `{{prefix}}`. The settings of the model, the detector, the limits,
+the fast path and the background tiles are those of `model.runtime.settings.RuntimeSettings`,
+which `Settings` extends and `osdface restore` reads too ([cli.md](cli.md)). `osdface serve`
+flags, where a setting has one, override the environment. A value the class refuses stops the
+server at start-up with the setting named.
 Lists are written as JSON, e.g. `{{prefix}}CORS_ORIGINS='["https://app.example.com"]'`; an unset
 optional setting is left out of the environment.
 
@@ -47,8 +53,6 @@ refuses). How the batching, queue and shutdown settings interact is in
 
 def serve_flags() -> dict[str, str]:
     """{environment name: flag} for the `osdface serve` flags whose help names a setting."""
-    from osdface import serve
-
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers())
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]

@@ -60,12 +60,15 @@ def _run(args: argparse.Namespace) -> int:
         value = getattr(args, key.replace(".", "__"))
         if value is not None:
             overrides.append(f"{key}={value}")
-    cls = Stage1Config if args.stage == "stage1" else Stage2Config
-    config = load_config(cls, args.config, overrides)
+    config: Stage1Config | Stage2Config
+    if args.stage == "stage1":
+        config = load_config(Stage1Config, args.config, overrides)
+    else:
+        config = load_config(Stage2Config, args.config, overrides)
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))  # noqa: T201 - the command's output
         return 0
-    if args.stage == "stage1":
+    if isinstance(config, Stage1Config):
         from train.stage1 import run_stage1
 
         exported = run_stage1(config)

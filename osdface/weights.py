@@ -6,9 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from osdface.common import default_weights_dir
-from osdface.common import UsageError
-from osdface.common import plural
+from model.runtime.settings import env_name
+from osdface.common import UsageError, default_weights_dir, plural
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("verify", _weights_verify, "check every file's sha256 and load everything strictly"),
     ):
         p = wsub.add_parser(name, help=text)
-        p.add_argument("--dir", type=Path, default=default_weights_dir(), help="weights folder")
+        p.add_argument(
+            "--dir",
+            type=Path,
+            default=default_weights_dir(),
+            help=f"weights folder (default: %(default)s; env {env_name('weights_dir')})",
+        )
         p.set_defaults(func=func)
         if name in ("convert", "merge"):
             p.add_argument("--force", action="store_true", help="redo it even if up to date")

@@ -1,5 +1,5 @@
-"""Background super-resolution in the service (and the CLI): loading from the settings, and
-running on the model worker, the one thread that owns the device.
+"""Background super-resolution in the service: running on the model worker, the one thread that
+owns the device (the networks are loaded by `model.runtime.load.load_backgrounds`).
 
 The network runs as a *call* job of the batcher (`Batcher.run_call`), so it never competes with
 a face batch for the device; it is queued at the same time as the photo's faces and both are
@@ -10,39 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
-from model.networks.background import BackgroundUpscaler, TileSettings
 from model.media.pipeline import PreparedPhoto, make_background
+from model.networks.background import BackgroundUpscaler
 from service.batching import Batcher
-from service.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 A = TypeVar("A")
 B = TypeVar("B")
-
-
-def tile_settings(s: Settings) -> TileSettings:
-    return TileSettings(s.background_tile, s.background_tile_overlap, s.background_tile_batch)
-
-
-def load_backgrounds(
-    s: Settings, names: tuple[str, ...], device: torch.device, dtype: torch.dtype
-) -> dict[str, BackgroundUpscaler]:
-    """The named Real-ESRGAN networks, strictly loaded from `<weights_dir>/realesrgan/`."""
-    loaded = {}
-    for name in dict.fromkeys(names):
-        logger.info("loading the %s background network on %s (%s)", name, device, dtype)
-        loaded[name] = BackgroundUpscaler.from_pretrained(
-            s.weights_dir, name, device, dtype, tile_settings(s)
-        )
-    return loaded
 
 
 async def background_on_worker(
@@ -60,10 +38,10 @@ async def background_on_worker(
 
 async def both(first: Awaitable[A], second: Awaitable[B]) -> tuple[A, B]:
     """Await two things at once; if one fails, the other is cancelled and the error raised."""
-    tasks = [asyncio.ensure_future(first), asyncio.ensure_future(second)]
+    a_task, b_task = asyncio.ensure_future(first), asyncio.ensure_future(second)
+    tasks: list[asyncio.Future[Any]] = [a_task, b_task]
     try:
-        a, b = await asyncio.gather(*tasks)
-        return a, b
+        return await asyncio.gather(a_task, b_task)
     finally:
         for task in tasks:
             task.cancel()

@@ -19,7 +19,11 @@ outside the 429 bound, and only fills what room the normal queue leaves in a bat
 waits at most for the batch already running, never behind a video.
 
 The batcher knows nothing about HTTP or faces: `fn(batch) -> (outputs, timings)` is any function
-from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds.
+from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds. Given a
+CUDA `stream`, the worker runs every batch and call on it (`worker_device.on_stream`). A failed
+batch fails its requests only, unless its error poisons the device (`poisons_device`): then the
+worker stops as if it had died: `on_death` is told first, then the running and queued work fails
+with `BatcherClosedError`.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from service.queue_items import (
     QueuedWork,
     QueueFullError,
 )
+from service.worker_device import on_stream, poisons_device
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +77,7 @@ class Batcher:
         on_depth: Callable[[int], None] | None = None,
         on_death: Callable[[BaseException], None] | None = None,
         name: str = "osdface-model",
+        stream: torch.cuda.Stream | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_delay_s >= 0")
@@ -83,6 +89,7 @@ class Batcher:
         self._on_queue_wait = on_queue_wait or (lambda seconds: None)
         self._on_depth = on_depth or (lambda depth: None)
         self._on_death = on_death or (lambda exc: None)
+        self._stream = stream  # the worker's own CUDA stream (None: the thread's current one)
         self._cond = threading.Condition()
         self._queue: deque[QueuedWork] = deque()
         self._queued = 0  # items waiting, not counting the running batch
@@ -250,12 +257,13 @@ class Batcher:
                     return
                 self._execute(chunks)
         except BaseException as exc:  # the worker is gone: nothing queued can run any more
-            logger.critical("the model worker thread died: %r", exc)
+            logger.critical("the model worker stopped: %r", exc, exc_info=exc)
             with self._cond:
                 self._accepting = False
-                left = list(self._queue) + self._running
+                left = list(self._queue) + list(self._low) + self._running
                 self._queue.clear()
-                self._queued = 0
+                self._low.clear()
+                self._queued = self._queued_low = 0
             self._on_death(exc)  # readiness off before the waiting requests hear of it
             for job in left:
                 _resolve(job, BatcherClosedError("the model worker stopped"))
@@ -330,10 +338,13 @@ class Batcher:
         parts = [job.items[lo:hi] for job, lo, hi in chunks]
         inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
         try:
-            outputs, timings = self._fn(inputs)
+            with on_stream(self._stream):
+                outputs, timings = self._fn(inputs)
             if outputs.shape[0] != inputs.shape[0]:
                 raise RuntimeError(f"batch fn returned {outputs.shape[0]} for {inputs.shape[0]}")
         except Exception as exc:  # every request of the batch gets it; the HTTP layer logs it
+            if poisons_device(exc):  # every later batch would fail too: the worker stops
+                raise
             for job, _, _ in chunks:
                 self._abandon(job)  # its items still queued (if split) will not run either
                 _resolve(job, exc)
@@ -350,8 +361,11 @@ class Batcher:
     def _execute_call(self, job: QueuedWork, started: float) -> None:
         assert job.call is not None
         try:
-            value: Any = job.call()
+            with on_stream(self._stream):
+                value: Any = job.call()
         except Exception as exc:  # the awaiting request gets it; the HTTP layer maps or logs it
+            if poisons_device(exc):
+                raise
             value = exc
         job.done = 1
         _resolve(job, value)

@@ -3,12 +3,13 @@
 Body shape, always: `{"error": {"type": <short stable string>, "message": <human text>}}`.
 Each `ErrorKind` row gives the status, the `type` and the description the OpenAPI schema
 shows; one cause, one row (two causes never share a type). Domain exceptions are raised where
-the decision is made (`model/errors.py` for images and parameters, `service/batching.py` for the
-queue, `ServiceError(kind, ...)` for HTTP-only conditions) and are mapped to a row in
-`_EXCEPTION_KINDS`, nowhere else. Errors are counted here, once: `osdface_errors_total{type}`
-for every error answer and `osdface_rejected_total{reason}` for refused or dropped work; probe
-and `/metrics` requests are not counted. A 500 is a bug of ours: logged once, with the request
-id, by the request middleware.
+the decision is made (`model/errors.py` for images, parameters and the model's own output,
+`service/batching.py` for the queue, `ServiceError(kind, ...)` for HTTP-only conditions) and are
+mapped to a row in `_EXCEPTION_KINDS`, nowhere else. Errors are counted here, once:
+`osdface_errors_total{type}` for every error answer and `osdface_rejected_total{reason}` for
+refused or dropped work; probe and `/metrics` requests are not counted. A 500 is a failure of
+ours, logged once with the request id: `model_output` here, anything unmapped (a bug) by the
+request middleware.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from model.errors import (
     ImageDecodeError,
     ImageTooLargeError,
     InvalidInputError,
+    ModelOutputError,
     NoVideoStreamError,
     UnsupportedFormatError,
     UnsupportedVideoCodecError,
@@ -82,6 +84,12 @@ class ErrorKind(enum.Enum):
     TOO_MANY_JOBS = (429, "too_many_jobs", "the server holds its limit of video jobs", True)
     CLIENT_DISCONNECTED = (499, "client_disconnected", "the client went away (logs only)", True)
     INTERNAL = (500, "internal", "a bug: quote the X-Request-Id when reporting it", False)
+    MODEL_OUTPUT = (
+        500,
+        "model_output",
+        "the model returned NaN or infinite pixels: a model or device failure, not the input",
+        True,
+    )
     NOT_READY = (503, "not_ready", "the model is loading or warming up", True)
     MODEL_FAILED = (503, "model_failed", "loading the model failed or its worker stopped", True)
     SHUTTING_DOWN = (503, "shutting_down", "the server is shutting down", True)
@@ -145,6 +153,7 @@ _EXCEPTION_KINDS: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (ImageTooLargeError, ErrorKind.IMAGE_TOO_LARGE),
     (UnsupportedFormatError, ErrorKind.UNSUPPORTED_FORMAT),
     (InvalidInputError, ErrorKind.INVALID_PARAMETER),
+    (ModelOutputError, ErrorKind.MODEL_OUTPUT),
     (QueueFullError, ErrorKind.QUEUE_FULL),
     (DeadlineUnreachableError, ErrorKind.OVERLOADED),
     (BatcherClosedError, ErrorKind.SHUTTING_DOWN),
@@ -198,6 +207,10 @@ async def _service_error_handler(request: Request, exc: Exception) -> JSONRespon
     mapped = to_service_error(exc)
     if mapped is None:  # not ours to map: the middleware logs it as a bug and answers 500
         raise exc
+    if mapped.kind.status == 500:  # a failure of ours: one line an operator can find
+        request_id = getattr(request.state, "request_id", "-")
+        logger.error("%s on %s (request_id=%s): %s", mapped.error_type, request.url.path,
+                     request_id, mapped.message)  # fmt: skip
     _count(request, mapped.kind)
     return error_response(mapped)
 

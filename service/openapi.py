@@ -81,6 +81,7 @@ RESTORE_ERRORS = (
     ErrorKind.QUEUE_FULL,
     ErrorKind.OVERLOADED,
     ErrorKind.TOO_MANY_REQUESTS,
+    ErrorKind.MODEL_OUTPUT,
     ErrorKind.NOT_READY,
     ErrorKind.MODEL_FAILED,
     ErrorKind.SHUTTING_DOWN,

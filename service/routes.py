@@ -12,7 +12,6 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 
-from model.media.codecs.formats import normalize_format
 from model.errors import InvalidInputError
 from model.media.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
 from service.background import background_on_worker, both
@@ -235,34 +234,13 @@ def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
         form = RestoreForm.model_validate(given)
     except ValidationError as exc:
         raise ServiceError(ErrorKind.INVALID_PARAMETER, _describe(exc)) from exc
-    if form.max_faces is not None and form.max_faces > settings.max_faces:
-        raise ServiceError(
-            ErrorKind.INVALID_PARAMETER, f"max_faces is at most {settings.max_faces} on this server"
-        )
     if form.background != "none" and form.background not in settings.background_models:
         raise ServiceError(
             ErrorKind.INVALID_PARAMETER,
             f"background {form.background} is not loaded on this server "
             f"(loaded: {', '.join(settings.background_models) or 'none'})",
         )
-    fmt = normalize_format(form.output_format) if form.output_format else None
-    if fmt is not None and fmt not in settings.allowed_formats:
-        raise ServiceError(
-            ErrorKind.INVALID_PARAMETER,
-            f"output_format must be one of {', '.join(settings.allowed_formats)}",
-        )
-    return RestoreOptions(
-        aligned=form.aligned,
-        only_center_face=form.only_center_face,
-        max_faces=form.max_faces or settings.max_faces,
-        strength=form.strength,
-        upscale=form.upscale,
-        background=form.background,
-        output_format=fmt,
-        quality=form.quality,
-        faces=form.faces,
-        min_face_size=form.min_face_size,
-    ).validated()
+    return form.to_options(max_faces=settings.max_faces, allowed_formats=settings.allowed_formats)
 
 
 async def _none() -> None:

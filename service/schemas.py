@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from model.media.codecs.formats import FORMATS
-from model.config import BackgroundName
-from model.options import MAX_QUALITY, MAX_UPSCALE, MIN_QUALITY, MIN_UPSCALE, RestoreOptions
+from model.options import OptionFields
 
 
 class ErrorDetail(BaseModel):
@@ -26,67 +24,27 @@ class ErrorBody(BaseModel):
     )
 
 
-class RestoreForm(BaseModel):
+# What the form's fields mean in HTTP words (the JSON answer, the headers, the server's limits);
+# bounds and defaults are the options' own (model/options.py OptionFields).
+HTTP_DESCRIPTIONS = {
+    "output_format": "png, jpeg (or jpg), webp, heic or avif; default: the input's format when "
+    "the server can write it, else png (the X-Output-Format header says which)",
+    "faces": "restore only these faces, e.g. 0,2: indices in the order the JSON lists "
+    "the faces of a run without this field (largest first)",
+    "min_face_size": "ignore faces whose box is smaller than this many pixels; the detector "
+    "always drops those under OSDFACE_MIN_FACE_SIZE (default 16)",
+}
+
+
+def _http_descriptions(schema: dict[str, Any]) -> None:
+    for name, text in HTTP_DESCRIPTIONS.items():
+        schema["properties"][name]["description"] = text
+
+
+class RestoreForm(OptionFields):
     """The form fields of POST /restore besides the `image` file. Unknown fields are refused."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    aligned: bool = Field(
-        RestoreOptions.aligned, description="the image is already a 512x512 FFHQ-aligned face"
-    )
-    only_center_face: bool = Field(
-        RestoreOptions.only_center_face, description="restore only the face nearest the centre"
-    )
-    max_faces: int | None = Field(
-        RestoreOptions.max_faces, ge=1, description="restore at most this many (largest) faces"
-    )
-    strength: float = Field(
-        RestoreOptions.strength, ge=0.0, le=1.0, description="1 = fully restored, 0 = original"
-    )
-    upscale: int | None = Field(
-        RestoreOptions.upscale,
-        ge=MIN_UPSCALE,
-        le=MAX_UPSCALE,
-        description="output scale; default: the background network's, else 1",
-    )
-    background: BackgroundName = Field(
-        RestoreOptions.background,
-        description="how the background is upscaled: Lanczos (none), or Real-ESRGAN x2/x4",
-    )
-    output_format: str | None = Field(
-        RestoreOptions.output_format,
-        description="png, jpeg (or jpg), webp, heic or avif; default: the input's format when "
-        "the server can write it, else png (the X-Output-Format header says which)",
-        json_schema_extra={"enum": [*FORMATS, "jpg"]},
-    )
-    quality: int = Field(
-        RestoreOptions.quality,
-        ge=MIN_QUALITY,
-        le=MAX_QUALITY,
-        description="JPEG / lossy WebP quality",
-    )
-    faces: tuple[int, ...] | None = Field(
-        RestoreOptions.faces,
-        description="restore only these faces, e.g. 0,2: indices in the order the JSON lists "
-        "the faces of a run without this field (largest first)",
-    )
-    min_face_size: int | None = Field(
-        RestoreOptions.min_face_size,
-        ge=1,
-        description="ignore faces whose box is smaller than this many pixels; the detector "
-        "always drops those under OSDFACE_MIN_FACE_SIZE (default 16)",
-    )
-
-    @field_validator("faces", mode="before")
-    @classmethod
-    def _split_indices(cls, value: object) -> object:
-        """'0,2' (a form field, a command-line flag) -> (0, 2); indices are never negative."""
-        if isinstance(value, str):
-            parts = [p.strip() for p in value.split(",") if p.strip()]
-            if not all(p.isdigit() for p in parts) or not parts:
-                raise ValueError("faces must be face indices like 0,2")
-            return tuple(int(p) for p in parts)
-        return value
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_http_descriptions)
 
 
 def form_properties() -> dict[str, Any]:
@@ -120,7 +78,7 @@ class Timings(BaseModel):
     stages: dict[str, float] = Field(description="seconds per stage (decode, detect, unet, ...)")
 
 
-RESULT_EXAMPLE = {
+RESULT_EXAMPLE: dict[str, Any] = {
     "image": "iVBORw0KGgo...",
     "content_type": "image/png",
     "width": 512,

@@ -1,6 +1,9 @@
 """All service configuration, typed and in one place (environment prefix `OSDFACE_`).
 
-`osdface serve` flags override these; tests build a `Settings(...)` and inject it.
+`Settings` extends the run-time settings the command line and the Ray workers share
+(model/runtime/settings.py: model, detector, limits, fast path, background tiles) with what only
+the service has: HTTP, the batching queue, admission and video jobs. `osdface serve` flags
+override these; tests build a `Settings(...)` and inject it.
 """
 
 from __future__ import annotations
@@ -11,65 +14,24 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.media.codecs.formats import FORMATS, ImageFormat, ImageLimits
-from model.config import (
-    BackgroundNet,
-    CompileMode,
-    DetectorConfig,
-    DetectorName,
-    Device,
-    DType,
-    LatentMode,
-    TileConfig,
-)
-from model.networks.fastpath.config import FastPathConfig
 from model.media.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
+from model.runtime.settings import ENV_PREFIX, RuntimeSettings, env_name
+
+__all__ = ["ENV_PREFIX", "Settings", "describe_settings_error", "env_name", "unknown_env_names"]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="OSDFACE_", extra="forbid", frozen=True)
-
-    # --- model ---------------------------------------------------------------------------
-    weights_dir: Path = Field(
-        Path("./osdface-weights"), description="weights folder (layout in docs/weights.md)"
-    )
-    device: Device = Field("auto", description="cuda when available, else cpu")
-    dtype: DType = Field("auto", description="float16 on cuda, float32 on cpu")
-    detector: DetectorName = DetectorConfig.name
-    latent: LatentMode = Field("mode", description="VAE latent: deterministic mode or sample")
-    seed: int = Field(0, description="seed for latent=sample")
-    compile: bool = Field(
-        FastPathConfig.compile, description="torch.compile the UNet and VAE (CUDA)"
-    )
-    channels_last: bool = FastPathConfig.channels_last
+class Settings(RuntimeSettings):
+    # The model's settings are inherited (model/runtime/settings.py); env prefix, frozen, extra.
     warmup: bool = Field(True, description="run one batch before reporting ready")
 
-    # --- detection ------------------------------------------------------------------------
-    detect_max_side: PositiveInt = Field(
-        DetectorConfig.max_side, description="detect on a copy downscaled to this"
-    )
-    detect_threshold: float = Field(DetectorConfig.threshold, ge=0.0, le=1.0, allow_inf_nan=False)
-    min_face_size: PositiveInt = Field(
-        DetectorConfig.min_face_size, description="smallest face side in pixels"
-    )
-
     # --- batching -------------------------------------------------------------------------
-    max_batch_faces: PositiveInt = 8
     max_batch_delay_ms: float = Field(10.0, ge=0.0, le=10_000.0, allow_inf_nan=False)
     max_queue_faces: PositiveInt = 64
     request_timeout_s: float = Field(
         60.0, gt=0.0, le=3600.0, allow_inf_nan=False, description="deadline per request"
     )
     cpu_workers: PositiveInt = Field(2, description="threads for decode, detect and paste")
-
-    # --- limits ---------------------------------------------------------------------------
-    max_upload_bytes: PositiveInt = ImageLimits.max_bytes
-    max_pixels: PositiveInt = ImageLimits.max_pixels
-    max_output_pixels: PositiveInt = ImageLimits.max_output_pixels
-    max_faces: PositiveInt = Field(16, description="faces restored per image at most")
-    allowed_formats: tuple[ImageFormat, ...] = FORMATS
 
     # --- HTTP -----------------------------------------------------------------------------
     host: str = "127.0.0.1"
@@ -91,39 +53,6 @@ class Settings(BaseSettings):
         32,
         description="POST /restore requests admitted at once, from upload to answer; "
         "beyond it 429 before the upload is read (bounds memory held by waiting uploads)",
-    )
-
-    # --- fast path (performance area; `compile` and `channels_last` are above) --------------
-    fast_path: bool = Field(
-        True, description="the restorer's fast path (model/networks/fastpath/); off: the plain path"
-    )
-    cuda_graphs: bool = Field(
-        FastPathConfig.cuda_graphs,
-        description="replay each model stage from CUDA graphs captured at warm-up for batch "
-        "sizes 1, 2, 4, ... up to max_batch_faces (CUDA)",
-    )
-    compile_mode: CompileMode = Field(
-        FastPathConfig.compile_mode, description="torch.compile mode when compile is on"
-    )
-    torch_threads: PositiveInt | None = Field(
-        FastPathConfig.num_threads,
-        description="CPU threads for the model's operators; unset: one per core",
-    )
-
-    # --- background super-resolution (docs/background.md) -----------------------------------
-    background_models: tuple[BackgroundNet, ...] = Field(
-        (),
-        description="Real-ESRGAN networks loaded at start for background=...; their files "
-        "come from `osdface weights fetch --background`",
-    )
-    background_tile: PositiveInt = Field(
-        TileConfig.tile, description="input pixels per tile side; memory grows with its square"
-    )
-    background_tile_overlap: int = Field(
-        TileConfig.overlap, ge=0, description="context pixels around each tile, hiding the seams"
-    )
-    background_tile_batch: PositiveInt = Field(
-        TileConfig.batch, description="tiles per network call"
     )
 
     # --- video jobs (video area; docs/video.md) ---------------------------------------------
@@ -149,27 +78,20 @@ class Settings(BaseSettings):
         DEFAULT_CRF, ge=0, le=MAX_CRF, description="quality of restored videos (CRF)"
     )
 
-    @field_validator("weights_dir", "jobs_dir")
+    @field_validator("jobs_dir")
     @classmethod
-    def _expand(cls, v: Path) -> Path:
+    def _expand_jobs_dir(cls, v: Path) -> Path:
         return v.expanduser()
 
     @model_validator(mode="after")
     def _batching_fits_queue(self) -> Settings:
         if self.max_queue_faces < self.max_batch_faces:
             raise ValueError("max_queue_faces must be at least max_batch_faces")
-        if self.background_tile <= 2 * self.background_tile_overlap + 2:
-            raise ValueError("background_tile must be over 2 * background_tile_overlap + 2")
         return self
 
 
-ENV_PREFIX = "OSDFACE_"
 # OSDFACE_* names that are not settings of the service (read by the test suite only).
 _NOT_SETTINGS = frozenset({"OSDFACE_TEST_ASSETS"})
-
-
-def env_name(field: str) -> str:
-    return f"{ENV_PREFIX}{field.upper()}"
 
 
 def unknown_env_names(environ: Mapping[str, str]) -> list[str]:

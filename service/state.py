@@ -21,15 +21,13 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from model.networks.background import BackgroundUpscaler
-from model.media.codecs.formats import ImageLimits
-from model.config import DetectorConfig
-from model.device import resolve_device, resolve_dtype
+from model.device import resolve_device
 from model.errors import WeightsError
+from model.media.batch import restore_faces
 from model.media.faces.detect import FaceDetector
-from model.networks.fastpath import FastPathConfig, batch_sizes_up_to
+from model.networks.background import BackgroundUpscaler
 from model.networks.restorer import OSDFaceRestorer
-from service.background import load_backgrounds
+from model.runtime.load import image_limits, load_backgrounds, load_detector, load_restorer
 from service.batching import Batcher
 from service.errors import ErrorKind, ServiceError
 from service.metrics import Metrics
@@ -58,49 +56,6 @@ class Phase(enum.StrEnum):
     READY = "ready"
     FAILED = "failed"
     DRAINING = "draining"
-
-
-def image_limits(s: Settings) -> ImageLimits:
-    return ImageLimits(
-        max_bytes=s.max_upload_bytes,
-        max_pixels=s.max_pixels,
-        max_output_pixels=s.max_output_pixels,
-        allowed_formats=tuple(s.allowed_formats),
-    )
-
-
-def detector_config(s: Settings) -> DetectorConfig:
-    return DetectorConfig(
-        name=s.detector,
-        threshold=s.detect_threshold,
-        max_side=s.detect_max_side,
-        min_face_size=s.min_face_size,
-    )
-
-
-def load_detector(s: Settings, device: torch.device) -> FaceDetector:
-    """The face detector the settings name, from `<weights_dir>/facexlib/`."""
-    return FaceDetector.from_config(s.weights_dir, detector_config(s), device)
-
-
-def fast_path_config(s: Settings) -> FastPathConfig | None:
-    """The restorer's fast path from the settings (None: the plain path).
-
-    CUDA graphs / compiled shapes are made for the batch sizes the batcher mostly produces,
-    1, 2, 4, ... up to `max_batch_faces`; other sizes pad up to the next one or split.
-    """
-    if not s.fast_path:
-        if s.torch_threads is not None:
-            torch.set_num_threads(s.torch_threads)  # process-wide, as the fast path does
-        return None
-    return FastPathConfig(
-        channels_last=s.channels_last,
-        cuda_graphs=s.cuda_graphs,
-        compile=s.compile,
-        compile_mode=s.compile_mode,
-        batch_sizes=batch_sizes_up_to(s.max_batch_faces),
-        num_threads=s.torch_threads,
-    )
 
 
 def _remedy(exc: BaseException, s: Settings) -> str:
@@ -141,7 +96,6 @@ class ServiceState:
         self._inflight = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._drain_started: float | None = None
-        self._warmup_batch_s: float | None = None
         self.started_at = time.time()
         # Called (from any thread) when the service can never become ready: the loading failed
         # or the model worker died. `osdface serve` makes it end the process with an error.
@@ -156,10 +110,12 @@ class ServiceState:
             started = time.perf_counter()
             await asyncio.to_thread(self._load_components)
             self.metrics.startup_duration.labels(step="load").set(time.perf_counter() - started)
+            self.batcher = self._make_batcher()  # before the warm-up, which runs on its thread
+            self.batcher.start()
             if self.settings.warmup:
                 self.phase, self.reason = Phase.WARMING_UP, "running the warm-up batch"
                 started = time.perf_counter()
-                await asyncio.to_thread(self._warm_up)
+                await self._warm_up()
                 warmup = time.perf_counter() - started
                 self.metrics.startup_duration.labels(step="warmup").set(warmup)
         except (WeightsError, OSError) as exc:  # known causes: one line says what to do
@@ -172,10 +128,6 @@ class ServiceState:
         assert self.restorer is not None
         self.metrics.watch_device(self.restorer.device)
         self._describe_build()
-        self.batcher = self._make_batcher()
-        if self._warmup_batch_s is not None:  # a first speed estimate for admission by time
-            self.batcher.seed_estimate(1, self._warmup_batch_s)
-        self.batcher.start()
         if self.phase is not Phase.DRAINING:
             self.phase, self.reason = Phase.READY, "ready"
             self.metrics.ready.set(1)
@@ -195,7 +147,10 @@ class ServiceState:
         )
 
     def _fail(self, reason: str) -> None:
-        """Never going to be ready: say why in one line, turn readiness off, tell the owner."""
+        """Never going to be ready: say why in one line, turn readiness off, tell the owner
+        (once: a worker that dies during the warm-up also fails the loading)."""
+        if self.phase is Phase.FAILED:
+            return
         logger.error("%s", reason)
         self.phase, self.reason = Phase.FAILED, reason
         self.metrics.ready.set(0)
@@ -205,11 +160,7 @@ class ServiceState:
         s = self.settings
         device = resolve_device(s.device)
         if self.restorer is None:
-            dtype = resolve_dtype(s.dtype, device)
-            logger.info("loading the restorer from %s on %s (%s)", s.weights_dir, device, dtype)
-            self.restorer = OSDFaceRestorer.from_pretrained(
-                s.weights_dir, device, dtype, latent=s.latent, fast=fast_path_config(s)
-            )
+            self.restorer = load_restorer(s, device)
         if self.detector is None:
             self.detector = load_detector(s, device)
         missing = tuple(n for n in s.background_models if n not in self.backgrounds)
@@ -218,26 +169,34 @@ class ServiceState:
                 s, missing, self.restorer.device, self.restorer.dtype
             )
 
-    def _warm_up(self) -> None:
+    async def _warm_up(self) -> None:
+        """The model's warm-up on the model worker's thread and stream, where it will serve:
+        inductor's CUDA graphs (`compile_mode="reduce-overhead"`) belong to the thread that
+        recorded them. The detector's on a thread of its own, as the CPU pool runs it."""
         assert self.restorer is not None and self.detector is not None
+        assert self.batcher is not None
         start = time.perf_counter()
+        seconds = await self.batcher.run_call(self._warm_up_model)
+        self.batcher.seed_estimate(1, seconds)  # a first speed estimate for admission by time
+        await asyncio.to_thread(self.detector.detect, np.zeros((64, 64, 3), dtype=np.uint8))
+        logger.info("warm-up done in %.2f s", time.perf_counter() - start)
+
+    def _warm_up_model(self) -> float:
+        """Warm up, then time one more call (the first paid the one-off costs): its seconds."""
+        assert self.restorer is not None
         self.restorer.warmup(batch_size=1)
-        # One more call, timed, seeds admission by time: the first paid one-off costs.
         size = self.restorer.config.image_size
         timed = time.perf_counter()
         self.restorer(torch.full((1, 3, size, size), 0.5))
-        self._warmup_batch_s = time.perf_counter() - timed
-        self.detector.detect(np.zeros((64, 64, 3), dtype=np.uint8))
-        logger.info("warm-up done in %.2f s", time.perf_counter() - start)
+        return time.perf_counter() - timed
 
     def _make_batcher(self) -> Batcher:
         restorer, s, metrics = self.restorer, self.settings, self.metrics
         assert restorer is not None
-        seed = s.seed if s.latent == "sample" else None
+        seed = s.restorer_seed
 
         def run_model(faces: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-            out = restorer(faces, seed=seed)
-            return out.images, out.timings
+            return restore_faces(restorer, faces, seed=seed)  # one call: the batcher cut it
 
         def on_batch(report: BatchReport) -> None:
             metrics.batch_size.observe(report.size)
@@ -252,10 +211,13 @@ class ServiceState:
             on_queue_wait=metrics.queue_wait.observe,
             on_depth=metrics.queue_depth.set,
             on_death=self._worker_died,
+            stream=restorer.worker_stream(),
         )
 
     def _worker_died(self, exc: BaseException) -> None:
-        """Called on the dead worker's thread: readiness off at once, then the process ends."""
+        """Called on the dead worker's thread, also when a CUDA error poisoned the device
+        (worker_device.poisons_device): readiness off at once, then the process ends (`on_fatal`)
+        and the orchestrator starts a fresh one."""
         self._fail(f"the model worker stopped: {type(exc).__name__}: {exc}")
 
     def begin_drain(self) -> None:

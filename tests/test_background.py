@@ -20,17 +20,17 @@ import pytest
 import torch
 from PIL import Image
 
-from model.networks.background import BackgroundUpscaler, TileSettings, axis_windows, plan_windows
-from model.media.codecs.formats import ImageLimits
 from model.errors import (
     InvalidInputError,
     StateDictMismatchError,
     WeightsError,
     WeightsNotFoundError,
 )
+from model.media.codecs.formats import ImageLimits
 from model.media.faces.align import FACE_SIZE
 from model.media.faces.detect import FaceDetector
 from model.media.pipeline import RestoreOptions, finish_photo, make_background, prepare_photo
+from model.networks.background import BackgroundUpscaler, TileSettings, axis_windows, plan_windows
 from tests.tiny_realesrgan import released_keys, tiny_rrdbnet, write_tiny_realesrgan
 from weights.background import convert_background, released_path
 from weights.layout import sha256_file

@@ -252,38 +252,151 @@ def test_bad_arguments_exit_nonzero(caplog: pytest.LogCaptureFixture) -> None:
 
 
 @pytest.mark.parametrize(
-    ("argv", "address", "inputs"),
+    ("argv", "ray", "address", "inputs"),
     [
-        (["--ray", "IN", "-o", "out"], "", ["IN"]),  # an existing folder is an input
-        (["--ray", "typo_photos", "IN"], "", ["typo_photos", "IN"]),  # no address shape
-        (["--ray", "s3://bucket/scans", "-o", "s3://b/out"], "", ["s3://bucket/scans"]),
-        (["IN", "--ray"], "", ["IN"]),
-        (["--ray=ray://head:10001", "IN"], "ray://head:10001", ["IN"]),
-        (["--ray", "ray://head:10001", "IN"], "ray://head:10001", ["IN"]),
-        (["--ray", "10.0.0.5:6379", "IN"], "10.0.0.5:6379", ["IN"]),
-        (["--ray", "[::1]:6379", "IN"], "[::1]:6379", ["IN"]),
-        (["--ray", "auto", "IN", "IN2"], "auto", ["IN", "IN2"]),
-        (["IN"], None, ["IN"]),
+        (["--ray", "IN", "-o", "out"], True, None, ["IN"]),  # a plain flag: IN is an input
+        (["--ray", "typo_photos", "IN"], True, None, ["typo_photos", "IN"]),
+        (["--ray", "s3://bucket/scans", "-o", "s3://b/out"], True, None, ["s3://bucket/scans"]),
+        (["IN", "--ray"], True, None, ["IN"]),
+        (["IN", "--ray", "IN2"], True, None, ["IN", "IN2"]),  # inputs after the flag too
+        (["--ray", "--ray-address", "ray://head:10001", "IN"], True, "ray://head:10001", ["IN"]),
+        (["--ray-address=10.0.0.5:6379", "IN", "--ray"], True, "10.0.0.5:6379", ["IN"]),
+        (["--ray", "--ray-address", "auto", "IN", "IN2"], True, "auto", ["IN", "IN2"]),
+        (["IN"], False, None, ["IN"]),
     ],
 )
-def test_ray_flag_takes_an_address_only_when_it_looks_like_one(
+def test_ray_is_a_flag_and_its_address_a_flag_of_its_own(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     argv: list[str],
+    ray: bool,
     address: str | None,
     inputs: list[str],
 ) -> None:
-    from osdface import restore
-    from osdface.cli import build_parser
+    from osdface.cli import parse
+    from osdface.restore import command
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "IN").mkdir()
-    args = build_parser().parse_args(["restore", *argv])
-    assert (args.ray, restore._inputs(args)) == (address, inputs)
+    _, args = parse(["restore", *argv])
+    assert (args.ray, args.ray_address, command._inputs(args)) == (ray, address, inputs)
+
+
+@pytest.mark.parametrize(
+    ("argv", "address"),
+    [
+        (["--ray", "auto", "IN"], "auto"),
+        (["--ray", "ray://head:10001", "IN"], "ray://head:10001"),
+        (["--ray=ray://head:10001", "IN"], "ray://head:10001"),
+        (["IN", "--ray", "10.0.0.5:6379"], "10.0.0.5:6379"),
+        (["--ray", "[::1]:6379", "IN"], "[::1]:6379"),
+    ],
+)
+def test_the_old_ray_address_form_is_refused_saying_what_to_write(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    argv: list[str],
+    address: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "IN").mkdir()
+    try:
+        code = main(["restore", *argv])
+    except SystemExit as stop:  # argparse's own refusal of `--ray=VALUE`
+        code = stop.code
+    assert code == 2
+    said = caplog.text + capsys.readouterr().err
+    assert f"write --ray --ray-address {address}" in said, said
+    assert main(["restore", "IN", "--ray-address", address]) == 2  # the address needs --ray
+    assert "add --ray" in caplog.text
+
+
+# Modules of the HTTP service: the command line and the Ray workers never load them.
+SERVICE_MODULES = ("service", "fastapi", "prometheus_client", "uvicorn")
+LOADED = f"sorted(m for m in sys.modules if m.split('.')[0] in {SERVICE_MODULES!r})"
+
+
+def loaded_in_fresh_interpreter(code: str) -> list[str]:
+    """Run `code` in a fresh interpreter; the service's modules it loaded."""
+    out = subprocess.run(
+        [sys.executable, "-c", f"import sys\n{code}\nprint({LOADED})"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return eval(out.stdout.strip().splitlines()[-1])  # a printed list of names
+
+
+def test_restore_and_its_ray_stages_load_nothing_of_the_service(
+    assets: Path, tiny_weights_dir: Path, tmp_path: Path
+) -> None:
+    """`osdface restore --help`, and the Ray stages built and run on one photo with
+    --save-faces (each stage's own imports done), in fresh interpreters."""
+    help_code = (
+        "from osdface.cli import main\n"
+        "try:\n    main(['restore', '--help'])\nexcept SystemExit:\n    pass"
+    )
+    assert loaded_in_fresh_interpreter(help_code) == []
+    photo = assets / "images/gfpgan/whole_imgs/Blake_Lively.jpg"
+    stages_code = f"""
+import json, pickle
+import numpy as np
+from model.options import RestoreOptions
+from model.runtime.settings import RuntimeSettings
+from osdface.restore.config import RunConfig
+from osdface.restore.plan import Job
+from osdface.restore.ray_stages import Prepare, RestoreFaces, finish
+settings = RuntimeSettings(
+    weights_dir={str(tiny_weights_dir)!r}, detector="retinaface_mobile0.25", device="cpu"
+)
+config = RunConfig(settings, RestoreOptions().validated(), save_faces=True)
+job = Job({str(photo)!r}, {str(tmp_path / "out.png")!r}, "png")
+state = Prepare(config, num_cpus=1)({{"job": pickle.dumps(job)}})["state"]
+batch = {{"state": np.array([state], dtype=object)}}
+state = RestoreFaces(config, num_cpus=1)(batch)["state"][0]
+assert json.loads(finish({{"state": state}}, config)["record"])["status"] == "restored"
+"""
+    assert loaded_in_fresh_interpreter(stages_code) == []
+    assert (tmp_path / "out.png").is_file() and (tmp_path / "faces").is_dir()
+
+
+def test_restore_loads_the_background_network_with_the_tile_settings(
+    tmp_path: Path, tiny_weights_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OSDFACE_BACKGROUND_TILE* reach the network `osdface restore` loads (the runtime
+    settings, read from the environment as the command reads them)."""
+    from model.networks.background import TileSettings
+    from model.options import RestoreOptions
+    from model.runtime.settings import RuntimeSettings
+    from osdface.restore.config import RunConfig
+    from osdface.restore.reporting import Reporter
+    from osdface.restore.runners import load_context
+    from tests.tiny_realesrgan import write_tiny_realesrgan
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for entry in tiny_weights_dir.iterdir():
+        (weights / entry.name).symlink_to(entry)
+    write_tiny_realesrgan(weights, "realesrgan-x2")
+    monkeypatch.setenv("OSDFACE_BACKGROUND_TILE", "96")
+    monkeypatch.setenv("OSDFACE_BACKGROUND_TILE_OVERLAP", "4")
+    monkeypatch.setenv("OSDFACE_BACKGROUND_TILE_BATCH", "3")
+    settings = RuntimeSettings(weights_dir=weights, device="cpu")
+    options = RestoreOptions(aligned=True, background="realesrgan-x2").validated()
+    context = load_context(
+        RunConfig(settings, options), Reporter(1, quiet=True, tty=False, report=None)
+    )
+    assert context.backgrounds["realesrgan-x2"].tiles == TileSettings(96, 4, 3)
 
 
 def test_docs_list_every_restore_option() -> None:
-    from osdface.restore.command import FORM_FLAGS, SETTING_FLAGS
+    from osdface.common import SETTING_FLAGS
+    from osdface.restore.flags import FORM_FLAGS
 
     text = (REPO / "docs/cli.md").read_text()
     for flag, name, _ in SETTING_FLAGS:
@@ -368,7 +481,9 @@ def test_plan_keeps_phone_formats_it_can_write_and_video_containers(
     for name in ("IMG_1.HEIC", "b.avif", "clip.MOV", "c.jpeg"):
         (folder / name).write_bytes(b"")
     out = tmp_path / "out"
-    monkeypatch.setattr("osdface.restore.plan.writable_formats", lambda: {"jpeg", "png", "webp", "heic"})
+    monkeypatch.setattr(
+        "osdface.restore.plan.writable_formats", lambda: {"jpeg", "png", "webp", "heic"}
+    )
     plan = make_plan([str(folder)], out)
     by_target = {j.target.name: (j.kind, j.output_format) for j in plan.jobs if j.target}
     assert by_target == {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -14,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from osdface.cli import main
 from osdface.eval.compare import compare_runs
 from osdface.eval.paper import PAPER_TABLES
-from osdface.cli import main
 from tests.live_server import running_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_missing_metric_weights_named_before_restoring(
     ("argv", "message"),
     [
         (["--metrics", "psnr,bogus"], "unknown metrics"),
-        (["--metrics", "lpips", "--no-hq"], "need the HQ faces"),
+        (["--metrics", "lpips", "--no-hq"], "lpips needs the HQ faces"),
     ],
 )
 def test_bad_arguments(sets, tmp_path: Path, caplog, argv: list[str], message: str) -> None:
@@ -127,7 +128,7 @@ def test_bad_arguments(sets, tmp_path: Path, caplog, argv: list[str], message: s
 @pytest.mark.parametrize(
     ("missing", "argv", "message"),
     [
-        ("pyiqa", ["--metrics", "psnr,lpips"], "lpips need pyiqa: install the eval extra"),
+        ("pyiqa", ["--metrics", "psnr,lpips"], "lpips needs pyiqa: install the eval extra"),
         ("httpx", ["--metrics", "psnr", "--url", "http://127.0.0.1:9"], "--url needs httpx"),
     ],
 )
@@ -161,13 +162,18 @@ def test_fetch_eval_offline_lists_metric_files(tmp_path: Path) -> None:
         assert name in result.stderr
 
 
-def test_through_a_running_service(sets, report: Path, eval_weights_dir: Path, tmp_path: Path):
+def test_through_a_running_service(
+    sets, report: Path, eval_weights_dir: Path, tmp_path: Path, caplog
+) -> None:
     """The same faces restored by `osdface serve` (POST /restore, aligned) score as in-process."""
     lq, hq = sets
     out = tmp_path / "http"
     with running_server(eval_weights_dir, tmp_path / "serve.log") as server:
         argv = ["--url", server.base, "--weights", str(eval_weights_dir)]
-        assert _eval(lq, hq, out, *argv, "--metrics", "psnr,ssim,lpips") == 0
+        with caplog.at_level(logging.INFO):
+            assert _eval(lq, hq, out, *argv, "--metrics", "psnr,ssim,lpips") == 0
+    assert "HTTP Request" not in caplog.text, "httpx's line per face shows only with -v"
+    assert "restored" in caplog.text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["_run"]["restorer"]["kind"] == "http"
     local = {d.metric: d for d in compare_runs(report, out)}
@@ -189,3 +195,35 @@ def test_a_bad_lq_file_is_skipped_not_fatal(sets, tiny_weights_dir: Path, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["psnr"]["count"] == len(list(lq.glob("*.png")))
     assert metrics["_run"]["skipped"] == ["small"]
+
+
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        ("degrade", "usage: osdface eval degrade [-h] --hq HQ -o OUTPUT [--seed SEED]"),
+        ("compare", "usage: osdface eval compare [-h] [--resamples RESAMPLES] [--seed SEED]"),
+    ],
+)
+def test_subcommand_help_has_its_own_usage_and_says_what_each_option_does(
+    capsys, command: str, usage: str
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", command, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(usage), out[:300]
+    assert "--seed SEED           seed" in out
+
+
+def test_progress_without_a_terminal_is_one_log_line_per_face(sets, tmp_path: Path) -> None:
+    _, hq = sets
+    run = subprocess.run(
+        [sys.executable, "-m", "osdface", "eval", "degrade", "--hq", str(hq), "-o", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "\r" not in run.stderr
+    count = len(list(hq.glob("*.png")))
+    for k in range(1, count + 1):
+        assert f"[{k}/{count}] degraded" in run.stderr

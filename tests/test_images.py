@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from model.media.codecs.decode import apply_orientation, decode_image
-from model.media.codecs.encode import encode_image
-from model.media.codecs.formats import ImageLimits, normalize_format, sniff_format
 from model.errors import (
     ImageDecodeError,
     ImageTooLargeError,
     InvalidInputError,
     UnsupportedFormatError,
 )
+from model.media.codecs.decode import apply_orientation, decode_image
+from model.media.codecs.encode import encode_image
+from model.media.codecs.formats import ImageLimits, normalize_format, sniff_format
 from tests.photo_variants import (
     decode_output,
     gradient_alpha,

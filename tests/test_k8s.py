@@ -300,7 +300,7 @@ def test_rayjob_runs_the_cli_on_the_cluster_it_creates() -> None:
     argv = shlex.split(job["entrypoint"])
     assert argv[0] == "osdface"
     args = build_parser().parse_args(argv[1:])
-    assert args.ray == "", "no address: RAY_ADDRESS, which `ray job submit` sets"
+    assert args.ray and args.ray_address is None, "RAY_ADDRESS, which `ray job submit` sets"
     head = job["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
     mounts = {m["mountPath"] for c in head["containers"] for m in c["volumeMounts"]}
     for location in [*args.inputs, args.output, str(args.report)]:

@@ -30,7 +30,7 @@ PROJECT = PYPROJECT["project"]
 SELF = canonicalize_name(PROJECT["name"])
 
 # Named by hand as well as derived from the extras, so emptying an extra cannot hide a tool.
-TOOLS = {"pytest", "selenium", "ruff", "tensorboard", "httpx", "scikit-image"}
+TOOLS = {"pytest", "selenium", "ruff", "mypy", "tensorboard", "httpx", "scikit-image"}
 
 
 def read_lock(path: Path) -> tuple[dict[str, str], list[str]]:

@@ -18,11 +18,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageCms
 
+from model.errors import ImageDecodeError, ImageError, UnsupportedFormatError
 from model.media.codecs.decode import decode_image
 from model.media.codecs.encode import encode_image
 from model.media.codecs.formats import ImageLimits, sniff_format
 from model.media.codecs.heif import writable_formats
-from model.errors import ImageDecodeError, ImageError, UnsupportedFormatError
 from model.media.pipeline import RestoreOptions, output_format
 from osdface.cli import main
 from service.app import create_app

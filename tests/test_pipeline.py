@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
+from model.errors import ImageTooLargeError, InvalidInputError, ModelOutputError
 from model.media.codecs.formats import ImageLimits
-from model.errors import ImageTooLargeError, InvalidInputError
 from model.media.faces.align import FACE_SIZE
 from model.media.faces.detect import FaceDetector
 from model.media.faces.paste import paste_faces
@@ -318,7 +318,7 @@ def test_restored_batch_is_checked(detector: FaceDetector, example: np.ndarray) 
     prepared = prepare_photo(_png(example), detector, RestoreOptions(), LIMITS)
     with pytest.raises(InvalidInputError):
         finish_photo(prepared, prepared.crops[:1])
-    with pytest.raises(InvalidInputError, match="NaN"):
+    with pytest.raises(ModelOutputError, match="NaN"):
         finish_photo(prepared, torch.full_like(prepared.crops, float("nan")))
     result = finish_photo(prepared, prepared.crops)
     assert {"decode", "detect", "align", "paste", "encode"} <= set(result.timings)
@@ -340,3 +340,43 @@ def test_with_the_osdface_restorer(
     out = np.asarray(decode_output(result.data))
     assert out.shape == example.shape
     assert not np.array_equal(out, example)  # the random model did change the faces
+
+
+def test_faces_of_many_photos_share_calls_and_a_failing_photo_fails_alone(
+    tiny_restorer,
+) -> None:
+    """model/media/batch.py: calls of `batch_size` faces across photos, each photo its own faces
+    and time share; when the shared calls fail, each photo alone (the bad one keeps its error)."""
+    from model.media.batch import restore_faces, restore_photos
+
+    g = torch.Generator().manual_seed(0)
+
+    def faces(count: int, size: int = 512) -> torch.Tensor:
+        return torch.rand(count, 3, size, size, generator=g)
+
+    calls: list[int] = []
+
+    def counting(images: torch.Tensor):
+        calls.append(images.shape[0])
+        return tiny_restorer(images)
+
+    a, none, c = faces(1), faces(0), faces(2)
+    results = restore_photos(counting, [a, none, c], batch_size=2)
+    assert calls == [2, 1]  # a0 c0 | c1: calls across photos
+    alone = {id(x): tiny_restorer(x).images for x in (a, c)}
+    for crops, result in ((a, results[0]), (c, results[2])):
+        assert result.error is None and result.seconds > 0
+        assert (result.faces - alone[id(crops)]).abs().max() < 1e-3  # its own faces, in order
+    assert results[1].faces is not None and results[1].faces.shape[0] == 0
+    assert results[1].seconds == 0.0
+    assert results[2].seconds == pytest.approx(2 * results[0].seconds)  # shares by faces
+    calls.clear()
+    bad, good = restore_photos(counting, [faces(1, size=64), a], batch_size=2)
+    assert bad.faces is None and "expected (B, 3, 512, 512)" in str(bad.error)
+    assert good.error is None and (good.faces - alone[id(a)]).abs().max() < 1e-3
+    assert calls == [1, 1]  # no shared call (the sizes differ): each photo alone
+    (only,) = restore_photos(tiny_restorer, [faces(1, size=64)])
+    assert only.faces is None and only.error is not None  # alone already: no second try
+    out = restore_faces(tiny_restorer, c, batch_size=1)
+    assert out.images.shape == c.shape and out.timings  # two calls, their stage times summed
+    assert (out.images - alone[id(c)]).abs().max() < 1e-3

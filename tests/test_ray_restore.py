@@ -30,10 +30,18 @@ from PIL import Image
 
 pytest.importorskip("ray", reason="ray[data] is not installed (pip install -e .[ray])")
 
-from osdface.restore import uris
+from model.runtime.settings import RuntimeSettings
 from osdface.common import UsageError
-from osdface.restore.ray_driver import plan_jobs, plan_uris
-from osdface.restore.ray_stages import Job, PhotoState, RestoreFaces, RunConfig, _pack, _unpack
+from osdface.restore import uris
+from osdface.restore.config import RunConfig
+from osdface.restore.plan import Job, make_plan, plan_uris
+from osdface.restore.ray_stages import PhotoState, RestoreFaces, _pack, _unpack
+
+
+def plan_jobs(inputs: list[str], output: str, **flags: object):
+    """The plan of a --ray run."""
+    return make_plan(inputs, output, ray=True, **flags)
+
 
 REPO = Path(__file__).resolve().parents[1]
 RAY_TEST_INPUTS = int(os.environ.get("OSDFACE_RAY_TEST_INPUTS", "200"))
@@ -232,8 +240,6 @@ def test_uri_plan_names_outputs_skips_existing_and_refuses_clashes(tmp_path: Pat
 
 def test_local_paths_get_the_local_cli_plan(tmp_path: Path) -> None:
     """--ray on local folders plans as the local CLI does: recursion, suffix, the same targets."""
-    from osdface.restore.plan import make_plan
-
     inputs = tmp_path / "in"
     (inputs / "sub").mkdir(parents=True)
     for name in ("a.jpg", "sub/b.png", "clip.mp4"):
@@ -269,10 +275,9 @@ def test_restore_stage_batches_faces_across_photos_and_returns_each_its_own(
     tiny_weights_dir: Path,
 ) -> None:
     from model.options import RestoreOptions
-    from service.settings import Settings
 
-    settings = Settings(weights_dir=tiny_weights_dir)
-    config = RunConfig(settings, RestoreOptions().validated(), batch_size=2, device="cpu")
+    settings = RuntimeSettings(weights_dir=tiny_weights_dir, max_batch_faces=2, device="cpu")
+    config = RunConfig(settings, RestoreOptions().validated())
     stage = RestoreFaces(config, num_cpus=2)
     g = torch.Generator().manual_seed(0)
 
@@ -338,7 +343,6 @@ def test_stages_write_what_the_local_cli_writes_with_background_and_faces(
     thread)."""
     from model.options import RestoreOptions
     from osdface.restore.ray_stages import Prepare, finish
-    from service.settings import Settings
     from tests.tiny_realesrgan import write_tiny_realesrgan
 
     weights = tmp_path / "weights"
@@ -352,9 +356,11 @@ def test_stages_write_what_the_local_cli_writes_with_background_and_faces(
     argv += ["--background", "realesrgan-x2"]
     subprocess.run(argv, check=True, env=one_thread_env(), timeout=300)
 
-    settings = Settings(weights_dir=weights, detector="retinaface_mobile0.25")
+    settings = RuntimeSettings(
+        weights_dir=weights, detector="retinaface_mobile0.25", max_batch_faces=1, device="cpu"
+    )
     options = RestoreOptions(background="realesrgan-x2").validated()
-    config = RunConfig(settings, options, 1, device="cpu", save_faces=True)
+    config = RunConfig(settings, options, save_faces=True)
     job = Job(str(photo), str(ray_out / photo.name), "jpeg")
     threads = torch.get_num_threads()
     try:

@@ -489,7 +489,8 @@ def test_a_model_that_outputs_nan_is_a_500_not_the_clients_fault(
     tiny_weights_dir, detector, crop, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Real tiny weights with one poisoned bias: the pipeline refuses the NaN faces, and the
-    service reports its own failure (500, logged once with the request id), not a 422."""
+    service reports the model's failure (500 `model_output`, logged once with the request id),
+    not a 422."""
     import torch
 
     from model.networks.restorer import OSDFaceRestorer
@@ -503,7 +504,7 @@ def test_a_model_that_outputs_nan_is_a_500_not_the_clients_fault(
     ):
         response = c.post("/restore", files={"image": ("f.jpg", crop)}, data={"aligned": "1"})
         assert c.get("/healthz").status_code == 200
-    assert_error_shape(response, 500, "internal")
+    assert_error_shape(response, 500, "model_output")
     request_id = response.headers["x-request-id"]
     assert len([r for r in caplog.records if request_id in r.getMessage()]) == 1
 

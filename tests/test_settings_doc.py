@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from osdface.cli import build_parser
+from osdface.settings_doc import COMMAND, render
 from service.settings import Settings
-from service.settings_doc import COMMAND, render
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 PREFIX = Settings.model_config["env_prefix"]

@@ -14,21 +14,25 @@ import json
 import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
-from osdface.cli import QUIET_LIBRARIES
+if __name__ == "__main__":
+    # Before diffusers imports them: the README runs this module, and their notes are not its
+    # run's. Only then: the CUDA tests import this module on a GPU image without the CLI's
+    # packages (pydantic, uvicorn...), which osdface.cli imports.
+    from osdface.cli import QUIET_LIBRARIES
 
-# Before diffusers imports them: the README runs this module, and their notes are not its run's.
-for _name in QUIET_LIBRARIES:
-    logging.getLogger(_name).setLevel(logging.ERROR)
+    for _name in QUIET_LIBRARIES:
+        logging.getLogger(_name).setLevel(logging.ERROR)
 
-import torch  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import nn
 
-from model.config import OSDFaceConfig, VREConfig  # noqa: E402
-from model.networks.vre import VisualRepresentationEmbedder  # noqa: E402
+from model.config import OSDFaceConfig, VREConfig
+from model.networks.vre import VisualRepresentationEmbedder
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULER_CONFIG = REPO / "model/configs/sd21-base/scheduler/scheduler_config.json"
@@ -193,11 +197,18 @@ def _write_released_vre(osd: Path, vre_config: VREConfig, g: torch.Generator) ->
     torch.save(projection, osd / "embedding_change_weights.pth")
 
 
+DETECTOR_FILES = ("detection_mobilenet0.25_Final.pth", "detection_Resnet50_Final.pth")
+
+
 def _link_detectors(target: Path, source: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("detection_mobilenet0.25_Final.pth", "detection_Resnet50_Final.pth"):
+    for name in DETECTOR_FILES:
         if (source / name).is_file() and not (target / name).exists():
             os.symlink((source / name).resolve(), target / name)
+
+
+def has_detector(root: Path) -> bool:
+    return any((root / "facexlib" / name).is_file() for name in DETECTOR_FILES)
 
 
 if (
@@ -209,4 +220,12 @@ if (
     parser.add_argument("--released-only", action="store_true", help="skip convert and merge")
     a = parser.parse_args()
     write_tiny_weights(a.root, prepare=not a.released_only, detector_dir=a.detectors)
+    if not has_detector(a.root):
+        # Without a detector the try-out cannot serve whole photos: say so, and fail.
+        print(
+            f"no face detector in {a.detectors}: download detection_mobilenet0.25_Final.pth "
+            "there (README, 'Try it without the real weights') or pass --detectors DIR",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     print(json.dumps({"weights": str(a.root)}))

@@ -15,13 +15,17 @@ import dataclasses
 import json
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import yaml
 
 from model.config import VREConfig
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 # --- data ------------------------------------------------------------------------------------
 
@@ -291,10 +295,20 @@ class Stage2Config:
 
 # --- loading ---------------------------------------------------------------------------------
 
-T = TypeVar("T")
+
+class _StageConfig(Protocol):
+    """A stage's top-level config: a dataclass that checks itself."""
+
+    __dataclass_fields__: typing.ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    def validate(self) -> None: ...
 
 
-def load_config(cls: type[T], path: Path | None = None, overrides: list[str] = ()) -> T:
+C = TypeVar("C", bound=_StageConfig)
+D = TypeVar("D", bound="DataclassInstance")
+
+
+def load_config(cls: type[C], path: Path | None = None, overrides: Sequence[str] = ()) -> C:
     """Defaults, then the file (YAML or JSON), then `key.sub=value` overrides; validated."""
     data: dict[str, Any] = {}
     if path is not None:
@@ -312,7 +326,7 @@ def load_config(cls: type[T], path: Path | None = None, overrides: list[str] = (
     return config
 
 
-def from_dict(cls: type[T], data: dict[str, Any], where: str = "", base: T | None = None) -> T:
+def from_dict(cls: type[D], data: dict[str, Any], where: str = "", base: D | None = None) -> D:
     """Build dataclass `cls` from a nested dict over `base` (default: the defaults)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -334,7 +348,7 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def _convert(hint: Any, value: Any, path: str, current: Any) -> Any:
     origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
             raise ValueError(f"{path} must be a mapping")
         return from_dict(hint, value, path, current)
@@ -380,7 +394,9 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     node[last] = value
 
 
-def _check_range(name: str, pair: tuple[float, float], low: float, high: float | None = None):
+def _check_range(
+    name: str, pair: tuple[float, float], low: float, high: float | None = None
+) -> None:
     lo, hi = pair
     if lo > hi or lo < low or (high is not None and hi > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"

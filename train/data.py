@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypedDict
 
 import cv2
 import numpy as np
@@ -91,7 +92,9 @@ class StageParams:
     jpeg_quality: int | None = None
 
 
-def sample_stage(rng: np.random.Generator, stage: DegradationStage, modes: tuple[str, ...]):
+def sample_stage(
+    rng: np.random.Generator, stage: DegradationStage, modes: tuple[str, ...]
+) -> StageParams | None:
     """Draw one stage's parameters; None when the whole stage is skipped."""
     if rng.random() >= stage.prob:
         return None
@@ -113,12 +116,15 @@ def sample_stage(rng: np.random.Generator, stage: DegradationStage, modes: tuple
     return p
 
 
-def apply_stage(img: np.ndarray, p: StageParams, kernel_size: int, rng: np.random.Generator):
+def apply_stage(
+    img: np.ndarray, p: StageParams, kernel_size: int, rng: np.random.Generator
+) -> np.ndarray:
     """One stage on (H, W, 3) float32 RGB in [0, 1]; returns the same layout and range."""
     if p.blur is not None:
         kernel = gaussian_kernel(kernel_size, *p.blur)
         img = cv2.filter2D(img, -1, kernel, borderType=cv2.BORDER_REFLECT_101)
     if p.downsample is not None:
+        assert p.resize_mode is not None, "sample_stage draws the factor and mode together"
         h, w = img.shape[:2]
         size = (max(4, round(w / p.downsample)), max(4, round(h / p.downsample)))
         img = cv2.resize(img, size, interpolation=_INTERPOLATION[p.resize_mode])
@@ -137,6 +143,8 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
     if not ok:
         raise RuntimeError("OpenCV failed to encode a JPEG")
     decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise RuntimeError("OpenCV failed to decode the JPEG it encoded")
     return cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB).astype(np.float32) / 255.0
 
 
@@ -165,6 +173,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
 # --- dataset and sampler ---------------------------------------------------------------------
 
 
+class FaceItem(TypedDict):
+    """One face: `gt` and `lq` (3, H, W) float32 RGB in [0, 1]; `index` into the file list."""
+
+    gt: torch.Tensor
+    lq: torch.Tensor
+    index: int
+
+
 class FaceDataset(Dataset):
     """Aligned HQ faces and their degraded twins.
 
@@ -190,7 +206,7 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor | int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> FaceItem:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = sample_rng(self.seed, epoch, index)
         hq = read_rgb(self.files[index], self.image_size)
@@ -269,4 +285,7 @@ def train_loader(
 def validation_batch(dataset: FaceDataset, count: int) -> dict[str, torch.Tensor]:
     """The first `count` validation faces, degraded with epoch 0: the same every time."""
     items = [dataset[(0, i)] for i in range(min(count, len(dataset)))]
-    return {k: torch.stack([it[k] for it in items]) for k in ("gt", "lq")}
+    return {
+        "gt": torch.stack([it["gt"] for it in items]),
+        "lq": torch.stack([it["lq"] for it in items]),
+    }

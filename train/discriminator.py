@@ -14,7 +14,7 @@ import copy
 import math
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers.models import UNet2DConditionModel
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -70,9 +70,10 @@ class LatentFeatures(nn.Module):
         self.time_embedding = copy.deepcopy(unet.time_embedding)
         self.down_blocks = copy.deepcopy(unet.down_blocks)
         self.mid_block = copy.deepcopy(unet.mid_block)
-        self.context_dim = unet.config.cross_attention_dim
-        self.channels = [b.resnets[-1].out_channels for b in self.down_blocks]
-        self.channels.append(self.mid_block.resnets[-1].out_channels)
+        self.context_dim: int = unet.config["cross_attention_dim"]
+        # What each down block and the mid block emit (their last ResNet's channels).
+        widths: list[int] = list(unet.config["block_out_channels"])
+        self.channels = [*widths, widths[-1]]
         self.requires_grad_(False).eval()
         self.gradient_checkpointing = False
 
@@ -113,6 +114,8 @@ class LatentFeatures(nn.Module):
 class LatentDiscriminator(nn.Module):
     """D(noised latent) -> logits per position of every feature level; only the heads train."""
 
+    alphas_cumprod: torch.Tensor  # a buffer, (1000,) float64
+
     def __init__(
         self,
         unet: UNet2DConditionModel,
@@ -138,7 +141,7 @@ class LatentDiscriminator(nn.Module):
         """latents (B, 4, h, w) already noised at `timesteps` (B,) -> logits (B, P) float32."""
         feats = self.features(latents, timesteps)
         logits = [
-            head(f.to(head[0].weight.dtype)).flatten(1)
+            head(f.to(next(head.parameters()).dtype)).flatten(1)
             for head, f in zip(self.heads, feats, strict=True)
         ]
         return torch.cat(logits, dim=1).float()

@@ -21,7 +21,7 @@ import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ from train.config import EngineConfig
 from train.data import FaceDataset, train_loader
 
 logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=nn.Module)
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
@@ -166,6 +168,13 @@ class Engine:
     def unwrap(self, model: nn.Module) -> nn.Module:
         return self.accelerator.unwrap_model(model)
 
+    def unwrap_as(self, model: nn.Module, cls: type[M]) -> M:
+        """`unwrap` for a model known to be a `cls` inside its wrappers (checked)."""
+        inner = self.unwrap(model)
+        if not isinstance(inner, cls):
+            raise TypeError(f"expected a {cls.__name__}, got {type(inner).__name__}")
+        return inner
+
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         with self.accelerator.autocast():
@@ -206,8 +215,8 @@ class Engine:
         root = Path(output_dir) / CHECKPOINT_DIR
         if not root.is_dir():
             return []
-        found = [p for p in root.iterdir() if CHECKPOINT_RE.match(p.name)]
-        return sorted(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+        found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+        return [p for _, p in sorted(found)]
 
     def save(self) -> Path:
         path = self.output_dir / CHECKPOINT_DIR / f"step-{self.state.step:08d}"
@@ -300,7 +309,9 @@ class Engine:
             return None
         return self.export(task)
 
-    def _after_step(self, task: Task, logs: dict[str, float], val, bar: tqdm) -> None:
+    def _after_step(
+        self, task: Task, logs: dict[str, float], val: dict[str, torch.Tensor] | None, bar: tqdm
+    ) -> None:
         step, cfg = self.state.step, self.config
         bar.update(1)
         if step % cfg.log_every == 0:
@@ -363,7 +374,7 @@ class Engine:
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters with requires_grad, and persistent buffers, as contiguous CPU tensors."""
-    state = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state: dict[str, torch.Tensor] = {n: p for n, p in model.named_parameters() if p.requires_grad}
     persistent = model.state_dict(keep_vars=True)
     state.update({n: b for n, b in model.named_buffers() if n in persistent})
     return {n: t.detach().cpu().contiguous() for n, t in state.items()}

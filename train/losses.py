@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,8 @@ from torchvision.models.vgg import cfgs, make_layers
 
 from model.errors import StateDictMismatchError, WeightsError, WeightsNotFoundError
 from weights.strict import check_state_dict
+
+M = TypeVar("M", bound=nn.Module)
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +63,14 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_frozen(what: str, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def load_frozen(what: str, model: M, state: dict[str, torch.Tensor]) -> M:
     """Strict load (every difference named), then eval mode and no gradients."""
     check_state_dict(what, model, state)
     model.load_state_dict(state)
     return freeze(model)
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: M) -> M:
     return model.eval().requires_grad_(False)
 
 
@@ -127,6 +130,8 @@ class VGGPerceptual(nn.Module):
 
 class L2Pool(nn.Module):
     """DISTS' replacement for max pooling: sqrt(Hann-3x3 blur of x^2), stride 2."""
+
+    filter: torch.Tensor  # a buffer, (channels, 1, 3, 3)
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -198,8 +203,8 @@ class DISTS(nn.Module):
         b = x.shape[0]
         feats = self._features(torch.cat([x, y]).float())
         w_sum = self.alpha.sum() + self.beta.sum()
-        alphas = torch.split(self.alpha / w_sum, DISTS_CHANNELS, dim=1)
-        betas = torch.split(self.beta / w_sum, DISTS_CHANNELS, dim=1)
+        alphas = torch.split(self.alpha / w_sum, list(DISTS_CHANNELS), dim=1)
+        betas = torch.split(self.beta / w_sum, list(DISTS_CHANNELS), dim=1)
         c1 = c2 = 1e-6
         score = x.new_zeros(b, dtype=torch.float32)
         for f, a, bt in zip(feats, alphas, betas, strict=True):
@@ -269,6 +274,12 @@ class IRBlock(nn.Module):
 
 class ArcFaceResNet18(nn.Module):
     """GFPGAN's identity network: grey (B, 1, 128, 128) in [-1, 1] -> (B, 512) embedding."""
+
+    # Registered by name in __init__'s loop (the released checkpoint's names).
+    layer1: nn.Sequential
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
 
     def __init__(self) -> None:
         super().__init__()

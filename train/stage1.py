@@ -141,7 +141,7 @@ class Stage1Task:
         if self._gan_on(which, step):
             with frozen(self.engine.unwrap(self.disc[which])) as disc:
                 g_loss = hinge_g_loss(disc(out.recon))
-            last = self.engine.unwrap(self.ae[which]).last_layer()
+            last = self.engine.unwrap_as(self.ae[which], VQAutoencoder).last_layer()
             weight = adaptive_gan_weight(rec, g_loss, last, c.gan_weight)
             loss = loss + weight * g_loss
             parts.update(g_loss=float(g_loss.detach()), gan_weight=float(weight))
@@ -184,7 +184,7 @@ class Stage1Task:
 
     def export(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        lq = self.engine.unwrap(self.ae["lq"])
+        lq = self.engine.unwrap_as(self.ae["lq"], VQAutoencoder)
         save_file(lq.tokenizer_state_dict(), str(directory / TOKENIZER_FILE))
         for w in ("hq", "lq"):
             model = self.engine.unwrap(self.ae[w])

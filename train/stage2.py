@@ -22,10 +22,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
@@ -50,6 +51,8 @@ from weights.strict import check_state_dict, read_safetensors
 
 logger = logging.getLogger(__name__)
 
+M = TypeVar("M", bound=nn.Module)
+
 ADAPTER = "default"
 
 
@@ -71,7 +74,7 @@ class OneStepGenerator(nn.Module):
         super().__init__()
         self.vre, self.vae, self.unet = vre, vae, unet
         self.alpha_bar = alpha_bar
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.scaling_factor = float(vae.config["scaling_factor"])
         self.register_buffer("timestep", torch.tensor([timestep]), persistent=False)
 
     @torch.no_grad()
@@ -80,9 +83,10 @@ class OneStepGenerator(nn.Module):
         dtype = self.vae.dtype
         return self.vae.encode(image.to(dtype)).latent_dist.mode() * self.scaling_factor
 
-    # Copied from model.networks.restorer.OSDFaceRestorer.__call__ (steps 1-4), with gradients through
-    # the projection, the LoRA UNet and the decoder, the tokens in fp32 outside autocast, and
-    # the output left in [-1, 1] for the losses. tests/test_train_stage2.py checks the two agree.
+    # Copied from model.networks.restorer.OSDFaceRestorer.__call__ (steps 1-4), with gradients
+    # through the projection, the LoRA UNet and the decoder, the tokens in fp32 outside
+    # autocast, and the output left in [-1, 1] for the losses. tests/test_train_stage2.py
+    # checks the two agree.
     def forward(self, lq01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lq = normalize(lq01)
         # The tokenizer is frozen and runs in fp32 outside autocast: nearest-code distances
@@ -114,7 +118,9 @@ def load_tokenizer(vre: VisualRepresentationEmbedder, path: Path) -> VisualRepre
     return vre
 
 
-def build_vre(config: Stage2Config, layout: WeightsLayout, model_config: OSDFaceConfig):
+def build_vre(
+    config: Stage2Config, layout: WeightsLayout, model_config: OSDFaceConfig
+) -> VisualRepresentationEmbedder:
     """The VRE: the weights folder's (converted once if needed) or stage 1's tokenizer.
 
     `init == "scratch"` keeps a freshly initialised projection, as the paper trains it.
@@ -158,14 +164,22 @@ def add_lora(unet: UNet2DConditionModel, config: Stage2Config, layout: WeightsLa
         result = set_peft_model_state_dict(
             unet, {k.removeprefix("unet."): v for k, v in lora.items()}, adapter_name=ADAPTER
         )
-        if result.unexpected_keys:
-            raise LoraKeyError(f"LoRA keys not loaded: {result.unexpected_keys[:8]}")
+        # peft annotates `-> namedtuple`; it returns load_state_dict's (missing, unexpected).
+        unexpected: list[str] = result.unexpected_keys  # type: ignore[attr-defined]
+        if unexpected:
+            raise LoraKeyError(f"LoRA keys not loaded: {unexpected[:8]}")
 
 
 def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The LoRA in the released key format: `unet.<module>.lora_A.weight` / `lora_B.weight`."""
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER)
     return {f"unet.{k}": v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def _frozen_as(model: M, dtype: torch.dtype) -> M:
+    """No gradients, in `dtype` (through nn.Module's methods: diffusers' `to` is wrapped with
+    functools.wraps, which the type checker cannot bind to an instance)."""
+    return model.requires_grad_(False).to(dtype)
 
 
 class Stage2Task:
@@ -212,8 +226,8 @@ class Stage2Task:
     def _build(self) -> tuple[OneStepGenerator, LatentDiscriminator]:
         cfg, layout, engine = self.config, self.layout, self.engine
         dtype = engine.weight_dtype
-        vae = load_vae(layout).requires_grad_(False).to(dtype)
-        unet = load_base_unet(layout).requires_grad_(False).to(dtype)
+        vae = _frozen_as(load_vae(layout), dtype)
+        unet = _frozen_as(load_base_unet(layout), dtype)
         scheduler = load_scheduler(layout)
         disc = LatentDiscriminator(
             unet, scheduler.alphas_cumprod, cfg.disc_head_channels, cfg.disc_timesteps
@@ -274,7 +288,7 @@ class Stage2Task:
         self.engine.clip(self.gen_params)
         self.opt.step()
         self.scheduler.step()
-        logs["lr"] = self.scheduler.get_last_lr()[0]
+        logs["lr"] = float(self.scheduler.get_last_lr()[0])
         if self.gan_on(step) and step % self.config.disc_every == 0:
             logs["d_loss"] = self.discriminator_step(batch, x0, generator)
         return logs
@@ -283,7 +297,8 @@ class Stage2Task:
         self, batch: dict[str, torch.Tensor], fake: torch.Tensor, generator: torch.Generator
     ) -> float:
         """One update of the heads on real (gt) and fake (detached x0) latents."""
-        real = self.engine.unwrap(self.generator).encode(normalize(batch["gt"]))
+        gen = self.engine.unwrap_as(self.generator, OneStepGenerator)
+        real = gen.encode(normalize(batch["gt"]))
         with self.engine.autocast():
             d_loss = self.disc(fake, generator, real=real)  # through DDP; fake detached inside
         self.disc_opt.zero_grad(set_to_none=True)
@@ -312,7 +327,10 @@ class Stage2Task:
 
     def export(self, directory: Path) -> Path:
         return export_weights(
-            directory, self.engine.unwrap(self.generator), self.model_config, self.layout
+            directory,
+            self.engine.unwrap_as(self.generator, OneStepGenerator),
+            self.model_config,
+            self.layout,
         )
 
 

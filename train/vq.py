@@ -1,7 +1,7 @@
 """Stage 1's VQ autoencoder: the restorer's VRE encoder, a codebook and a mirrored decoder.
 
-The encoder, `quant_conv` and codebook are the very modules `model.networks.vre` builds, under the same
-names, so the LQ autoencoder's `tokenizer_state_dict()` loads strictly into
+The encoder, `quant_conv` and codebook are the very modules `model.networks.vre` builds, under the
+same names, so the LQ autoencoder's `tokenizer_state_dict()` loads strictly into
 `VisualRepresentationEmbedder` (everything but its projection, which stage 2 trains).
 
 Images are (B, 3, S, S) float in [-1, 1], RGB.
@@ -76,6 +76,39 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+class MidBlock(nn.Module):
+    """ResNet block, attention, ResNet block at the lowest resolution (names as released)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
+class UpLevel(nn.Module):
+    """One decoder level: ResNet blocks, each followed by attention where the resolution has
+    it, then x2 upsampling on every level but the last (the block, attn, upsample names)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.upsample: Upsample | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        if self.upsample is not None:
+            h = self.upsample(h)
+        return h
+
+
 class VQDecoder(nn.Module):
     """The encoder mirrored: features (B, z, R/2^(L-1), ...) -> image (B, 3, R, R) in ~[-1, 1].
 
@@ -90,16 +123,11 @@ class VQDecoder(nn.Module):
         block_in = config.ch * config.ch_mult[-1]
         resolution = config.resolution // 2 ** (levels - 1)
         self.conv_in = nn.Conv2d(config.z_channels, block_in, 3, padding=1)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, g)
-        ups: list[nn.Module] = []
+        self.mid = MidBlock(block_in, g)
+        ups: list[UpLevel] = []
         for level in reversed(range(levels)):
             block_out = config.ch * config.ch_mult[level]
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            stage.attn = nn.ModuleList()
+            stage = UpLevel()
             for _ in range(config.num_res_blocks + 1):
                 stage.block.append(ResnetBlock(block_in, block_out, g))
                 block_in = block_out
@@ -116,23 +144,13 @@ class VQDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.mid(h)
         for stage in reversed(self.up):
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(self._level, stage, h, use_reentrant=False)
+                h = checkpoint(stage, h, use_reentrant=False)
             else:
-                h = self._level(stage, h)
+                h = stage(h)
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    @staticmethod
-    def _level(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        for i, block in enumerate(stage.block):
-            h = block(h)
-            if len(stage.attn) > 0:
-                h = stage.attn[i](h)
-        if hasattr(stage, "upsample"):
-            h = stage.upsample(h)
-        return h
 
 
 @dataclass

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from spandrel import ImageModelDescriptor, ModelLoader, UnsupportedModelError
 from torch import nn
 
+from model.atomic import atomic_path
 from model.config import BACKGROUND_SCALES
 from model.errors import StateDictMismatchError, WeightsError, WeightsNotFoundError
 from weights.layout import BACKGROUND_FOLDER, background_file, sha256_file
@@ -144,9 +144,8 @@ def convert_background(root: Path, name: str) -> Path:
     check_released_state(f"{name} ({pth})", state, RELEASED[name][1])
     target = _converted(root, name)
     metadata = {"source": json.dumps({pth.name: sha256_file(pth)})}
-    part = target.with_suffix(".safetensors.part")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(part), metadata=metadata)
-    os.replace(part, target)
+    with atomic_path(target) as part:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(part), metadata=metadata)
     logger.info("wrote %s (%d tensors)", target, len(state))
     return target
 

@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from torch import nn
+
+# From the defining modules: the package root's try/except re-exports the dummy classes first,
+# which hides these classes' attributes from the type checker.
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 from model.config import OSDFaceConfig
 from model.errors import WeightsError, WeightsNotFoundError
@@ -21,15 +25,19 @@ from weights.strict import load_strict, read_safetensors
 
 logger = logging.getLogger(__name__)
 
+DiffusersModel = TypeVar("DiffusersModel", AutoencoderKL, UNet2DConditionModel)
 
-def load_diffusers_model(cls: type, folder: Path, what: str) -> nn.Module:
+
+def load_diffusers_model(cls: type[DiffusersModel], folder: Path, what: str) -> DiffusersModel:
     """Build a diffusers model from its config.json and load its safetensors strictly."""
     # Every diffusers folder is two levels below the weights folder (sd21-base/vae, ...).
     fetch = f"osdface weights fetch --dir {folder.parent.parent}"
     require(folder / "config.json", f"{what} config; run `{fetch}`")
-    config = cls.load_config(folder)
+    # Without return_unused_kwargs the config alone comes back (diffusers annotates the tuple).
+    config = cast(dict[str, Any], cls.load_config(folder))
     with torch.device("meta"):
         model = cls.from_config(config)
+    assert not isinstance(model, tuple), "from_config without return_unused_kwargs"
     state = read_safetensors(require(folder / SAFETENSORS_NAME, f"{what} weights"))
     return load_strict(f"{what} ({folder / SAFETENSORS_NAME})", model, state).eval()
 
@@ -57,7 +65,9 @@ def alpha_bar(layout: WeightsLayout, timestep: int) -> float:
     return float(load_scheduler(layout).alphas_cumprod[timestep].double())
 
 
-def load_unet(layout: WeightsLayout, config: OSDFaceConfig, *, merged: bool = True):
+def load_unet(
+    layout: WeightsLayout, config: OSDFaceConfig, *, merged: bool = True
+) -> UNet2DConditionModel:
     """The OSDFace UNet: the merged file when present, else base UNet + LoRA.
 
     `merged=False` keeps the LoRA as separate adapter layers (the authors' way; slower).

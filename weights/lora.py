@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-from diffusers import UNet2DConditionModel
+
+# From the defining module: the package root re-exports a dummy class first (see weights/load.py).
+from diffusers.models import UNet2DConditionModel
 from torch import nn
 
 from model.config import OSDFaceConfig
@@ -26,6 +28,7 @@ def check_lora(unet: nn.Module, lora: dict[str, torch.Tensor], rank: int) -> lis
     """
     modules = dict(unet.named_modules())
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    targets: dict[str, nn.Linear | nn.Conv2d] = {}
     stray, bad = [], []
     for key, tensor in lora.items():
         path, part = _lora_module_path(key)
@@ -33,6 +36,7 @@ def check_lora(unet: nn.Module, lora: dict[str, torch.Tensor], rank: int) -> lis
         if not isinstance(module, nn.Linear | nn.Conv2d):
             stray.append(key)
             continue
+        targets[path] = module
         pairs.setdefault(path, {})[part] = tensor
     if stray:
         raise LoraKeyError(f"{len(stray)} LoRA keys match no UNet Linear/Conv2d: {stray[:8]}")
@@ -40,14 +44,14 @@ def check_lora(unet: nn.Module, lora: dict[str, torch.Tensor], rank: int) -> lis
         if set(ab) != {"A", "B"}:
             bad.append(f"{path}: only lora_{next(iter(ab))}")
             continue
-        bad.extend(_lora_shape_problems(path, modules[path], ab["A"], ab["B"], rank))
+        bad.extend(_lora_shape_problems(path, targets[path], ab["A"], ab["B"], rank))
     if bad:
         raise LoraKeyError(f"LoRA tensors do not fit their modules: {bad[:8]}")
     return sorted(pairs)
 
 
 def _lora_shape_problems(
-    path: str, module: nn.Module, a: torch.Tensor, b: torch.Tensor, rank: int
+    path: str, module: nn.Linear | nn.Conv2d, a: torch.Tensor, b: torch.Tensor, rank: int
 ) -> list[str]:
     weight = module.weight
     out_features, in_features = weight.shape[0], weight.shape[1]
@@ -65,7 +69,9 @@ def _lora_shape_problems(
 ADAPTER_NAME = "osdface"
 
 
-def attach_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor], config: OSDFaceConfig):
+def attach_lora(
+    unet: UNet2DConditionModel, lora: dict[str, torch.Tensor], config: OSDFaceConfig
+) -> UNet2DConditionModel:
     """Inject the LoRA as peft adapter layers (unmerged), scaled alpha / rank."""
     check_lora(unet, lora, config.lora_rank)
     unet.load_lora_adapter(lora, prefix="unet", adapter_name=ADAPTER_NAME)
@@ -74,7 +80,9 @@ def attach_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor], confi
     return unet
 
 
-def merge_lora(unet: UNet2DConditionModel, lora: dict[str, torch.Tensor], config: OSDFaceConfig):
+def merge_lora(
+    unet: UNet2DConditionModel, lora: dict[str, torch.Tensor], config: OSDFaceConfig
+) -> UNet2DConditionModel:
     """Fuse W += scale * B @ A into the UNet's weights and drop the adapter layers."""
     check_lora(unet, lora, config.lora_rank)
     unet.load_lora_adapter(lora, prefix="unet", adapter_name=ADAPTER_NAME)

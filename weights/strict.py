@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -11,6 +12,8 @@ from torch import nn
 
 from model.errors import StateDictMismatchError, WeightsError
 from weights.layout import require
+
+M = TypeVar("M", bound=nn.Module)
 
 
 def check_state_dict(what: str, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -36,7 +39,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: unreadable safetensors file ({e})") from e
 
 
-def load_strict(what: str, model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+def load_strict(what: str, model: M, state: dict[str, torch.Tensor]) -> M:
     check_state_dict(what, model, state)
     model.load_state_dict(state, strict=True, assign=True)
     leftovers = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

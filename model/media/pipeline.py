@@ -8,8 +8,9 @@ one model call:
     background = make_background(prepared, backgrounds)         # accelerator (or Lanczos)
     result = finish_photo(prepared, restored, background)       # CPU: paste back, encode
 
-`restore_photo` runs the three for one photo; the command line (osdface/restore/runners.py) runs them
-per file, through `restore_crops` to bound the faces per model call.
+`restore_photo` runs the three for one photo; the command line (osdface/restore/runners.py) runs
+them for several files at once, their faces sharing model calls (`restore_prepared`, through
+model/media/batch.py as every front end).
 No face found is a result with 0 faces and the image unchanged, not an error.
 """
 
@@ -26,6 +27,9 @@ import cv2
 import numpy as np
 import torch
 
+from model.errors import ImageTooLargeError, InvalidInputError, ModelOutputError
+from model.image_processor import pixels_to_tensor
+from model.media.batch import FaceRestorer, PhotoFaces, restore_photos
 from model.media.codecs.decode import decode_image
 from model.media.codecs.encode import encode_image_with_report
 from model.media.codecs.formats import (
@@ -34,27 +38,12 @@ from model.media.codecs.formats import (
     ImageLimits,
 )
 from model.media.codecs.heif import writable_formats
-from model.errors import ImageTooLargeError, InvalidInputError
 from model.media.faces.align import FACE_SIZE, FFHQ_TEMPLATE, align_face
 from model.media.faces.detect import DetectedFace, FaceDetector, select_faces
 from model.media.faces.paste import paste_faces
 from model.options import RestoreOptions
 
 logger = logging.getLogger(__name__)
-
-
-class _RestoredBatch(Protocol):
-    images: torch.Tensor
-
-
-class FaceRestorer(Protocol):
-    """What the pipeline needs of a restorer (OSDFaceRestorer is one).
-
-    images: (B, 3, 512, 512) float32 in [0, 1], RGB -> `.images` of the same shape and range.
-    `seed` is passed only when the caller sets one (it matters for a sampled VAE latent).
-    """
-
-    def __call__(self, images: torch.Tensor, *, seed: int | None = None) -> _RestoredBatch: ...
 
 
 class BackgroundStep(Protocol):
@@ -174,8 +163,7 @@ def _to_tensor(crops: Sequence[np.ndarray]) -> torch.Tensor:
     """F (512, 512, 3) uint8 RGB -> (F, 3, 512, 512) float32 in [0, 1]."""
     if not crops:
         return torch.zeros((0, 3, FACE_SIZE, FACE_SIZE), dtype=torch.float32)
-    stacked = torch.from_numpy(np.stack(crops))  # (F, 512, 512, 3) uint8
-    return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+    return pixels_to_tensor(crops)
 
 
 def make_background(
@@ -223,6 +211,7 @@ def finish_photo(
         # Nothing to change: the file as it came (its orientation tag still tells viewers).
         timings.update(paste=0.0, encode=0.0)
         return _result(image.data, out_format, image.width, image.height, [], timings)
+    assert options.upscale is not None  # validated() resolved it
     with _timed(timings, "paste"):
         canvas = _canvas(image, options, background)
         paste_faces(
@@ -252,7 +241,8 @@ def _restored_to_numpy(restored: torch.Tensor, expected: tuple[int, ...]) -> lis
         return []
     array = restored.detach().to("cpu", torch.float32).permute(0, 2, 3, 1).numpy()
     if not np.isfinite(array).all():
-        raise InvalidInputError("restored faces contain NaN or infinity")
+        bad = int((~np.isfinite(array)).any(axis=(1, 2, 3)).sum())
+        raise ModelOutputError(f"the model returned NaN or infinity in {bad} of {len(array)} faces")
     return list(np.clip(array, 0.0, 1.0))
 
 
@@ -298,23 +288,26 @@ def restore_photo(
 ) -> PhotoResult:
     """One photo end to end: all its faces go through ONE restorer call."""
     prepared = prepare_photo(data, detector, options, limits)
-    restored = restore_crops(restorer, prepared, seed=seed)
-    return finish_photo(prepared, restored, make_background(prepared, backgrounds))
+    (faces,) = restore_prepared(restorer, [prepared], seed=seed)
+    if faces.error is not None:
+        raise faces.error
+    assert faces.faces is not None
+    return finish_photo(prepared, faces.faces, make_background(prepared, backgrounds))
 
 
-def restore_crops(
+def restore_prepared(
     restorer: FaceRestorer,
-    prepared: PreparedPhoto,
+    photos: Sequence[PreparedPhoto],
     *,
     batch_size: int | None = None,
     seed: int | None = None,
-) -> torch.Tensor:
-    """(F, 3, 512, 512) restored; one call, or calls of `batch_size` faces to bound memory."""
-    crops = prepared.crops
-    if crops.shape[0] == 0:
-        return crops
-    step = batch_size or crops.shape[0]
-    extra = {} if seed is None else {"seed": seed}
-    with _timed(prepared.timings, "restore"):
-        parts = [restorer(crops[i : i + step], **extra).images for i in range(0, len(crops), step)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+) -> list[PhotoFaces]:
+    """The faces of several prepared photos in shared calls of at most `batch_size` faces
+    (model/media/batch.py `restore_photos`: a failing call retries each photo alone).
+
+    Each photo's share of the calls' time is its "restore" timing.
+    """
+    results = restore_photos(restorer, [p.crops for p in photos], batch_size=batch_size, seed=seed)
+    for photo, result in zip(photos, results, strict=True):
+        photo.timings["restore"] = result.seconds
+    return results

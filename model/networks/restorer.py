@@ -14,11 +14,13 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from model.config import LatentMode, OSDFaceConfig
 from model.errors import InvalidInputError
+from model.image_processor import denormalize, normalize
 from model.networks.fastpath import FastPathConfig
 from model.networks.fastpath.clock import StageClock
+from model.networks.fastpath.flags import cudnn_autotuning
+from model.networks.fastpath.graphs import padded
 from model.networks.fastpath.load import FastPath
 from model.networks.fastpath.placement import Transfer, place
-from model.image_processor import denormalize, normalize
 from model.networks.vre import VisualRepresentationEmbedder
 from weights.layout import SAFETENSORS_NAME, WeightsLayout, sha256_file
 from weights.load import alpha_bar, load_unet, load_vae, load_vre
@@ -139,6 +141,11 @@ class OSDFaceRestorer:
         """
         latent = latent or self.latent
         self._check_input(images, latent)
+        batch = images.shape[0]
+        size = batch if self.fast is None else self.fast.run_size(batch)
+        if size != batch:  # compiled for fixed sizes: pad, restore, drop the extra rows
+            out = self(padded(images, size), latent=latent, seed=seed)
+            return RestoreOutput(out.images[:batch], out.timings)
         clock = self._clock()
         lq = normalize(self.transfer.to_device(images))  # (B, 3, S, S) in [-1, 1]
 
@@ -194,12 +201,26 @@ class OSDFaceRestorer:
     def warmup(self, batch_size: int = 1) -> None:
         """Run one batch so kernels, allocator and any compilation are ready before traffic.
 
-        With CUDA graphs or compilation on, every batch size the fast path captures is run.
+        With CUDA graphs, compilation or cuDNN autotuning on, every batch size the fast path
+        captures is run; cuDNN autotunes here only (`cudnn_benchmark`), the flag is put back
+        after. Call it on the thread that will call the restorer: inductor's CUDA graphs
+        (`compile_mode="reduce-overhead"`) belong to the thread that recorded them.
         """
         s = self.config.image_size
         sizes = (batch_size,) if self.fast is None else self.fast.warmup_sizes(batch_size)
-        for size in sizes:
-            self(torch.full((size, 3, s, s), 0.5))
+        with cudnn_autotuning(self.fast is not None and self.fast.config.cudnn_benchmark):
+            for size in sizes:
+                self(torch.full((size, 3, s, s), 0.5))
+
+    def worker_stream(self) -> torch.cuda.Stream | None:
+        """A CUDA stream for the one thread that calls this restorer to run its calls on, apart
+        from other threads' default-stream work; None on the CPU or when the fast path's
+        `worker_stream` is off. The caller enters it (`torch.cuda.stream`) around each call."""
+        if self.device.type != "cuda":
+            return None
+        if self.fast is None:
+            return torch.cuda.Stream(self.device)
+        return self.fast.worker_stream()
 
     def describe(self) -> dict:
         return {

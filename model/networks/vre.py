@@ -10,6 +10,9 @@ weights load strictly. Inference only: the training-time autoencoder lives in `t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,6 +150,27 @@ class PromptProjection(nn.Module):
         return x.transpose(1, 2)  # (B, T, 1024)
 
 
+@contextmanager
+def without_tf32() -> Iterator[None]:
+    """IEEE fp32 for cuBLAS matmuls and cuDNN convolutions inside the block; restored after.
+
+    The 77 tokens are a discrete choice. On CUDA, cuDNN's fp32 convolutions default to TF32
+    (10-bit mantissa), enough to move a feature past another code and pick other tokens than
+    the CPU does; without TF32 the VRE's choice is the CPU's up to fp32 summation order. The
+    flags are process-wide: CUDA work other threads launch meanwhile also runs without TF32
+    (slower for that moment, never less exact). They do nothing on the CPU. The legacy
+    `allow_tf32` flags, as bench/ and tests/ set them: mixing them with the newer
+    `fp32_precision` ones makes PyTorch refuse to read either.
+    """
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
 def nearest_codes(features: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Nearest code per position, in float32.
 
@@ -219,9 +243,12 @@ class VisualRepresentationEmbedder(nn.Module):
         return h.flatten(2).transpose(1, 2)  # (B, 256, 512)
 
     def tokens(self, lq: torch.Tensor) -> torch.Tensor:
-        """lq (B, 3, H, W) in [-1, 1] -> selected codebook vectors (B, num_tokens, 512)."""
+        """lq (B, 3, H, W) in [-1, 1] -> selected codebook vectors (B, num_tokens, 512).
+
+        Without TF32 on CUDA (`without_tf32`), so the choice is the CPU's."""
         codebook = self.quantize.embedding.weight
-        distance, index = nearest_codes(self.features(lq), codebook)
+        with without_tf32():
+            distance, index = nearest_codes(self.features(lq), codebook)
         codes, valid = select_token_indices(
             distance, index, self.config.codebook_size, self.config.num_tokens
         )
@@ -229,5 +256,6 @@ class VisualRepresentationEmbedder(nn.Module):
         return tokens * valid.unsqueeze(-1).to(tokens.dtype)
 
     def forward(self, lq: torch.Tensor) -> torch.Tensor:
-        """lq (B, 3, H, W) in [-1, 1] -> prompt (B, num_tokens, prompt_dim)."""
-        return self.projection(self.tokens(lq))
+        """lq (B, 3, H, W) in [-1, 1] -> prompt (B, num_tokens, prompt_dim), without TF32."""
+        with without_tf32():
+            return self.projection(self.tokens(lq))

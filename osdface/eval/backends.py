@@ -10,12 +10,17 @@ import io
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from model.config import LatentMode
 from model.errors import OSDFaceError
+
+if TYPE_CHECKING:
+    from model.networks.restorer import OSDFaceRestorer
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +34,10 @@ class RemoteRestoreError(OSDFaceError):
 class InProcessBackend:
     """OSDFaceRestorer loaded once; one model call per batch."""
 
-    def __init__(self, restorer) -> None:
+    def __init__(self, restorer: OSDFaceRestorer) -> None:
         self.restorer = restorer
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         return {"kind": "in-process", **self.restorer.describe()}
 
     def restore(self, faces: list[np.ndarray]) -> list[np.ndarray]:
@@ -54,7 +59,7 @@ class HTTPBackend:
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=HTTP_TIMEOUT_S)
         self.concurrency = max(1, concurrency)
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         info = self.client.get("/v1/info")
         return {"kind": "http", "url": self.url, **(info.json() if info.is_success else {})}
 
@@ -81,7 +86,9 @@ class HTTPBackend:
         self.client.close()
 
 
-def in_process(weights: Path, device: str, dtype: str, latent: str = "mode") -> InProcessBackend:
+def in_process(
+    weights: Path, device: str, dtype: str, latent: LatentMode = "mode"
+) -> InProcessBackend:
     from model.device import resolve_device, resolve_dtype
     from model.networks.restorer import OSDFaceRestorer
 

@@ -60,19 +60,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4, help="faces per batch (4)")
     p.add_argument("--latent", choices=("mode", "sample"), default="mode", help="VAE latent (mode)")
     p.set_defaults(func=_eval, eval_parser=p)
-    esub = p.add_subparsers(title="eval commands", metavar="{degrade,compare}")
+    # prog named here: argparse would otherwise build it from the three-line usage above.
+    esub = p.add_subparsers(title="eval commands", metavar="{degrade,compare}", prog="osdface eval")
 
     d = esub.add_parser("degrade", help="synthetic LQ faces, CelebA-Test protocol")
     d.add_argument("--hq", type=Path, required=True, help="folder of aligned 512 HQ faces")
     d.add_argument("-o", "--output", type=Path, required=True, help="folder for the LQ faces")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the degradations; the same seed gives the "
+        "same LQ set, and a folder made with another seed is refused (default: 0)",
+    )
     d.set_defaults(func=_degrade)
 
     c = esub.add_parser("compare", help="per-metric deltas B - A with bootstrap intervals")
     c.add_argument("a", type=Path, help="report folder A")
     c.add_argument("b", type=Path, help="report folder B")
-    c.add_argument("--resamples", type=int, default=2000)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument(
+        "--resamples", type=int, default=2000, help="bootstrap resamples per metric (default: 2000)"
+    )
+    c.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default: 0)")
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
     c.set_defaults(func=_compare)
 

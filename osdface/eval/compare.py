@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -44,7 +45,7 @@ def paired_bootstrap(
     return float(np.percentile(means, tail)), float(np.percentile(means, 100.0 - tail))
 
 
-def compare_runs(run_a: Path, run_b: Path, **bootstrap) -> list[Delta]:
+def compare_runs(run_a: Path, run_b: Path, **bootstrap: Any) -> list[Delta]:
     rows_a, rows_b = _rows(run_a), _rows(run_b)
     names = sorted(set(rows_a) & set(rows_b))
     if not names:

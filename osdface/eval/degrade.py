@@ -19,10 +19,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from model.atomic import write_atomic
 from model.errors import InvalidInputError
-from osdface.eval.run import FACE_SIZE, list_images, write_png
+from osdface.eval.run import FACE_SIZE, Progress, list_images, write_png
 from train.config import DegradationConfig, DegradationStage
 from train.data import degrade, read_rgb, sample_rng
 
@@ -66,16 +66,16 @@ def degrade_folder(hq_dir: Path, out_dir: Path, seed: int = 0) -> list[Path]:
     )
     faces = record.setdefault("faces", {})
     written = []
-    for index, path in enumerate(tqdm(files, unit="face", desc="degrading")):
-        target = out_dir / f"{path.stem}.png"
-        if target.is_file():
-            continue
-        hq = read_rgb(path, FACE_SIZE)  # (512, 512, 3) float32 RGB [0, 1]
-        lq, drawn = degrade(hq, config, sample_rng(seed, 0, index))
-        write_png((lq * 255.0).round().astype(np.uint8), target)
-        faces[path.stem] = {"index": index, "drawn": [asdict(d) if d else None for d in drawn]}
-        written.append(target)
-    part = record_path.with_name(f".{RECORD}.part")
-    part.write_text(json.dumps(record, indent=2) + "\n")
-    part.replace(record_path)
+    with Progress(len(files), "degraded") as bar:
+        for index, path in enumerate(files):
+            target = out_dir / f"{path.stem}.png"
+            if not target.is_file():
+                hq = read_rgb(path, FACE_SIZE)  # (512, 512, 3) float32 RGB [0, 1]
+                lq, drawn = degrade(hq, config, sample_rng(seed, 0, index))
+                write_png((lq * 255.0).round().astype(np.uint8), target)
+                drawn_json = [asdict(d) if d else None for d in drawn]
+                faces[path.stem] = {"index": index, "drawn": drawn_json}
+                written.append(target)
+            bar.update([path.stem])
+    write_atomic(record_path, (json.dumps(record, indent=2) + "\n").encode())
     return written

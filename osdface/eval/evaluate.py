@@ -8,13 +8,22 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from model.config import LatentMode
 from model.errors import InvalidInputError
+from osdface.common import plural
 from osdface.eval import report
 from osdface.eval.files import require_files
 from osdface.eval.names import ALL_METRICS, NEEDS_HQ, PER_IMAGE, PYIQA_METRICS
 from osdface.eval.paper import PAPER_TABLES
-from osdface.eval.run import CSV_NAME, RESTORED_DIR, pair_images, restore_all, score_all
+from osdface.eval.run import CSV_NAME, RESTORED_DIR, Pair, pair_images, restore_all, score_all
+
+if TYPE_CHECKING:
+    import torch
+
+    from osdface.eval.backends import HTTPBackend, InProcessBackend
+    from osdface.eval.scorers import Scorers
 
 # `make venv` installs what serving needs; the eval extra (pinned in requirements-dev.lock) adds
 # pyiqa and its networks' packages, and httpx for --url.
@@ -36,7 +45,12 @@ class EvalOptions:
     device: str = "auto"
     dtype: str = "auto"
     batch_size: int = 4
-    latent: str = "mode"
+    latent: LatentMode = "mode"
+
+
+def _need(metrics: list[str]) -> str:
+    """'lpips needs' / 'lpips, dists need'."""
+    return f"{', '.join(metrics)} {'needs' if len(metrics) == 1 else 'need'}"
 
 
 def default_metrics(paper_table: str | None, has_hq: bool) -> list[str]:
@@ -56,14 +70,14 @@ def check(options: EvalOptions) -> list[str]:
     if unknown:
         raise InvalidInputError(f"unknown metrics {unknown}; known: {', '.join(ALL_METRICS)}")
     if options.hq is None and (needs := [m for m in metrics if m in NEEDS_HQ]):
-        raise InvalidInputError(f"{', '.join(needs)} need the HQ faces: pass --hq DIR")
+        raise InvalidInputError(f"{_need(needs)} the HQ faces: pass --hq DIR")
     if options.batch_size < 1:
         raise InvalidInputError("--batch-size must be at least 1")
     per_image = [m for m in metrics if m in PER_IMAGE]
     fid = [m for m in metrics if m.startswith("fid")]
     pyiqa_based = [m for m in metrics if m in PYIQA_METRICS or m in fid]
     if pyiqa_based and importlib.util.find_spec("pyiqa") is None:
-        raise InvalidInputError(f"{', '.join(pyiqa_based)} need pyiqa: {INSTALL_EVAL}")
+        raise InvalidInputError(f"{_need(pyiqa_based)} pyiqa: {INSTALL_EVAL}")
     if options.url and importlib.util.find_spec("httpx") is None:
         raise InvalidInputError(f"--url needs httpx: {INSTALL_EVAL}")
     needed = per_image + (["fid"] if fid else [])
@@ -102,11 +116,14 @@ def run_eval(options: EvalOptions) -> dict:
     _contact_sheet(pairs, rows, restored_dir, out)
     logger.info("report written to %s", out)
     if failed:
-        raise InvalidInputError(f"{len(failed)} LQ files skipped (see above): {failed[:5]}")
+        skipped = plural(len(failed), "LQ file")
+        raise InvalidInputError(f"{skipped} skipped (see above): {', '.join(failed[:5])}")
     return summary
 
 
-def _restore(pairs, restored_dir: Path, options: EvalOptions) -> tuple[dict, list[str]]:
+def _restore(
+    pairs: list[Pair], restored_dir: Path, options: EvalOptions
+) -> tuple[dict[str, Any], list[str]]:
     """Restore what is missing. Returns the restorer's description (the last run's when
     nothing was left to restore) and the names of the LQ files that could not be read."""
     previous = _previous_run(options.out).get("restorer")
@@ -128,13 +145,13 @@ def _previous_run(out: Path) -> dict:
     return json.loads(path.read_text()).get("_run", {}) if path.is_file() else {}
 
 
-def _scorers(names: list[str], weights: Path, device):
+def _scorers(names: list[str], weights: Path, device: torch.device) -> Scorers:
     from osdface.eval.scorers import Scorers
 
     return Scorers.build(names, weights, device)
 
 
-def _backend(options: EvalOptions):
+def _backend(options: EvalOptions) -> HTTPBackend | InProcessBackend:
     from osdface.eval.backends import HTTPBackend, in_process
 
     if options.url:
@@ -142,13 +159,15 @@ def _backend(options: EvalOptions):
     return in_process(options.weights, options.device, options.dtype, options.latent)
 
 
-def _metric_device(name: str):
+def _metric_device(name: str) -> torch.device:
     from model.device import resolve_device
 
     return resolve_device(name)
 
 
-def _fid(metrics: list[str], options: EvalOptions, restored: Path, device) -> dict[str, float]:
+def _fid(
+    metrics: list[str], options: EvalOptions, restored: Path, device: torch.device
+) -> dict[str, float]:
     wanted = [m for m in metrics if m.startswith("fid")]
     if not wanted:
         return {}
@@ -158,7 +177,7 @@ def _fid(metrics: list[str], options: EvalOptions, restored: Path, device) -> di
     values = {}
     if "fid_ffhq" in wanted:
         values["fid_ffhq"] = fid.against_ffhq(restored)
-    if "fid_hq" in wanted:
+    if "fid_hq" in wanted and options.hq is not None:  # check() refuses fid_hq without --hq
         values["fid_hq"] = fid.against_folder(restored, options.hq)
     return values
 
@@ -174,7 +193,9 @@ def _describe(options: EvalOptions, restorer: dict, count: int) -> dict:
     }
 
 
-def _contact_sheet(pairs, rows, restored_dir: Path, out: Path) -> None:
+def _contact_sheet(
+    pairs: list[Pair], rows: dict[str, dict[str, float]], restored_dir: Path, out: Path
+) -> None:
     order = report.ranked({p.name: rows[p.name] for p in pairs if p.name in rows})
     if order is None:
         logger.info("no LPIPS or PSNR scores: no contact sheet")
@@ -182,7 +203,7 @@ def _contact_sheet(pairs, rows, restored_dir: Path, out: Path) -> None:
     metric, names = order
     by_name = {p.name: p for p in pairs}
     picks = [(label, n, rows[n][metric]) for label, n in report.pick_best_median_worst(names)]
-    columns = [
+    columns: list[tuple[str, dict[str, Path | None]]] = [
         ("LQ", {n: by_name[n].lq for n in names}),
         ("restored", {n: restored_dir / f"{n}.png" for n in names}),
         ("HQ", {n: by_name[n].hq for n in names}),

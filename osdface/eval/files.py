@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 from model.errors import WeightsNotFoundError
 
@@ -66,8 +67,8 @@ def require_files(root: Path, metrics: list[str], *, ffhq_stats: bool = False) -
         raise WeightsNotFoundError("\n".join(lines))
 
 
-def _refuse(root: Path):
-    def refuse(url, dst=None, *args, **kwargs):
+def _refuse(root: Path) -> Callable[..., NoReturn]:
+    def refuse(url: str, dst: str | None = None, *args: object, **kwargs: object) -> NoReturn:
         target = dst if dst is not None else url
         raise WeightsNotFoundError(
             f"a metric network asked to download {url} (to {target}); eval never downloads: "

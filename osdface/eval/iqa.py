@@ -74,7 +74,7 @@ def _clip_importable() -> Iterator[None]:
     import packaging.version
 
     module = types.ModuleType("pkg_resources", "only `packaging`, for openai-clip's import")
-    module.packaging = packaging
+    module.__dict__["packaging"] = packaging
     sys.modules["pkg_resources"] = module
     try:
         import clip  # noqa: F401 - imported here so pyiqa finds it in sys.modules

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from model.errors import WeightsError
 from osdface.eval.files import require_files
@@ -22,7 +23,7 @@ NUM_LANDMARKS = 98
 FAN_INPUT = 256
 
 
-def build_fan(device: torch.device):
+def build_fan(device: torch.device) -> nn.Module:
     from facexlib.alignment import FAN
 
     return FAN(num_modules=4, num_landmarks=NUM_LANDMARKS, device=str(device))
@@ -31,7 +32,7 @@ def build_fan(device: torch.device):
 class LandmarkDistance:
     """`score(restored, hq)`: lists of uint8 (H, W, 3) RGB faces -> (B,) pixels, float64."""
 
-    def __init__(self, network, device: torch.device) -> None:
+    def __init__(self, network: nn.Module, device: torch.device) -> None:
         self.network = network.to(device).eval().requires_grad_(False)
         self.device = device
 

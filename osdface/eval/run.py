@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import csv
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -20,8 +22,14 @@ from tqdm import tqdm
 
 from model.atomic import atomic_path
 from model.errors import InvalidInputError
+from osdface.common import plural
+
+if TYPE_CHECKING:
+    from osdface.eval.scorers import Scorers
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CSV_NAME = "per_image.csv"
@@ -55,7 +63,7 @@ def pair_images(lq_dir: Path, hq_dir: Path | None) -> list[Pair]:
     missing = [p.name for p in lq if p.stem not in hq]
     if missing:
         raise InvalidInputError(
-            f"{len(missing)} LQ images have no HQ file of the same name in {hq_dir}, "
+            f"{plural(len(missing), 'LQ image')} without an HQ file of the same name in {hq_dir}, "
             f"e.g. {missing[:5]}"
         )
     return [Pair(p.stem, p, hq[p.stem]) for p in lq]
@@ -82,12 +90,43 @@ def write_png(rgb: np.ndarray, target: Path) -> None:
         Image.fromarray(rgb).save(part, format="PNG")
 
 
-def batches(items: list, size: int) -> Iterator[list]:
+class Progress:
+    """A tqdm bar on a terminal; otherwise (a log file, CI) one log line per step, as
+    `osdface restore` does, so logs hold no carriage returns."""
+
+    def __init__(self, total: int, desc: str, unit: str = "face") -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit=unit, desc=desc, disable=not self.tty)
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+    def update(self, names: list[str]) -> None:
+        """`names`: the items just done."""
+        self.done += len(names)
+        self.bar.update(len(names))
+        if not self.tty and names:
+            logger.info("[%d/%d] %s %s", self.done, self.total, self.desc, ", ".join(names))
+
+
+def batches(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def restore_all(pairs: list[Pair], out_dir: Path, backend, batch_size: int) -> list[str]:
+class FaceRestorer(Protocol):
+    """What restores eval's faces (osdface/eval/backends.py): uint8 (512, 512, 3) RGB each."""
+
+    def restore(self, faces: list[np.ndarray]) -> list[np.ndarray]: ...
+
+
+def restore_all(
+    pairs: list[Pair], out_dir: Path, backend: FaceRestorer, batch_size: int
+) -> list[str]:
     """Restore every LQ face whose restored PNG is not in `out_dir` yet.
 
     An unreadable or wrongly sized LQ file is logged and skipped (the others go on); returns
@@ -98,7 +137,7 @@ def restore_all(pairs: list[Pair], out_dir: Path, backend, batch_size: int) -> l
     if len(todo) < len(pairs):
         logger.info("%d of %d faces already restored", len(pairs) - len(todo), len(pairs))
     failed: list[str] = []
-    with tqdm(total=len(todo), unit="face", desc="restoring") as bar:
+    with Progress(len(todo), "restored") as bar:
         for chunk in batches(todo, batch_size):
             faces = {}
             for pair in chunk:
@@ -111,7 +150,7 @@ def restore_all(pairs: list[Pair], out_dir: Path, backend, batch_size: int) -> l
                 restored = backend.restore(list(faces.values()))
                 for name, face in zip(faces, restored, strict=True):
                     write_png(face, out_dir / f"{name}.png")
-            bar.update(len(chunk))
+            bar.update([pair.name for pair in chunk])
     return failed
 
 
@@ -131,7 +170,7 @@ def score_all(
     restored_dir: Path,
     csv_path: Path,
     metrics: list[str],
-    build: Callable[[], object],
+    build: Callable[[], Scorers],
     batch_size: int,
 ) -> dict[str, dict[str, float]]:
     """Score the faces the CSV lacks (or lacks a metric of), appending their rows.
@@ -144,16 +183,17 @@ def score_all(
         return rows
     logger.info("scoring %d faces (%d already in %s)", len(todo), len(pairs) - len(todo), csv_path)
     scorers = build()
-    with tqdm(total=len(todo), unit="face", desc="scoring") as bar:
+    with Progress(len(todo), "scored") as bar:
         for chunk in batches(todo, batch_size):
             restored = [read_face(restored_dir / f"{p.name}.png") for p in chunk]
-            hq = [read_face(p.hq) for p in chunk] if chunk[0].hq is not None else None
+            hq_paths = [p.hq for p in chunk if p.hq is not None]  # all or none (pair_images)
+            hq = [read_face(path) for path in hq_paths] if hq_paths else None
             scores = scorers.score(restored, hq)
             for i, pair in enumerate(chunk):
                 new = {m: values[i] for m, values in scores.items()}
                 rows[pair.name] = {**rows.get(pair.name, {}), **new}
             _write_rows(csv_path, rows, pairs)
-            bar.update(len(chunk))
+            bar.update([pair.name for pair in chunk])
     return rows
 
 

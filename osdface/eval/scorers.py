@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -22,13 +23,19 @@ def to_tensor(faces: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).float() / 255.0
 
 
+class Metric(Protocol):
+    """A built metric: pyiqa's take (B, 3, H, W) tensors, DEG and LMD lists of uint8 faces."""
+
+    def score(self, restored: Any, hq: Any, /) -> torch.Tensor: ...
+
+
 @dataclass
 class Scorers:
     """The per-image metrics asked for; `score` returns {name: [value per face]}."""
 
     names: list[str]
     device: torch.device
-    _networks: dict[str, object] = field(default_factory=dict)
+    _networks: dict[str, Metric] = field(default_factory=dict)
 
     @classmethod
     def build(cls, names: list[str], root: Path, device: torch.device) -> Scorers:
@@ -54,10 +61,9 @@ class Scorers:
         for name in self.names:
             if name in NEEDS_HQ and hq is None:
                 raise ValueError(f"{name} needs the HQ reference faces (--hq)")
-            if name == "psnr":
-                out[name] = [fidelity.psnr(r, h) for r, h in zip(restored, hq, strict=True)]
-            elif name == "ssim":
-                out[name] = [fidelity.ssim(r, h) for r, h in zip(restored, hq, strict=True)]
+            if name in ("psnr", "ssim") and hq is not None:  # both need hq: refused above
+                fn = fidelity.psnr if name == "psnr" else fidelity.ssim
+                out[name] = [fn(r, h) for r, h in zip(restored, hq, strict=True)]
             elif name in PYIQA_METRICS:
                 if tensors is None:
                     tensors = (to_tensor(restored), to_tensor(hq) if hq is not None else None)

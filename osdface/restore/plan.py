@@ -1,8 +1,11 @@
-"""Which files `osdface restore` reads and where each result goes, checked before any model loads.
+"""Which files `osdface restore` reads and where each result goes, checked before any model loads:
+the one planner, for the local run and for `--ray` alike.
 
 Nothing here imports torch: a wrong path, a collision or an output over an input is refused in
 well under a second. Each input has a kind ("image", "video"; a new kind adds its suffixes to
 `KINDS` and a naming rule to `target_name`), a source (None: stdin) and a target (None: stdout).
+Locally they are `Path`s; with `--ray` they are strings (paths or URIs such as `s3://`), which
+the workers open on their own machines (osdface/restore/uris.py).
 """
 
 from __future__ import annotations
@@ -28,12 +31,12 @@ KINDS: dict[str, tuple[str, ...]] = {
 
 @dataclass(frozen=True)
 class Job:
-    """One input and its output. source None: stdin; target None: stdout."""
+    """One input and its output. source None: stdin; target None: stdout; a string with --ray."""
 
-    kind: str
-    source: Path | None
-    target: Path | None
+    source: Path | str | None
+    target: Path | str | None
     output_format: str | None  # None: the input's (sniffed from the bytes); videos: None
+    kind: str = "image"
 
     @property
     def name(self) -> str:
@@ -47,7 +50,7 @@ class Plan:
 
     jobs: list[Job] = field(default_factory=list)
     existing: list[Job] = field(default_factory=list)
-    unsupported: list[Path] = field(default_factory=list)
+    unsupported: list[Path | str] = field(default_factory=list)
     subfolders: list[Path] = field(default_factory=list)
 
 
@@ -75,32 +78,39 @@ def image_format(suffix: str) -> str:
 
 def make_plan(
     inputs: list[str],
-    output: Path,
+    output: Path | str,
     *,
     recursive: bool = False,
     suffix: str = "",
     output_format: str | None = None,
     overwrite: bool = False,
     report: Path | None = None,
+    ray: bool = False,
 ) -> Plan:
     """Expand inputs, name the outputs, refuse every way an output could hit an input.
 
     Raises UsageError (missing input, output folder inside an input folder without `suffix`,
     an output equal to an input, two inputs writing one output, a file where the folder goes).
+    `ray`: photos only, as strings, and inputs and output may be URIs (`_plan_for_ray`).
     """
+    if ray:
+        return _plan_for_ray(
+            inputs, str(output), recursive, suffix, output_format, overwrite, report
+        )
+    folder = Path(output)
     fmt = normalize_format(output_format) if output_format else None
     if STDIO in inputs:
         if len(inputs) != 1:
             raise UsageError("'-' (stdin) cannot be mixed with other inputs")
-        return Plan(jobs=[Job("image", None, None, fmt)])
-    out = output.resolve()
+        return Plan(jobs=[Job(None, None, fmt)])
+    out = folder.resolve()
     if out.exists() and not out.is_dir():
-        raise UsageError(f"the output {output} is a file; -o takes a folder")
+        raise UsageError(f"the output {folder} is a file; -o takes a folder")
     if not out.exists() and kind_of(out) is not None:
         raise UsageError(
-            f"-o takes a folder, and {output} looks like a file name. Results keep their "
-            f"input's name inside the folder: try -o {output.parent / output.stem}/. For one "
-            f"file named as you like: osdface restore - < INPUT > {output}"
+            f"-o takes a folder, and {folder} looks like a file name. Results keep their "
+            f"input's name inside the folder: try -o {folder.parent / folder.stem}/. For one "
+            f"file named as you like: osdface restore - < INPUT > {folder}"
         )
     subfolders: list[Path] = []
     sources, unsupported = _expand(inputs, out, recursive, subfolders)
@@ -108,7 +118,7 @@ def make_plan(
     jobs = _jobs(sources, out, suffix, fmt)
     plan = Plan(unsupported=unsupported, subfolders=subfolders)
     for job in jobs:
-        exists = job.target is not None and job.target.exists()
+        exists = job.target is not None and Path(job.target).exists()
         (plan.existing if exists and not overwrite else plan.jobs).append(job)
     if report is not None and report.resolve() in {j.source for j in jobs}:
         raise UsageError(f"--report {report} is one of the inputs; name another file")
@@ -179,7 +189,9 @@ def _refuse_output_inside_inputs(inputs: list[str], out: Path, suffix: str) -> N
 
 
 def _jobs(sources: list[tuple[Path, Path]], out: Path, suffix: str, fmt: str | None) -> list[Job]:
-    jobs, by_target, seen = [], {}, set()
+    jobs: list[Job] = []
+    by_target: dict[Path, Job] = {}
+    seen: set[Path] = set()
     for source, rel in sources:
         if source.resolve() in seen:
             continue  # named twice (a folder and a file in it, two overlapping globs)
@@ -189,7 +201,7 @@ def _jobs(sources: list[tuple[Path, Path]], out: Path, suffix: str, fmt: str | N
         # are converted, so that the output's name is known before anything is decoded.
         own = (fmt or image_format(source.suffix)) if kind == "image" else None
         target = out / rel.parent / target_name(kind, rel, suffix, own)
-        job = Job(kind, source.resolve(), target, own)
+        job = Job(source.resolve(), target, own, kind)
         if target in by_target:
             raise UsageError(
                 f"{by_target[target].source} and {source} would both be written to {target}; "
@@ -206,3 +218,97 @@ def _jobs(sources: list[tuple[Path, Path]], out: Path, suffix: str, fmt: str | N
             )
     # A result of an earlier run with --suffix, found again in the input folder: not an input.
     return [job for job in jobs if job.source not in by_target]
+
+
+# --- --ray: the same plan as strings, and URIs --------------------------------------------------
+
+
+def _plan_for_ray(
+    inputs: list[str],
+    output: str,
+    recursive: bool,
+    suffix: str,
+    output_format: str | None,
+    overwrite: bool,
+    report: Path | None,
+) -> Plan:
+    """Local paths: the local plan, exactly, as strings; URIs: `plan_uris`."""
+    from osdface.restore import uris  # pyarrow: only with --ray
+
+    if STDIO in inputs:
+        raise UsageError("- (stdin) is not available with --ray; run without --ray")
+    if any(uris.is_uri(item) and not item.startswith("file://") for item in [*inputs, output]):
+        if recursive or suffix:
+            raise UsageError(
+                "--recursive and --suffix take local folders; with URIs, name them all"
+            )
+        return plan_uris(inputs, output, output_format, overwrite=overwrite)
+    found = make_plan(
+        [item.removeprefix("file://") for item in inputs],
+        Path(output.removeprefix("file://")),
+        recursive=recursive,
+        suffix=suffix,
+        output_format=output_format,
+        overwrite=overwrite,
+        report=report,
+    )
+    videos = [j.name for j in found.jobs + found.existing if j.kind != "image"]
+    if videos:
+        raise UsageError(f"--ray restores photos; restore videos without --ray ({videos[0]})")
+
+    def as_strings(job: Job) -> Job:
+        return Job(str(job.source), str(job.target), job.output_format)
+
+    return Plan(
+        [as_strings(j) for j in found.jobs],
+        [as_strings(j) for j in found.existing],
+        found.unsupported,
+        found.subfolders,
+    )
+
+
+def plan_uris(
+    inputs: list[str], output: str, output_format: str | None, *, overwrite: bool = False
+) -> Plan:
+    """Inputs and output on any pyarrow filesystem (s3://, gs://, ...); refuses every clash."""
+    from osdface.restore import uris
+
+    out = uris.normalize(output)
+    sources: list[str] = []
+    unsupported: list[Path | str] = []
+    for item in inputs:
+        location = uris.normalize(item)
+        entry = uris.stat(location)
+        if not entry.exists:
+            raise UsageError(f"{item}: no such file or folder")
+        if entry.is_dir:
+            if uris.inside(out, location):
+                raise UsageError(
+                    f"the output folder {output} is inside the input folder {item}: results "
+                    "would mix with the originals; choose another folder with -o"
+                )
+            for found in uris.list_files(location):
+                (sources if kind_of(Path(found)) == "image" else unsupported).append(found)
+        else:
+            sources.append(location)
+    jobs: dict[str, Job] = {}
+    for source in sources:
+        name = Path(uris.basename(source))
+        fmt = normalize_format(output_format) if output_format else image_format(name.suffix)
+        target = uris.join(out, target_name("image", name, "", fmt))
+        if target in jobs:
+            raise UsageError(
+                f"{jobs[target].source} and {source} would both be written to {target}"
+            )
+        jobs[target] = Job(source, target, fmt)
+    clash = set(jobs) & set(sources)
+    if clash:
+        raise UsageError(
+            f"the output {sorted(clash)[0]} is an input; choose another folder with -o"
+        )
+    present = set() if overwrite else uris.existing(list(jobs))
+    return Plan(
+        [j for t, j in jobs.items() if t not in present],
+        [j for t, j in jobs.items() if t in present],
+        unsupported,
+    )

@@ -7,8 +7,10 @@
     finish (CPU tasks): paste back, encode, write atomically (and --save-faces' crops)
                                                                        -> one report record
 
-The photo functions are the local CLI's and the service's (`model.media.pipeline`). A photo that
-fails at any stage carries its error to `finish`, which turns it into a failed record.
+The photo functions are the local CLI's and the service's (`model.media.pipeline`,
+`model.media.batch`), loaded through the same `model.runtime.load`. A photo that fails at any
+stage carries its error to `finish`, which turns it into a failed record. Neither this module
+nor what its stages import is the HTTP service's.
 """
 
 from __future__ import annotations
@@ -21,31 +23,11 @@ from typing import Any
 import numpy as np
 
 from osdface.restore import uris
+from osdface.restore.config import RunConfig
+from osdface.restore.plan import Job
 from osdface.restore.reporting import Record, face_json, reason
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Job:
-    source: str
-    target: str
-    output_format: str
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Everything the workers need; plain data, pickled once into each stage."""
-
-    settings: Any  # service.settings.Settings (weights, detector, limits)
-    options: Any  # model.options.RestoreOptions, output_format set per job
-    batch_size: int  # faces per restorer call
-    dtype: str = "auto"
-    device: str = "auto"
-    merge_lora: bool = True
-    latent: str = "mode"
-    save_faces: bool = False  # also the aligned and restored crops, in faces/ beside each result
-    seed: int | None = None  # None: the deterministic latent (mode)
 
 
 # --- the rows that travel between stages ----------------------------------------------------
@@ -54,7 +36,8 @@ class RunConfig:
 @dataclass
 class PhotoState:
     """One photo between stages. crops: (F, 512, 512, 3) uint8 RGB; restored: (F, 3, 512, 512)
-    float32 in [0, 1] RGB. Pickled into a bytes column: produced and read only by our workers."""
+    float32 in [0, 1] RGB. Pickled into a bytes column: produced and read only by our workers.
+    The job's source and target are strings (paths or URIs)."""
 
     job: Job
     prepared: Any = None  # model.media.pipeline.PreparedPhoto, its `crops` emptied for the trip
@@ -89,7 +72,7 @@ class Prepare:
     def __init__(self, config: RunConfig, num_cpus: float) -> None:
         import torch
 
-        from service.state import image_limits, load_detector
+        from model.runtime.load import image_limits, load_detector
 
         _set_threads(num_cpus)
         self.config = config
@@ -98,17 +81,18 @@ class Prepare:
         self.detector = None if aligned else load_detector(config.settings, torch.device("cpu"))
 
     def __call__(self, row: dict[str, Any]) -> dict[str, bytes]:
+        from model.image_processor import tensor_to_pixels
         from model.media.pipeline import prepare_photo
 
         job: Job = pickle.loads(row["job"])
         try:
-            data = uris.read_bytes(job.source)
+            data = uris.read_bytes(str(job.source))
             options = replace(self.config.options, output_format=job.output_format)
             prepared = prepare_photo(data, self.detector, options, self.limits)
         except Exception as exc:
             return _pack(PhotoState(job, error=reason(exc)))
         # Back to the exact uint8 pixels (crops are uint8 / 255): a quarter of the bytes to ship.
-        crops = (prepared.crops * 255.0).round().byte().permute(0, 2, 3, 1).numpy()
+        crops = tensor_to_pixels(prepared.crops)
         prepared.crops = prepared.crops[:0]
         return _pack(PhotoState(job, prepared, crops, timings=dict(prepared.timings)))
 
@@ -117,40 +101,21 @@ class RestoreFaces:
     """One restorer per actor; the faces of a batch of photos in calls of `batch_size` faces."""
 
     def __init__(self, config: RunConfig, num_cpus: float) -> None:
-        from model.device import resolve_device, resolve_dtype
-        from model.networks.restorer import OSDFaceRestorer
-        from service.state import fast_path_config
+        from model.runtime.load import load_backgrounds, load_restorer
 
         _set_threads(num_cpus)
         self.config = config
-        device = resolve_device(config.device)
-        self.restorer = OSDFaceRestorer.from_pretrained(
-            config.settings.weights_dir,
-            device,
-            resolve_dtype(config.dtype, device),
-            merge_lora=config.merge_lora,
-            latent=config.latent,
-            fast=fast_path_config(config.settings),  # as the local CLI and the service load it
-        )
-        from osdface.restore.runners import load_backgrounds
-
-        self.backgrounds = load_backgrounds(
-            config.settings.weights_dir, config.options, self.restorer
-        )
-        logger.info("restorer on %s, %s", device, self.restorer.dtype)
+        # As the local CLI and the service load them: the settings' fast path and tiles.
+        self.restorer = load_restorer(config.settings, merge_lora=config.merge_lora)
+        device, dtype = self.restorer.device, self.restorer.dtype
+        self.backgrounds = load_backgrounds(config.settings, config.backgrounds, device, dtype)
+        logger.info("restorer on %s, %s", device, dtype)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[bytes]]:
         states = [pickle.loads(b) for b in batch["state"]]
         todo = [s for s in states if s.error is None and s.face_count]
         if todo:
-            try:
-                self._restore(todo)
-            except Exception:
-                for state in todo:  # isolate the photo that fails, keep the others
-                    try:
-                        self._restore([state])
-                    except Exception as exc:
-                        state.error = reason(exc)
+            self._restore(todo)
         if self.backgrounds:  # the photo's network on the same accelerator, photo by photo
             from model.media.pipeline import make_background
 
@@ -163,26 +128,23 @@ class RestoreFaces:
         return {"state": [_pack(s)["state"] for s in states]}
 
     def _restore(self, states: list[PhotoState]) -> None:
-        import time
+        """The photos' faces in shared calls; a photo that fails them alone gets the error."""
+        from model.image_processor import pixels_to_tensor
+        from model.media.batch import restore_photos
 
-        import torch
-
-        crops = torch.from_numpy(np.concatenate([s.crops for s in states]))  # (N, 512, 512, 3)
-        crops = crops.permute(0, 3, 1, 2).float().div_(255.0).contiguous()  # as the pipeline
-        step = self.config.batch_size
-        start = time.perf_counter()
-        parts = [
-            self.restorer(crops[i : i + step], seed=self.config.seed).images
-            for i in range(0, len(crops), step)
-        ]
-        restored = torch.cat(parts).numpy()  # (N, 3, 512, 512) float32
-        share = (time.perf_counter() - start) / len(crops)
-        offset = 0
-        for state in states:
-            n = state.face_count
-            state.restored = restored[offset : offset + n]
-            state.timings["restore"] = share * n
-            offset += n
+        crops = [pixels_to_tensor(s.crops) for s in states if s.crops is not None]
+        assert len(crops) == len(states)  # (F, 3, 512, 512) each: only photos with faces come
+        config = self.config
+        results = restore_photos(
+            self.restorer, crops, batch_size=config.batch_size, seed=config.seed
+        )
+        for state, faces in zip(states, results, strict=True):
+            if faces.error is not None:
+                state.error = reason(faces.error)
+                continue
+            assert faces.faces is not None
+            state.restored = faces.faces.float().cpu().numpy()  # (F, 3, 512, 512) float32
+            state.timings["restore"] = faces.seconds
 
 
 def finish(row: dict[str, Any], config: RunConfig) -> dict[str, str]:
@@ -193,21 +155,22 @@ def finish(row: dict[str, Any], config: RunConfig) -> dict[str, str]:
 
     state = _unpack(row)
     job = state.job
+    source, target = job.name, str(job.target)
     if state.error is not None:
-        return {"record": Record(job.source, job.target, "failed", error=state.error).to_json()}
+        return {"record": Record(source, target, "failed", error=state.error).to_json()}
     try:
         state.prepared.crops = torch.from_numpy(state.crops).permute(0, 3, 1, 2)
         restored = torch.from_numpy(
             state.restored if state.restored is not None else np.zeros((0, 3, 512, 512), "f4")
         )
         result = finish_photo(state.prepared, restored, state.background)
-        uris.write_bytes_atomic(job.target, result.data)
+        uris.write_bytes_atomic(target, result.data)
         if config.save_faces:
-            _save_faces(job.target, state.prepared.crops, restored)
+            _save_faces(target, state.prepared.crops, restored)
     except Exception as exc:
-        return {"record": Record(job.source, job.target, "failed", error=reason(exc)).to_json()}
+        return {"record": Record(source, target, "failed", error=reason(exc)).to_json()}
     timings = {**result.timings, "restore": state.timings.get("restore", 0.0)}
-    record = Record(job.source, job.target, "restored", [face_json(f) for f in result.faces])
+    record = Record(source, target, "restored", [face_json(f) for f in result.faces])
     record.timings = {k: round(v, 6) for k, v in timings.items()}
     return {"record": record.to_json()}
 
@@ -246,12 +209,13 @@ def stage_resources(cluster: dict[str, float]) -> StageResources:
     return StageResources(0.5, (1, max(1, int(cpus))), {"num_cpus": 1.0}, restorers, 0.5)
 
 
-def build_dataset(jobs: list[Job], config: RunConfig, res: StageResources):
-    """The Ray Data pipeline over `jobs` (lazy; iterate it to run)."""
+def build_dataset(jobs: list[Job], config: RunConfig, res: StageResources) -> Any:
+    """The Ray Data pipeline over `jobs` (a lazy `ray.data.Dataset`; iterate it to run)."""
     import ray.data
 
     rows = [{"job": pickle.dumps(j)} for j in jobs]
-    ds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
+    # Any: Ray Data's stubs type `map` for plain functions, not for our stage classes.
+    ds: Any = ray.data.from_items(rows, override_num_blocks=min(len(rows), 200))
     ds = ds.map(
         Prepare,
         fn_constructor_kwargs={"config": config, "num_cpus": res.prepare_cpus},

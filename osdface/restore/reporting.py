@@ -128,7 +128,8 @@ class Reporter:
         # that wrote their outputs found (faces, timings) instead of an empty record.
         self._earlier = earlier_records(report) if report is not None else {}
         self._report: IO[str] | None = report.open("w") if report is not None else None
-        self._files = self._faces = None
+        self._files: Any = None  # tqdm bars on a terminal
+        self._faces: Any = None
         if tty and not quiet and total:
             from tqdm import tqdm
 

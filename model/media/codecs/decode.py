@@ -15,6 +15,11 @@ import cv2
 import numpy as np
 from PIL import Image, ImageCms
 
+from model.errors import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    UnsupportedFormatError,
+)
 from model.media.codecs.formats import (
     DECODE_ERRORS,
     EXIF_ORIENTATION,
@@ -24,11 +29,6 @@ from model.media.codecs.formats import (
     sniff_format,
 )
 from model.media.codecs.heif import readable
-from model.errors import (
-    ImageDecodeError,
-    ImageTooLargeError,
-    UnsupportedFormatError,
-)
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from model.media.codecs.decode import to_8bit
-from model.media.codecs.formats import PILLOW_FORMATS, DecodedImage, normalize_format
-from model.media.codecs.heif import writable_formats
 from model.errors import (
     ImageEncodeError,
     InvalidInputError,
 )
+from model.media.codecs.decode import to_8bit
+from model.media.codecs.formats import PILLOW_FORMATS, DecodedImage, normalize_format
+from model.media.codecs.heif import writable_formats
 
 logger = logging.getLogger(__name__)
 

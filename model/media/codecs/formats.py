@@ -9,8 +9,8 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from model.media.codecs.heif import sniff_bmff
 from model.errors import ImageDecodeError, InvalidInputError, UnsupportedFormatError
+from model.media.codecs.heif import sniff_bmff
 
 ImageFormat = Literal["jpeg", "png", "webp", "heic", "avif"]
 FORMATS: tuple[ImageFormat, ...] = get_args(ImageFormat)

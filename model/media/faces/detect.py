@@ -31,7 +31,7 @@ import torchvision
 from facexlib.detection.retinaface import RetinaFace, generate_config
 from facexlib.detection.retinaface_utils import decode, decode_landm
 
-from model.config import DetectorConfig
+from model.config import DetectorConfig, DetectorName
 from model.errors import (
     ChecksumMismatchError,
     DetectorError,
@@ -87,6 +87,8 @@ class FaceDetector:
         min_face_size: int = DetectorConfig.min_face_size,
         min_side: int = DetectorConfig.min_side,
     ) -> None:
+        if name not in DETECTORS:
+            raise InvalidInputError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
         if not 0.0 < threshold < 1.0:
             raise InvalidInputError(f"detection threshold must be in (0, 1), got {threshold}")
         if max_side < 32 or min_face_size < 1:
@@ -94,7 +96,7 @@ class FaceDetector:
                 f"need max_side >= 32 and min_face_size >= 1, got {max_side}, {min_face_size}"
             )
         self.network = network.eval()
-        self.name = name
+        self.name: DetectorName = name
         self.threshold = threshold
         self.max_side = max_side
         self.min_face_size = min_face_size

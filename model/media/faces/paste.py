@@ -30,9 +30,9 @@ def paste_mask() -> np.ndarray:
     mask = np.zeros((FACE_SIZE, FACE_SIZE), np.float32)
     mask[_MASK_BAND:-_MASK_BAND, _MASK_BAND:-_MASK_BAND] = 1.0  # erosion of the full crop
     radius = int(4 * _MASK_SIGMA)
-    mask = cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), _MASK_SIGMA)
-    mask.flags.writeable = False
-    return mask
+    blurred = cv2.GaussianBlur(mask, (2 * radius + 1, 2 * radius + 1), _MASK_SIGMA)
+    blurred.flags.writeable = False
+    return blurred
 
 
 def canvas_to_crop(affine: np.ndarray, scale: int, x0: int = 0, y0: int = 0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Video constants the CLI, the service settings and `model.media.video` share (no heavy imports)."""
+"""Video constants for the CLI, the service settings and `model.media.video` (no heavy imports)."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, cast
 
 import av
 import numpy as np
@@ -33,6 +33,9 @@ from model.errors import (
     VideoEncodeError,
 )
 from model.media.video.config import DEFAULT_CRF, VIDEO_SUFFIXES  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from av.sidedata.sidedata import SideDataContainer
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +123,8 @@ class VideoSource:
         rate = v.average_rate or v.guessed_rate or v.base_rate
         if not rate or v.codec_context.width <= 0 or v.codec_context.height <= 0:
             raise _fail(self.path, "the video stream has no frame size or frame rate")
+        if v.time_base is None:
+            raise _fail(self.path, "the video stream has no time base")
         duration = (
             float(self._container.duration / av.time_base) if self._container.duration else None
         )
@@ -151,7 +156,7 @@ class VideoSource:
         Audio packets keep their bytes; their timestamps are shifted by the range's start.
         """
         streams = [s for s in (self.video, self.audio) if s is not None]
-        tb = self.video.time_base
+        tb = self.info.time_base
         if self.start_s > 0:
             self._seek()
         origin_s: float | None = None if self.start_s > 0 else 0.0
@@ -166,7 +171,7 @@ class VideoSource:
                         yield kept
                     continue
                 for frame in packet.decode():
-                    if frame.pts is None:
+                    if not isinstance(frame, av.VideoFrame) or frame.pts is None:
                         continue
                     t = float(frame.pts * tb)
                     if t < self.start_s - 1e-6:
@@ -179,13 +184,14 @@ class VideoSource:
                         yield from (a for a in kept_early if a is not None)
                         early_audio.clear()
                     decoded, last_s = decoded + 1, t
-                    yield self._frame(frame, 0 if origin_s == 0.0 else round(origin_s / tb))
+                    shift = 0 if origin_s == 0.0 else round(origin_s / tb)
+                    yield self._frame(frame, frame.pts - shift)
         except av.FFmpegError as exc:
             raise _fail(self.path, f"decoding failed after {decoded} frames", exc) from exc
         self._check_complete(decoded, last_s)
 
     def _seek(self) -> None:
-        target = int(self.start_s / self.video.time_base)
+        target = int(self.start_s / self.info.time_base)
         try:
             self._container.seek(target, stream=self.video, backward=True, any_frame=False)
         except av.FFmpegError as exc:
@@ -207,13 +213,13 @@ class VideoSource:
                 packet.dts -= shift
         return packet
 
-    def _frame(self, frame: av.VideoFrame, shift: int) -> Frame:
+    def _frame(self, frame: av.VideoFrame, pts: int) -> Frame:
         rgb = frame.to_ndarray(format="rgb24")  # (H, W, 3) uint8 RGB
         if rgb.shape[:2] != (self.info.height, self.info.width):
             raise _fail(
                 self.path, f"frame size changed mid-stream to {rgb.shape[1]}x{rgb.shape[0]}"
             )
-        return Frame(rgb, frame.pts - shift, int(frame.duration or 0), _display_matrix(frame))
+        return Frame(rgb, pts, int(frame.duration or 0), _display_matrix(frame))
 
     def _check_complete(self, decoded: int, last_s: float) -> None:
         """A stream cut short decodes without error; the container's own counts tell."""
@@ -244,8 +250,10 @@ class VideoSource:
 
 def _display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
     """The frame's rotation/flip as FFmpeg's 9 int32 display matrix, or None when absent."""
+    # PyAV's stub types `side_data` as a TypedDict; a decoded frame holds a SideDataContainer.
+    side_data = cast("SideDataContainer", frame.side_data)
     try:
-        for data in frame.side_data:
+        for data in side_data:
             if data.type.name == "DISPLAYMATRIX":
                 raw = bytes(data)
                 if len(raw) == 36:
@@ -279,7 +287,8 @@ class VideoSink:
         self._audio_in = audio
         self._pending_audio: list[av.Packet] = []
         self._container: av.container.OutputContainer | None = None
-        self._video = self._audio = None
+        self._video: VideoStream | None = None
+        self._audio: AudioStream | None = None
         self.frames = 0
 
     def _open(self, first: Frame) -> None:
@@ -295,6 +304,8 @@ class VideoSink:
     def _add_video(self, matrix: tuple[int, ...] | None) -> VideoStream:
         assert self._container is not None
         stream = self._container.add_stream(self.codec, rate=self.info.rate)
+        if not isinstance(stream, VideoStream):
+            raise ValueError(f"{self.codec!r} is not a video encoder")
         stream.width, stream.height = self.info.width, self.info.height
         stream.pix_fmt = "yuv420p"
         stream.time_base = self.info.time_base

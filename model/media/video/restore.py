@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from model.errors import InvalidInputError, VideoCancelledError
+from model.image_processor import pixels_to_tensor
 from model.media.faces.align import FACE_SIZE, align_face
 from model.media.faces.detect import FaceDetector, select_faces
 from model.media.faces.paste import paste_faces
@@ -227,7 +228,7 @@ def _restore_window(
     restored: list[np.ndarray] = []
     for lo in range(0, len(crops), options.batch_faces):
         chunk = crops[lo : lo + options.batch_faces]
-        restored += _to_arrays(restore_fn(_to_tensor(chunk)), len(chunk))
+        restored += _to_arrays(restore_fn(pixels_to_tensor(chunk)), len(chunk))
         counters.calls += 1
     offset = 0
     for pending in window:
@@ -240,12 +241,6 @@ def _restore_window(
         sink.write(pending.frame)
         counters.frames += 1
         counters.faces += count
-
-
-def _to_tensor(crops: Sequence[np.ndarray]) -> torch.Tensor:
-    """N (512, 512, 3) uint8 RGB -> (N, 3, 512, 512) float32 in [0, 1]."""
-    stacked = torch.from_numpy(np.stack(crops))  # (N, 512, 512, 3) uint8
-    return stacked.permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 def _to_arrays(restored: torch.Tensor, count: int) -> list[np.ndarray]:

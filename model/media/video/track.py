@@ -52,7 +52,7 @@ class OneEuroFilter:
     def __call__(self, points: np.ndarray, scale: float) -> np.ndarray:
         c = self.config
         points = np.asarray(points, np.float64)
-        if self._value is None:
+        if self._value is None or self._speed is None or self._held is None:  # set together
             self._value, self._speed, self._held = points.copy(), np.zeros_like(points), points
             return points.copy()
         speed = (points - self._value) / max(scale, 1e-6)  # face sizes per frame

@@ -1,15 +1,16 @@
 """The restorer's fast path: each speed-up is one setting of `FastPathConfig`.
 
 `OSDFaceRestorer.from_pretrained(..., fast=FastPathConfig())` turns it on; `fast=None` keeps the
-plain path (modules in one dtype, NCHW, a device sync per stage). Every setting computes the same
+plain path (modules in one dtype, NCHW, a stream sync per stage). Every setting computes the same
 function as the plain fp32 path: tests/test_fastpath.py checks each on tiny weights (CPU), and
 bench/speed.py reports the PSNR of the fast path against fp32 at full size.
 
 The rooms: `config` (the settings), `placement` (dtypes, memory format, attention processors,
 subpixel upsampling, host <-> device copies), `graphs` (CUDA graphs and torch.compile, each
-wrapping a network's call once at load), `clock` (stage timing, the side stream), `upsample`
-(the subpixel layer). `load.FastPath.load` applies them all. Importing this package imports
-only the settings (no torch).
+wrapping a network's call once at load), `clock` (stage timing, the side stream), `flags`
+(process-wide backend flags set for a span of work), `upsample` (the subpixel layer).
+`load.FastPath.load` applies them all. Importing this package imports only the settings (no
+torch).
 
 What each setting does, and why it is faster:
 
@@ -31,14 +32,22 @@ What each setting does, and why it is faster:
 - `overlap` (CUDA, off by default): the VRE runs on a second stream, concurrently with the VAE
   encoder (the two only share their input). Stage times then come from CUDA events, with no sync
   between stages.
+- `worker_stream` (CUDA): `restorer.worker_stream()` hands the thread that calls the restorer
+  (the service's model worker) a stream of its own, distinct from the side and capture streams;
+  other threads' default-stream work (the face detector's copies and `.cpu()`) then does not
+  wait behind a batch in flight.
 - `pin_memory` (CUDA): page-locked host buffers, so copies are asynchronous DMA.
 - `cuda_graphs` (CUDA): each network call is captured once per batch size in `batch_sizes` and
   replayed, which removes the launch overhead of the UNet's ~1,500 kernels; other sizes are
   padded up to the next captured size (rows of a batch are independent) or split.
 - `compile`: `torch.compile` of the VRE encoder, VAE encoder and decoder, and UNet for the fixed
-  512x512 shapes; compiled at warm-up, for each size in `batch_sizes`. With `compile_mode=
-  "reduce-overhead"` inductor captures its own CUDA graphs and `cuda_graphs` is not used.
-- `cudnn_benchmark` (CUDA): cuDNN times its algorithms once per shape (shapes are fixed).
+  512x512 shapes, `dynamic=False`; compiled at warm-up, for each size in `batch_sizes`, and calls
+  pad up to one of those sizes. With `compile_mode="reduce-overhead"` inductor captures its own
+  CUDA graphs (which belong to the thread that recorded them: warm up on the calling thread) and
+  `cuda_graphs` is not used.
+- `cudnn_benchmark` (CUDA): cuDNN times its algorithms once per shape, during the warm-up and
+  graph captures only (`flags.cudnn_autotuning`); the tuned choices stay, the process flag does
+  not, so other convolutions in the process (the face detector's) are not autotuned.
 - `num_threads` (CPU): intra-op threads; None leaves PyTorch's choice (one per core).
 
 On the CPU, PyTorch's allocator returns big activations to the OS after each use and page-faults

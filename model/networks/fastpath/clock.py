@@ -12,7 +12,8 @@ import torch
 class StageClock:
     """Seconds per stage of one call.
 
-    Plain path (`events=False`): the wall clock with a device sync after each stage. Fast path
+    Plain path (`events=False`): the wall clock with a sync of the calling thread's current
+    stream after each stage. Fast path
     on CUDA: CUDA events on the stage's stream, read once at the end, so stages can overlap and
     the host can queue the next stage while the device works. A stage timed with `side=True`
     runs on the `side` stream, when there is one; `join` hands its result back to the main one.
@@ -32,8 +33,8 @@ class StageClock:
         if not self.events:
             start = time.perf_counter()
             yield
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            if self.device.type == "cuda":  # this thread's stream, not other threads' work
+                torch.cuda.current_stream(self.device).synchronize()
             self._seconds[stage] = time.perf_counter() - start
             return
         main = torch.cuda.current_stream(self.device)

@@ -1,4 +1,4 @@
-"""The fast path's settings, one frozen dataclass (what each does: model/networks/fastpath/__init__.py).
+"""The fast path's settings, one frozen dataclass (what each does: fastpath/__init__.py).
 
 Free of torch, so the service's settings read their defaults from here.
 """
@@ -30,7 +30,7 @@ def batch_sizes_up_to(largest: int) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class FastPathConfig:
-    """The restorer's speed-ups, each switchable on its own (see model/networks/fastpath/__init__.py).
+    """The restorer's speed-ups, each switchable on its own (see fastpath/__init__.py).
 
     CUDA-only settings have no effect on the CPU, so one config serves both devices.
     """
@@ -46,6 +46,10 @@ class FastPathConfig:
     # on one stream (each stage has its own capture stream: graphs.GraphedStage). To be turned
     # on once a GPU run of tests/test_fastpath.py's repeatability test passes.
     overlap: bool = False
+    # The thread that calls the restorer (the service's model worker) queues its work on a CUDA
+    # stream of its own, so other threads' work on the default stream (the face detector's
+    # copies and syncs) does not wait behind a batch. A switch so bench/gpu.sh can measure both.
+    worker_stream: bool = True
     pin_memory: bool = True
     cuda_graphs: bool = True
     cudnn_benchmark: bool = True

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKLOutput
@@ -21,6 +22,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
 from model.networks.fastpath.config import CompileMode
+from model.networks.fastpath.flags import cudnn_autotuning
 
 logger = logging.getLogger(__name__)
 
@@ -96,11 +98,13 @@ class GraphedStage:
         sizes: tuple[int, ...],
         lock: threading.Lock,
         stream: torch.cuda.Stream,
+        autotune: bool = False,
     ) -> None:
         self.name = name
         self.fn = fn
         self.sizes = sizes
         self.stream = stream  # warm-up and capture stream, this stage's alone
+        self.autotune = autotune  # cuDNN times its algorithms while this stage captures
         self._pool = torch.cuda.graph_pool_handle()
         self._lock = lock
         self._captured: dict[tuple, _Captured] = {}
@@ -123,7 +127,8 @@ class GraphedStage:
             entry = self._captured.get(key)
             if entry is None:
                 try:
-                    entry = self._capture(tuple(padded(t, size) for t in inputs))
+                    with cudnn_autotuning(self.autotune):
+                        entry = self._capture(tuple(padded(t, size) for t in inputs))
                 except RuntimeError as exc:
                     # Graphs are an optimisation: the eager stage computes the same numbers.
                     self.failed = f"{type(exc).__name__}: {exc}"
@@ -161,14 +166,19 @@ class GraphedStage:
 class CudaGraphs:
     """The graphed stages of one restorer: one lock, distinct streams, failures to report."""
 
-    def __init__(self, sizes: tuple[int, ...], streams: DistinctStreams) -> None:
+    def __init__(
+        self, sizes: tuple[int, ...], streams: DistinctStreams, *, autotune: bool = False
+    ) -> None:
         self.sizes = sizes
         self.streams = streams
+        self.autotune = autotune
         self.stages: dict[str, GraphedStage] = {}
         self._lock = threading.Lock()
 
     def stage(self, name: str, fn: Callable[..., torch.Tensor]) -> GraphedStage:
-        graphed = GraphedStage(name, fn, self.sizes, self._lock, self.streams.new())
+        graphed = GraphedStage(
+            name, fn, self.sizes, self._lock, self.streams.new(), autotune=self.autotune
+        )
         self.stages[name] = graphed
         return graphed
 
@@ -184,9 +194,16 @@ def install_cuda_graphs(
     The UNet's graph holds `timestep` as a constant: a call with another timestep tensor, or
     with other arguments, runs eagerly.
     """
+    # nn.Module types attributes it does not declare as Tensor | Module: these are methods.
+    encode = cast(Callable[..., Any], vae.encode)
+    decode = cast(Callable[..., Any], vae.decode)
+    graphed_encode = _GraphedEncode(graphs.stage("vae_encode", _moments(encode)))
+    graphed_decode = _GraphedDecode(graphs.stage("vae_decode", _decoded(decode)))
     vre.forward = graphs.stage("vre", vre.forward)
-    vae.encode = _GraphedEncode(graphs.stage("vae_encode", _moments(vae.encode)))
-    vae.decode = _GraphedDecode(graphs.stage("vae_decode", _decoded(vae.decode)))
+    # Instance attributes shadowing the methods. torch types __setattr__'s value as
+    # Tensor | Module, yet stores any other object as a plain attribute.
+    vae.encode = graphed_encode  # type: ignore[assignment]
+    vae.decode = graphed_decode  # type: ignore[assignment]
     unet.forward = _GraphedUNet(graphs, unet.forward, timestep)
 
 
@@ -204,7 +221,9 @@ class _GraphedEncode:
     def __init__(self, moments: GraphedStage) -> None:
         self.moments = moments
 
-    def __call__(self, x: torch.Tensor, return_dict: bool = True):
+    def __call__(
+        self, x: torch.Tensor, return_dict: bool = True
+    ) -> AutoencoderKLOutput | tuple[DiagonalGaussianDistribution]:
         posterior = DiagonalGaussianDistribution(self.moments(x))
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
@@ -215,7 +234,9 @@ class _GraphedDecode:
     def __init__(self, decoded: GraphedStage) -> None:
         self.decoded = decoded
 
-    def __call__(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+    def __call__(
+        self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> DecoderOutput | tuple[torch.Tensor]:
         sample = self.decoded(z)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
@@ -232,7 +253,14 @@ class _GraphedUNet:
         out = self.eager(sample, self.timestep, encoder_hidden_states=context, return_dict=False)
         return out[0]
 
-    def __call__(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **kw):
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        return_dict: bool = True,
+        **kw: Any,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         if kw or timestep is not self.timestep:
             return self.eager(
                 sample, timestep, encoder_hidden_states, return_dict=return_dict, **kw
@@ -245,9 +273,13 @@ def compile_networks(vre: nn.Module, vae: nn.Module, unet: nn.Module, mode: Comp
     """torch.compile the VRE encoder, the VAE encoder and decoder, and the UNet, in place.
 
     In place, so the attributes keep their types. The UNet's `forward` is compiled rather than
-    the module, so that a CUDA graph installed afterwards replays the compiled code. Batch sizes
-    recompile once with a dynamic batch dimension (automatic dynamic shapes).
+    the module, so that a CUDA graph installed afterwards replays the compiled code.
+    `dynamic=False`: each batch size gets code specialised to it (and, in the inductor graph
+    modes, its own CUDA graph), compiled at warm-up for each size in `batch_sizes`; without it
+    the second size would recompile everything with a symbolic batch dimension, while serving.
+    Calls pad up to a compiled size (`FastPath.run_size`, or our graphs' padding).
     """
-    for part in (vre.encoder, vae.encoder, vae.decoder):
-        part.compile(mode=mode, fullgraph=False)
-    unet.forward = torch.compile(unet.forward, mode=mode, fullgraph=False)
+    parts = vre.get_submodule("encoder"), vae.get_submodule("encoder"), vae.get_submodule("decoder")
+    for part in parts:
+        part.compile(mode=mode, fullgraph=False, dynamic=False)
+    unet.forward = torch.compile(unet.forward, mode=mode, fullgraph=False, dynamic=False)

@@ -8,7 +8,12 @@ import torch
 from torch import nn
 
 from model.networks.fastpath.config import FastPathConfig
-from model.networks.fastpath.graphs import CudaGraphs, DistinctStreams, compile_networks, install_cuda_graphs
+from model.networks.fastpath.graphs import (
+    CudaGraphs,
+    DistinctStreams,
+    compile_networks,
+    install_cuda_graphs,
+)
 from model.networks.fastpath.placement import (
     Transfer,
     place,
@@ -29,6 +34,7 @@ class FastPath:
     transfer: Transfer
     side: torch.cuda.Stream | None  # the VRE's stream when `overlap` is on
     graphs: CudaGraphs | None
+    streams: DistinctStreams | None  # on CUDA: the side, capture and worker streams' source
 
     @classmethod
     def load(
@@ -60,7 +66,7 @@ class FastPath:
         streams = DistinctStreams(device) if cuda else None
         graphs = None
         if c.uses_cuda_graphs(device.type):
-            graphs = CudaGraphs(c.batch_sizes, streams)
+            graphs = CudaGraphs(c.batch_sizes, streams, autotune=c.cudnn_benchmark)
             install_cuda_graphs(graphs, vre, vae, unet, timestep)
         return cls(
             config=c,
@@ -69,13 +75,32 @@ class FastPath:
             transfer=Transfer(device, torch.float32, c.channels_last, c.pin_memory and cuda),
             side=streams.new() if c.overlap and cuda else None,
             graphs=graphs,
+            streams=streams,
         )
 
     def warmup_sizes(self, batch_size: int) -> tuple[int, ...]:
-        """Sizes to run at warm-up: every captured/compiled size, else the one asked for."""
-        if self.graphs is not None or self.config.compile:
+        """Sizes to run at warm-up: every captured, compiled or autotuned size, else the one
+        asked for (cuDNN autotunes at warm-up only, so each size it should tune runs then)."""
+        autotuned = self.config.cudnn_benchmark and self.transfer.device.type == "cuda"
+        if self.graphs is not None or self.config.compile or autotuned:
             return tuple(sorted({*self.config.batch_sizes, batch_size}))
         return (batch_size,)
+
+    def run_size(self, batch: int) -> int:
+        """The batch size a call of `batch` faces runs at. Compiled code without our graphs is
+        specialised to each size it saw (`dynamic=False`), so a batch pads up to the next
+        compiled size rather than compiling again while serving; our graphs pad for themselves.
+        """
+        if not self.config.compile or self.graphs is not None:
+            return batch
+        return next((s for s in self.config.batch_sizes if s >= batch), batch)
+
+    def worker_stream(self) -> torch.cuda.Stream | None:
+        """A CUDA stream of its own for the thread that calls the restorer (`worker_stream`),
+        distinct from the side and capture streams; None on the CPU or when switched off."""
+        if self.streams is None or not self.config.worker_stream:
+            return None
+        return self.streams.new()
 
     def describe(self) -> dict:
         return {
@@ -85,6 +110,7 @@ class FastPath:
             "vre_dtype": str(self.vre_dtype).removeprefix("torch."),
             "decode_dtype": str(self.decode_dtype).removeprefix("torch."),
             "overlap": self.side is not None,
+            "worker_stream": self.config.worker_stream and self.streams is not None,
             "pin_memory": self.transfer.pin,
             "cuda_graphs": self.graphs is not None,
             "graph_failures": self.graphs.failures() if self.graphs is not None else {},
@@ -94,8 +120,7 @@ class FastPath:
 
 
 def _backend_settings(c: FastPathConfig, device: torch.device) -> None:
-    """Process-wide settings the fast path asks for."""
-    if device.type == "cuda" and c.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True  # shapes are fixed
+    """Process-wide settings the fast path asks for. cuDNN autotuning is not one of them: it is
+    on only while the restorer warms up or captures (flags.cudnn_autotuning)."""
     if device.type == "cpu" and c.num_threads is not None:
         torch.set_num_threads(c.num_threads)

@@ -81,9 +81,12 @@ def subpixel_upsampling(module: nn.Module) -> None:
 
 def sdpa_attention(*models: nn.Module) -> None:
     """diffusers' PyTorch-SDPA attention processors in each (VAE, UNet)."""
+    from diffusers.models.attention import AttentionMixin
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     for model in models:
+        if not isinstance(model, AttentionMixin):
+            raise TypeError(f"{type(model).__name__} has no diffusers attention processors")
         model.set_attn_processor(AttnProcessor2_0())
 
 

@@ -76,7 +76,13 @@ class SubpixelUpsample2D(nn.Module):
         conv = _upsample_conv(up)
         return None if conv is None else cls(conv)
 
-    def forward(self, x: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        output_size: tuple[int, int] | None = None,
+        *args: object,
+        **kwargs: object,
+    ) -> torch.Tensor:
         b, _, h, w = x.shape
         if output_size is not None and tuple(output_size) != (2 * h, 2 * w):
             # diffusers asks for other sizes only for latents not divisible by 2^ups; the
