@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Literal, get_args
 
 CONFIG_FILENAME = "config.json"
+# Where the weights live unless OSDFACE_WEIGHTS_DIR (or a flag) says otherwise.
+DEFAULT_WEIGHTS_DIR = Path("./osdface-weights")
 
 # "cuda:N" is accepted wherever a device name is resolved (model/device.py); settings list these.
 Device = Literal["auto", "cpu", "cuda"]

@@ -88,7 +88,15 @@ def test_psnr_ssim_need_no_metric_weights(sets, tiny_weights_dir: Path, tmp_path
     lq, hq = sets
     out = tmp_path / "r"
     assert _eval(lq, hq, out, "--weights", str(tiny_weights_dir), "--metrics", "psnr,ssim") == 0
-    assert set(json.loads((out / "metrics.json").read_text())) == {"psnr", "ssim", "_run"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"psnr", "ssim", "_run"}
+    # The fast path by default, as `osdface restore` runs; --no-fast is the plain path.
+    assert metrics["_run"]["restorer"]["fast_path"]["enabled"] is True
+    plain = tmp_path / "plain"
+    argv = ["--weights", str(tiny_weights_dir), "--metrics", "psnr", "--no-fast"]
+    assert _eval(lq, hq, plain, *argv) == 0
+    described = json.loads((plain / "metrics.json").read_text())["_run"]["restorer"]
+    assert described["fast_path"] == {"enabled": False}
 
 
 def test_missing_metric_weights_named_before_restoring(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import yaml
 
-from model.config import VREConfig
+from model.config import DEFAULT_WEIGHTS_DIR, VREConfig
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -253,7 +253,7 @@ class Stage2Config:
     numbers taken from the paper.
     """
 
-    weights_dir: Path = Path("./osdface-weights")  # sd21-base/, osdface/, train/
+    weights_dir: Path = DEFAULT_WEIGHTS_DIR  # sd21-base/, osdface/, train/
     vre_tokenizer: Path | None = None  # stage 1's vre_tokenizer.safetensors; default: weights'
     init: Literal["scratch", "osdface"] = "scratch"  # osdface: start from the weights' LoRA
     lora_rank: int = 16

@@ -14,6 +14,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.config import (
+    DEFAULT_WEIGHTS_DIR,
     BackgroundNet,
     CompileMode,
     DetectorConfig,
@@ -39,7 +40,7 @@ class RuntimeSettings(BaseSettings):
 
     # --- model ---------------------------------------------------------------------------
     weights_dir: Path = Field(
-        Path("./osdface-weights"), description="weights folder (layout in docs/weights.md)"
+        DEFAULT_WEIGHTS_DIR, description="weights folder (layout in docs/weights.md)"
     )
     device: Device = Field("auto", description="cuda when available, else cpu")
     dtype: DType = Field("auto", description="float16 on cuda, float32 on cpu")

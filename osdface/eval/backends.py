@@ -87,13 +87,26 @@ class HTTPBackend:
 
 
 def in_process(
-    weights: Path, device: str, dtype: str, latent: LatentMode = "mode"
+    weights: Path,
+    device: str,
+    dtype: str,
+    latent: LatentMode = "mode",
+    *,
+    fast: bool | None = None,
+    batch_size: int = 4,
 ) -> InProcessBackend:
-    from model.device import resolve_device, resolve_dtype
-    from model.networks.restorer import OSDFaceRestorer
+    """The restorer loaded as `osdface restore` loads it (the run-time settings, OSDFACE_*
+    variables included), with the fast path unless `fast` is False."""
+    from model.runtime.load import load_restorer
+    from model.runtime.settings import RuntimeSettings
 
-    resolved = resolve_device(device)
-    restorer = OSDFaceRestorer.from_pretrained(
-        weights, resolved, resolve_dtype(dtype, resolved), latent=latent
+    given = {} if fast is None else {"fast_path": fast}
+    settings = RuntimeSettings(
+        weights_dir=weights,
+        device=device,
+        dtype=dtype,
+        latent=latent,
+        max_batch_faces=batch_size,
+        **given,
     )
-    return InProcessBackend(restorer)
+    return InProcessBackend(load_restorer(settings))

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import get_args
 
-from model.config import Device, DType
+from model.config import DEFAULT_WEIGHTS_DIR, Device, DType
 from osdface.common import default_weights_dir
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--weights",
         type=Path,
         default=default_weights_dir(),
-        help="restorer and metric weights (default: $OSDFACE_WEIGHTS_DIR or ./osdface-weights)",
+        help=f"weights (default: $OSDFACE_WEIGHTS_DIR, else {DEFAULT_WEIGHTS_DIR})",
     )
     p.add_argument("--url", help="score a running service instead, e.g. http://host:8000")
     p.add_argument("--api-key", help="for --url (default: $OSDFACE_API_KEY)")
@@ -59,6 +59,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=get_args(DType), default="auto")
     p.add_argument("--batch-size", type=int, default=4, help="faces per batch (4)")
     p.add_argument("--latent", choices=("mode", "sample"), default="mode", help="VAE latent (mode)")
+    p.add_argument(
+        "--fast",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the restorer's fast path in process, as `osdface restore` runs it (default: on, "
+        "env OSDFACE_FAST_PATH); metrics.json states which ran",
+    )
     p.set_defaults(func=_eval, eval_parser=p)
     # prog named here: argparse would otherwise build it from the three-line usage above.
     esub = p.add_subparsers(title="eval commands", metavar="{degrade,compare}", prog="osdface eval")
@@ -105,6 +112,7 @@ def _eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         batch_size=args.batch_size,
         latent=args.latent,
+        fast=args.fast,
     )
     summary = run_eval(options)
     for name, value in summary.items():

@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.config import LatentMode
+from model.config import DEFAULT_WEIGHTS_DIR, LatentMode
 from model.errors import InvalidInputError
 from osdface.common import plural
 from osdface.eval import report
@@ -37,7 +37,7 @@ class EvalOptions:
     lq: Path
     out: Path
     hq: Path | None = None
-    weights: Path = Path("./osdface-weights")
+    weights: Path = DEFAULT_WEIGHTS_DIR
     url: str | None = None
     api_key: str | None = None
     metrics: tuple[str, ...] = ()
@@ -46,6 +46,7 @@ class EvalOptions:
     dtype: str = "auto"
     batch_size: int = 4
     latent: LatentMode = "mode"
+    fast: bool | None = None  # the restorer's fast path; None: the setting (on by default)
 
 
 def _need(metrics: list[str]) -> str:
@@ -156,7 +157,14 @@ def _backend(options: EvalOptions) -> HTTPBackend | InProcessBackend:
 
     if options.url:
         return HTTPBackend(options.url, options.api_key, concurrency=options.batch_size)
-    return in_process(options.weights, options.device, options.dtype, options.latent)
+    return in_process(
+        options.weights,
+        options.device,
+        options.dtype,
+        options.latent,
+        fast=options.fast,
+        batch_size=options.batch_size,
+    )
 
 
 def _metric_device(name: str) -> torch.device:

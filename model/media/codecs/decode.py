@@ -100,6 +100,7 @@ def _guard_pillow(max_pixels: int) -> None:
 
 def _decode_pillow(data: bytes, fmt: str, image: Image.Image) -> DecodedImage:
     source_mode = image.mode
+    quality = jpeg_quality(image) if fmt == "jpeg" else None  # before a transpose drops the tables
     meta = read_metadata(image)
     icc = meta.icc
     try:
@@ -136,6 +137,7 @@ def _decode_pillow(data: bytes, fmt: str, image: Image.Image) -> DecodedImage:
         data=data,
         webp_lossless=fmt == "webp" and _webp_is_lossless(data),
         dropped_metadata=meta.dropped,
+        jpeg_quality=quality,
     )
 
 
@@ -187,6 +189,45 @@ def _decode_png16_colour(data: bytes, image: Image.Image) -> DecodedImage:
         data=data,
         dropped_metadata=meta.dropped,
     )
+
+
+# The IJG (libjpeg) luminance quantisation table at quality 50, row by row (natural order, the
+# order Pillow's `quantization` lists): the JPEG standard's Annex K table.
+_IJG_LUMINANCE = np.array(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=np.int64,
+).ravel()
+
+
+def ijg_luminance_table(quality: int) -> np.ndarray:
+    """The (64,) luminance table libjpeg writes at `quality` 1..100 (baseline: 1..255)."""
+    scale = 5000 // quality if quality < 50 else 200 - 2 * quality
+    return np.clip((_IJG_LUMINANCE * scale + 50) // 100, 1, 255)
+
+
+def jpeg_quality(image: Image.Image) -> int | None:
+    """The IJG quality 1..100 whose luminance table is nearest the JPEG's own (sum of absolute
+    differences; ties go to the higher quality); None without a readable 64-entry table.
+
+    Exact for files written by libjpeg (Pillow, OpenCV, most software); for a camera's own
+    tables, the quality that quantises about as coarsely.
+    """
+    tables = getattr(image, "quantization", None) or {}
+    table = tables.get(0)
+    if table is None or len(table) != 64:
+        return None
+    own = np.asarray(table, dtype=np.int64)
+    errors = [int(np.abs(ijg_luminance_table(q) - own).sum()) for q in range(100, 0, -1)]
+    return 100 - int(np.argmin(errors))
 
 
 def apply_orientation(array: np.ndarray, orientation: int) -> np.ndarray:

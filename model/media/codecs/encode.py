@@ -17,7 +17,12 @@ from model.errors import (
     InvalidInputError,
 )
 from model.media.codecs.decode import to_8bit
-from model.media.codecs.formats import PILLOW_FORMATS, DecodedImage, normalize_format
+from model.media.codecs.formats import (
+    DEFAULT_QUALITY,
+    PILLOW_FORMATS,
+    DecodedImage,
+    normalize_format,
+)
 from model.media.codecs.heif import writable_formats
 
 logger = logging.getLogger(__name__)
@@ -39,21 +44,23 @@ class EncodedImage:
 
 
 def encode_image(
-    image: DecodedImage, rgb: np.ndarray, *, format: str | None = None, quality: int = 95
+    image: DecodedImage, rgb: np.ndarray, *, format: str | None = None, quality: int | None = None
 ) -> bytes:
     """`encode_image_with_report(...)`, the bytes only."""
     return encode_image_with_report(image, rgb, format=format, quality=quality).data
 
 
 def encode_image_with_report(
-    image: DecodedImage, rgb: np.ndarray, *, format: str | None = None, quality: int = 95
+    image: DecodedImage, rgb: np.ndarray, *, format: str | None = None, quality: int | None = None
 ) -> EncodedImage:
-    """Write `rgb` like `image` (see `_encode`); metadata the output cannot carry is dropped.
+    """Write `rgb` like `image` (see `_encode`) at `output_quality`; metadata the output cannot
+    carry is dropped.
 
     EXIF over the JPEG marker limit is left out before writing; a metadata block the writer
     still refuses is left out on a second try, so metadata never costs the user the photo.
     """
     fmt = normalize_format(format) if format else image.format
+    quality = output_quality(image, fmt, quality)
     dropped = list(image.dropped_metadata)
     if fmt == "jpeg" and image.exif and len(image.exif) > JPEG_MAX_EXIF_BYTES:
         logger.info("EXIF of %d bytes does not fit a JPEG; left out", len(image.exif))
@@ -70,6 +77,17 @@ def encode_image_with_report(
         dropped += [n for n, v in (("exif", image.exif), ("icc", image.icc_profile)) if v]
         data = _encode(replace(image, exif=None, icc_profile=None), rgb, fmt, quality)
     return EncodedImage(data, tuple(dict.fromkeys(dropped)))
+
+
+def output_quality(image: DecodedImage, fmt: str, quality: int | None) -> int:
+    """The quality `fmt` is written at: the caller's; else a JPEG input's own, when written as
+    JPEG (so a q75 photo does not come back twice its size, nor a q99 one degraded); else
+    DEFAULT_QUALITY."""
+    if quality is not None:
+        return quality
+    if fmt == "jpeg" and image.format == "jpeg" and image.jpeg_quality is not None:
+        return image.jpeg_quality
+    return DEFAULT_QUALITY
 
 
 def _encode(image: DecodedImage, rgb: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -161,7 +179,7 @@ def _encode_png16(image: DecodedImage, rgb: np.ndarray, alpha: np.ndarray | None
     if image.grey and alpha is None:
         # Pillow writes 16-bit grey PNGs natively.
         pil = Image.fromarray(out16)
-        return _save_pillow(pil, "png", image, quality=95)
+        return _save_pillow(pil, "png", image, quality=DEFAULT_QUALITY)  # unused by PNG
     # 16-bit colour (or grey+alpha, written as RGBA with equal channels): OpenCV, BGR order.
     channels = [out16] * 3 if image.grey else [out16[..., 2], out16[..., 1], out16[..., 0]]
     if alpha is not None:

@@ -45,6 +45,8 @@ PILLOW_FORMATS: dict[str, str] = {
     "avif": "AVIF",
 }
 EXIF_ORIENTATION = 0x0112
+# JPEG / lossy WebP / HEIC / AVIF quality written when neither the caller nor the input says.
+DEFAULT_QUALITY = 95
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Everything Pillow or a codec raises on a broken file; mapped to ImageDecodeError at one place.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error, zlib.error)
@@ -83,6 +85,7 @@ class DecodedImage:
     data: bytes  # the file as received
     webp_lossless: bool = False
     dropped_metadata: tuple[str, ...] = ()  # blocks that could not be parsed ("exif", "icc")
+    jpeg_quality: int | None = None  # a JPEG's IJG quality 1..100, estimated from its tables
 
     @property
     def width(self) -> int:
