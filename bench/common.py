@@ -92,19 +92,6 @@ def strict_fp32(device: torch.device) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@contextmanager
-def on_worker_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
-    """The block's CUDA work on `stream`, waited for at the end; as the service's model worker
-    runs each call (service/worker_device.py's `on_stream`, which the GPU image cannot import).
-    `None`: a plain block (CPU, or the worker stream off)."""
-    if stream is None:
-        yield
-        return
-    with torch.cuda.stream(stream):
-        yield
-    stream.synchronize()
-
-
 class DefaultStreamLoad:
     """A thread doing what the service's GPU face detector does beside the model: convolutions
     on a photo-sized input on the default stream, each result copied to the host (`.cpu()`

@@ -51,7 +51,6 @@ from bench.common import (
     environment,
     fast_config,
     free_memory,
-    on_worker_stream,
     parse_configs,
     peak_gib,
     psnr,
@@ -63,6 +62,7 @@ from bench.flops import count_gmacs
 from bench.fullsize import ensure_weights
 from bench.report import Results, Row, format_report, summarize
 from bench.startup import measure_startup
+from model.device import on_stream
 from model.networks.restorer import STAGES, OSDFaceRestorer
 
 logger = logging.getLogger("bench")
@@ -151,7 +151,7 @@ def run_ours(
     logger.info("ours %s %s loaded in %.1f s; fast path %s", variant, dtype, load_s, fast)
     stream = restorer.worker_stream()  # None on the CPU, or with the worker stream off
     start = time.perf_counter()
-    with on_worker_stream(stream):
+    with on_stream(stream):
         restorer.warmup(batch_size=max(args.batch_sizes))
     warmup_s = time.perf_counter() - start
     load = DefaultStreamLoad(device) if variant in BUSY else None
@@ -184,7 +184,7 @@ def measure_batch(
     """One batch size: the first call (parity against fp32), warm-up calls, timed calls."""
 
     def call():
-        with on_worker_stream(stream):
+        with on_stream(stream):
             return restorer(x)
 
     reset_peak(device)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import DTYPES, REPO, fast_config, on_worker_stream
+from bench.common import DTYPES, REPO, fast_config
+from model.device import on_stream
 from model.networks.restorer import OSDFaceRestorer
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         args.weights_dir, device, DTYPES[args.dtype], fast=fast_config("fast", args)
     )
     loaded = time.perf_counter()
-    with on_worker_stream(restorer.worker_stream()):  # as the service warms up
+    with on_stream(restorer.worker_stream()):  # as the service warms up
         restorer.warmup(batch_size=1)
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.config import BACKGROUND_SCALES, BACKGROUNDS, BackgroundName
 from model.errors import InvalidInputError
-from model.media.codecs.formats import FORMATS, normalize_format
+from model.media.codecs.formats import DEFAULT_QUALITY, FORMATS, normalize_format
 from model.media.codecs.heif import writable_formats
 
 # What a caller may ask for; the command line and the HTTP form validate against these too.
@@ -34,7 +34,9 @@ class RestoreOptions:
     upscale: int | None = None  # MIN_UPSCALE..MAX_UPSCALE; None: the background network's scale
     background: BackgroundName = "none"  # "none" (Lanczos) or a Real-ESRGAN network
     output_format: str | None = None  # jpeg, png, webp, heic, avif; None: see output_format()
-    quality: int = 95  # MIN_QUALITY..MAX_QUALITY, for JPEG and lossy WebP
+    # MIN_QUALITY..MAX_QUALITY, for JPEG and lossy WebP; None: a JPEG input's own quality when
+    # written as JPEG, else DEFAULT_QUALITY (model/media/codecs/encode.py output_quality)
+    quality: int | None = None
     faces: tuple[int, ...] | None = None  # indices in the largest-first order; None = all
     min_face_size: int | None = None  # smaller faces (box's shorter side, pixels) are ignored
 
@@ -51,7 +53,9 @@ class RestoreOptions:
             isinstance(self.max_faces, int) and self.max_faces >= 1
         ):
             raise InvalidInputError(f"max_faces must be a positive integer, got {self.max_faces}")
-        if not (isinstance(self.quality, int) and MIN_QUALITY <= self.quality <= MAX_QUALITY):
+        if self.quality is not None and not (
+            isinstance(self.quality, int) and MIN_QUALITY <= self.quality <= MAX_QUALITY
+        ):
             raise InvalidInputError(
                 f"quality must be an integer {MIN_QUALITY}..{MAX_QUALITY}, got {self.quality}"
             )
@@ -104,11 +108,12 @@ class OptionFields(BaseModel):
         "it can be written, else png",
         json_schema_extra={"enum": [*FORMATS, "jpg"]},
     )
-    quality: int = Field(
+    quality: int | None = Field(
         RestoreOptions.quality,
         ge=MIN_QUALITY,
         le=MAX_QUALITY,
-        description="JPEG / lossy WebP quality",
+        description="JPEG / lossy WebP quality; default: a JPEG input's own (estimated from its "
+        f"quantisation tables) when written as JPEG, else {DEFAULT_QUALITY}",
     )
     faces: tuple[int, ...] | None = Field(
         RestoreOptions.faces,
@@ -127,7 +132,7 @@ class OptionFields(BaseModel):
         if isinstance(value, str):
             parts = [p.strip() for p in value.split(",") if p.strip()]
             if not all(p.isdigit() for p in parts) or not parts:
-                raise ValueError("faces must be face indices like 0,2")
+                raise ValueError("must be face indices like 0,2")
             return tuple(int(p) for p in parts)
         return value
 

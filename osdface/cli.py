@@ -7,10 +7,12 @@ import logging
 import sys
 from typing import NoReturn
 
+from model.runtime.messages import did_you_mean
 from osdface import __version__, serve, train, weights
 from osdface.common import UsageError
 from osdface.eval import command as evaluate
 from osdface.restore import command as restore
+from osdface.restore import foreign
 from osdface.restore.flags import explain_parse_error
 
 logger = logging.getLogger("osdface")
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     for name in () if verbose else CHATTY_LIBRARIES:
         logging.getLogger(name).setLevel(logging.WARNING)
+    for note in getattr(args, "spelling_notes", ()):  # another tool's flag, taken: said once
+        logger.warning("%s", note)
     if getattr(args, "quiet", False) and not verbose:  # -q: warnings, errors, the summary line
         from osdface.restore.reporting import SUMMARY_LOGGER
 
@@ -87,14 +91,40 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def parse(argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The parser and the parsed arguments; a usage error exits (2) with the usage of the
     command the arguments were given to."""
-    parser = build_parser(_command(argv))
+    command = _command(argv)
+    parser = build_parser(command)
+    notes: list[str] = []
+    if command == "restore":  # GFPGAN's and CodeFormer's flags: taken, or refused in one line
+        argv, notes = _foreign_flags(parser, argv)
     args, unknown = parser.parse_known_args(argv)
     unknown = _positionals_anywhere(args, unknown)
     if unknown:  # with the usage of the command they were given to, not the top level's
-        getattr(args, "command_parser", parser).error(
-            f"unrecognized arguments: {' '.join(unknown)}"
-        )
+        command_parser = getattr(args, "command_parser", parser)
+        known = [s for a in command_parser._actions for s in a.option_strings]
+        hint = did_you_mean(unknown[0].split("=")[0], known) if len(unknown) == 1 else ""
+        command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    args.spelling_notes = notes
     return parser, args
+
+
+def _foreign_flags(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """The words after `restore` in our spelling, and the notes to log; a flag of another tool
+    that means something else here ends the run with one line (exit 2), not a usage dump."""
+    at = argv.index("restore") + 1
+    command = _subcommand(parser, "restore")
+    known = [s for action in command._actions for s in action.option_strings]
+    try:
+        translated = foreign.translate(argv[at:], known)
+    except UsageError as exc:
+        command.exit(2, f"{command.prog}: error: {exc}\n")
+    return argv[:at] + translated.argv, translated.notes
+
+
+def _subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise KeyError(name)
 
 
 def _positionals_anywhere(args: argparse.Namespace, unknown: list[str]) -> list[str]:

@@ -35,6 +35,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--host", "host", "address to bind"),
     ("--port", "port", "port to bind"),
     *setting_flags("device", "dtype"),
+    ("--log-format", "log_format", "log lines: json, text, or auto (text on a terminal)"),
 )
 
 
@@ -148,12 +149,14 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(checked, list):
         return _refuse(checked)
     settings = checked
+    from service.logs import configure_logging  # before torch's import, which may warn
+
+    configure_logging(settings.log_format, settings.log_level, secrets=[settings.api_key])
     import uvicorn
 
     from service.app import create_app  # imports torch; keep `osdface --help` fast
     from service.protocol import GuardedH11Protocol
 
-    logging.getLogger().setLevel(settings.log_level.upper())
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -161,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
         port=settings.port,
         workers=1,  # one process owns the device; batching happens inside it
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines go through the root handler, in the same format
+        access_log=False,  # the app writes its own, with request id, bytes and duration
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
         server_header=False,
         lifespan="on",

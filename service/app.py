@@ -37,12 +37,14 @@ from service.errors import (
     install_error_handlers,
 )
 from service.jobs import JobManager
+from service.logs import ACCESS_LOGGER, REQUEST_ID
 from service.metrics import Metrics, status_class
 from service.openapi import RESULT_HEADERS, install_openapi
 from service.settings import Settings
 from service.state import ServiceState, service_version
 
 logger = logging.getLogger(__name__)
+access_logger = logging.getLogger(ACCESS_LOGGER)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -104,10 +106,12 @@ def create_app(
 
 
 class RequestContextMiddleware:
-    """Request id, request-duration metric, HEAD, and the last line of defence.
+    """Request id, request-duration metric, access log, HEAD, and the last line of defence.
 
     Pure ASGI (not BaseHTTPMiddleware) so the disconnect message still reaches the handler.
-    Each request gets an `X-Request-Id` (the client's, if it is a short token, else a new one).
+    Each request gets an `X-Request-Id` (the client's, if it is a short token, else a new one),
+    also set in `service.logs.REQUEST_ID` so every line logged for the request carries it.
+    One access line per request (service/logs.py; probes and /metrics at debug level).
     `HEAD` is answered as `GET` without the body, wherever `GET` is routed. An exception no
     handler mapped is a bug: logged once with the request id, answered 500. A request cut by
     the end of the shutdown grace (uvicorn cancels it) is answered 503 `shutting_down`.
@@ -124,16 +128,21 @@ class RequestContextMiddleware:
             return
         started = time.monotonic()
         request_id = _request_id(scope)
-        head = scope["method"] == "HEAD"
+        REQUEST_ID.set(request_id)  # this request's task: its own copy of the context
+        method = scope["method"]
+        head = method == "HEAD"
         if head:
             scope = {**scope, "method": "GET"}
         state = scope.setdefault("state", {})
         state["request_id"], state["started_at"] = request_id, started
         status = 500
         response_started = False
+        sent_bytes = 0
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status, response_started
+            nonlocal status, response_started, sent_bytes
+            if message["type"] == "http.response.body":
+                sent_bytes += 0 if head else len(message.get("body", b""))
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
                 headers = MutableHeaders(scope=message)
@@ -158,9 +167,10 @@ class RequestContextMiddleware:
         except Exception:
             logger.exception(
                 "unhandled error on %s %s (request_id=%s)",
-                scope.get("method"),
-                scope.get("path"),
+                method,
+                _endpoint(scope),
                 request_id,
+                extra={"path": scope["path"]},
             )
             count_error(self.metrics, scope["path"], ErrorKind.INTERNAL)
             status = 500
@@ -168,12 +178,36 @@ class RequestContextMiddleware:
                 body = error_body(ErrorKind.INTERNAL.type, _internal(request_id))
                 await _send_json(send_with_id, 500, body)
         finally:
+            duration = time.monotonic() - started
+            endpoint = _endpoint(scope)
             if scope["path"] not in UNCOUNTED_PATHS:
-                route = scope.get("route")
-                endpoint = getattr(route, "path", None) or "unmatched"
                 self.metrics.request_duration.labels(endpoint, status_class(status)).observe(
-                    time.monotonic() - started
+                    duration
                 )
+            _log_access(scope, method, endpoint, status, sent_bytes, duration)
+
+
+def _endpoint(scope: Scope) -> str:
+    """The matched route's template (`/v1/jobs/{job_id}`), or 'unmatched'."""
+    return getattr(scope.get("route"), "path", None) or "unmatched"
+
+
+def _log_access(
+    scope: Scope, method: str, endpoint: str, status: int, sent: int, duration: float
+) -> None:
+    """One line per request. The message names the route template, never the client's own
+    path (that is a field): text a client chose stays out of messages."""
+    path = scope["path"]
+    level = logging.DEBUG if path in UNCOUNTED_PATHS else logging.INFO
+    fields = {
+        "method": method,
+        "path": path,
+        "route": endpoint,
+        "status": status,
+        "bytes": sent,
+        "duration_s": round(duration, 6),
+    }
+    access_logger.log(level, "%s %s %d", method, endpoint, status, extra=fields)
 
 
 def _request_id(scope: Scope) -> str:

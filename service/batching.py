@@ -20,7 +20,7 @@ waits at most for the batch already running, never behind a video.
 
 The batcher knows nothing about HTTP or faces: `fn(batch) -> (outputs, timings)` is any function
 from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds. Given a
-CUDA `stream`, the worker runs every batch and call on it (`worker_device.on_stream`). A failed
+CUDA `stream`, the worker runs every batch and call on it (`model.device.on_stream`). A failed
 batch fails its requests only, unless its error poisons the device (`poisons_device`): then the
 worker stops as if it had died: `on_death` is told first, then the running and queued work fails
 with `BatcherClosedError`.
@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from model.device import on_stream, poisons_device
 from service.admission import BatchTimeEstimator
 from service.queue_items import (
     BatcherClosedError,
@@ -49,7 +50,6 @@ from service.queue_items import (
     QueuedWork,
     QueueFullError,
 )
-from service.worker_device import on_stream, poisons_device
 
 logger = logging.getLogger(__name__)
 

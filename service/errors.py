@@ -35,6 +35,7 @@ from model.errors import (
     UnsupportedVideoCodecError,
     VideoDecodeError,
 )
+from model.runtime.messages import phrase
 from service.queue_items import BatcherClosedError, DeadlineUnreachableError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -256,12 +257,16 @@ def _method_hint(path: str, allowed: list[str]) -> str:
     return _METHOD_HINTS.get(path) or f"{path} takes only {', '.join(allowed)}"
 
 
+# Where FastAPI found a parameter: the first item of an error's `loc`, not part of its name.
+_LOCATIONS = frozenset({"body", "query", "path", "header", "cookie"})
+
+
 async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     parts = []
     for err in exc.errors():
-        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg", ""))
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in _LOCATIONS)
+        parts.append(f"{where} {phrase(err)}" if where else phrase(err))
     _count(request, ErrorKind.INVALID_PARAMETER)
     message = "; ".join(parts) or "invalid request"
     return error_response(ServiceError(ErrorKind.INVALID_PARAMETER, message))

@@ -21,10 +21,12 @@ from model.errors import InvalidInputError
 from model.media.video.config import VIDEO_SUFFIXES
 from model.media.video.io import VideoSource
 from model.media.video.restore import VideoOptions
+from model.runtime.messages import did_you_mean
 from service.errors import ErrorKind, ServiceError
 from service.jobs import Job, JobManager, JobState
 from service.openapi import OK_HEADERS, ops_responses
-from service.routes import get_service, require_api_key
+from service.routes import answer_media_type, get_service, require_api_key
+from service.schemas import JobView
 from service.state import ServiceState
 from service.upload import feed_multipart, open_multipart, refuse_query, too_large_message
 
@@ -177,7 +179,7 @@ class _VideoPart:
             self._file = self.path.open("wb")
         elif self._name not in FIELDS:
             raise ServiceError(
-                ErrorKind.INVALID_PARAMETER, f"unknown form field {self._name!r}; known: {FIELDS}"
+                ErrorKind.INVALID_PARAMETER, unknown_field(self._name, b"filename" in params)
             )
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -203,6 +205,20 @@ class _VideoPart:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+
+
+def unknown_field(name: str, is_file: bool) -> str:
+    """Why a form field is refused: a file belongs in `video`; a close name is suggested, else
+    the fields are listed."""
+    if is_file:
+        return (
+            f"the video goes in the field {VIDEO_FIELD!r}, not {name!r}; "
+            f"the other fields are {', '.join(FIELDS)}"
+        )
+    hint = did_you_mean(name, (VIDEO_FIELD, *FIELDS))
+    return f"{name} is not a known field" + (
+        hint or f"; the fields are {', '.join((VIDEO_FIELD, *FIELDS))}"
+    )
 
 
 async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoPart:
@@ -260,7 +276,7 @@ def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) ->
     operation_id="submit_job",
     openapi_extra={"requestBody": JOB_BODY},
     responses={
-        202: {"content": _JOB_JSON, "headers": OK_HEADERS},
+        202: {"model": JobView, "content": _JOB_JSON, "headers": OK_HEADERS},
         **ops_responses(*_UPLOAD_ERRORS),
     },
 )
@@ -317,7 +333,7 @@ def _job(jobs: JobManager, job_id: str) -> Job:
     dependencies=[Depends(require_api_key)],
     operation_id="job_status",
     responses={
-        200: {"content": _JOB_JSON, "headers": OK_HEADERS},
+        200: {"model": JobView, "content": _JOB_JSON, "headers": OK_HEADERS},
         **ops_responses(ErrorKind.UNAUTHORIZED, ErrorKind.NOT_FOUND),
     },
 )
@@ -333,17 +349,20 @@ async def status(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
     response_class=FileResponse,
     responses={
         200: {
-            "description": "the restored video",
+            "description": "the restored video (`application/octet-stream` when that is what the "
+            "client asks for: clients generated from this schema read it as a file)",
             "content": {
                 t: {"schema": {"type": "string", "format": "binary"}, "example": "(binary video)"}
-                for t in MEDIA_TYPES.values()
+                for t in (*MEDIA_TYPES.values(), "application/octet-stream")
             },
             "headers": OK_HEADERS,
         },
         **ops_responses(ErrorKind.UNAUTHORIZED, ErrorKind.NOT_FOUND, ErrorKind.JOB_NOT_DONE),
     },
 )
-async def result(job_id: str, jobs: JobManager = Depends(get_jobs)) -> FileResponse:
+async def result(
+    job_id: str, request: Request, jobs: JobManager = Depends(get_jobs)
+) -> FileResponse:
     """The restored video of a succeeded job; 409 while it is not done."""
     job = _job(jobs, job_id)
     if job.state is not JobState.SUCCEEDED:
@@ -351,7 +370,10 @@ async def result(job_id: str, jobs: JobManager = Depends(get_jobs)) -> FileRespo
     stem = Path(job.filename).stem or "video"
     return FileResponse(
         job.output,
-        media_type=MEDIA_TYPES.get(job.output.suffix, "application/octet-stream"),
+        media_type=answer_media_type(
+            request.headers.get("accept", ""),
+            MEDIA_TYPES.get(job.output.suffix, "application/octet-stream"),
+        ),
         filename=f"{stem}-restored{job.output.suffix}",
     )
 
@@ -361,7 +383,7 @@ async def result(job_id: str, jobs: JobManager = Depends(get_jobs)) -> FileRespo
     dependencies=[Depends(require_api_key)],
     operation_id="delete_job",
     responses={
-        200: {"content": _JOB_JSON, "headers": OK_HEADERS},
+        200: {"model": JobView, "content": _JOB_JSON, "headers": OK_HEADERS},
         **ops_responses(ErrorKind.UNAUTHORIZED, ErrorKind.NOT_FOUND),
     },
 )

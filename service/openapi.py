@@ -1,6 +1,10 @@
 """What the OpenAPI schema says beyond what FastAPI infers: the multipart body of /restore, the
 headers of each answer, and the error responses of each route (built from `ErrorKind`).
 
+The two answers of a restore are two operations, so clients generated from the schema get each
+right: `restore` (POST /restore) answers the image file, declared as binary only; `restore_json`
+(POST /restore/json) answers `RestoreResult`.
+
 The bearer scheme is declared on /restore; when the server has no API key it is optional
 (`security: [{}, {HTTPBearer: []}]`), which is what the server then does.
 """
@@ -19,6 +23,7 @@ from service.upload import IMAGE_FIELD
 
 RESULT_HEADERS = (
     "X-Faces-Detected",
+    "X-Faces-Restored",
     "X-Queue-Time",
     "X-Inference-Time",
     "X-Total-Time",
@@ -27,7 +32,16 @@ RESULT_HEADERS = (
     "X-Metadata-Dropped",
 )
 RESULT_HEADER_DOCS = {
-    "X-Faces-Detected": ("faces found and restored", "integer"),
+    "X-Faces-Detected": (
+        "faces the detector found, before faces, max_faces, min_face_size and only_center_face "
+        "chose",
+        "integer",
+    ),
+    "X-Faces-Restored": (
+        "faces restored; with 0 the pixels are the input's (the same bytes when the format and "
+        "scale are kept)",
+        "integer",
+    ),
     "X-Queue-Time": ("seconds the faces waited for the model worker", "number"),
     "X-Inference-Time": ("seconds of the model calls holding this image's faces", "number"),
     "X-Total-Time": ("seconds from arrival to the answer", "number"),
@@ -47,6 +61,13 @@ def ops_responses(*kinds: ErrorKind) -> dict[int | str, dict[str, Any]]:
 OK_HEADERS = {"X-Request-Id": REQUEST_ID_HEADER}
 
 
+# `faces` is one text field, "0,2": a field sent twice is refused, so the array the form's
+# model describes (which generators send as one part per item) is declared as the string it is.
+FACES_FIELD = {
+    "type": "string",
+    "description": form_properties()["faces"]["description"] + "; one field, comma-separated",
+    "examples": ["0,2"],
+}
 RESTORE_BODY = {
     "required": True,
     "content": {
@@ -62,13 +83,14 @@ RESTORE_BODY = {
                         "description": "the photo: JPEG, PNG or WebP (sniffed from the bytes)",
                     },
                     **form_properties(),
+                    "faces": FACES_FIELD,
                 },
             },
             "example": {IMAGE_FIELD: "(binary JPEG)", "aligned": False, "output_format": "png"},
         }
     },
 }
-IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}}
+IMAGE_CONTENT = {"schema": {"type": "string", "format": "binary"}, "example": "(binary image)"}
 RESTORE_ERRORS = (
     ErrorKind.MALFORMED_REQUEST,
     ErrorKind.INVALID_IMAGE,
@@ -89,24 +111,42 @@ RESTORE_ERRORS = (
 )
 
 
+RESULT_HEADERS_SCHEMA = {
+    **{
+        name: {"description": text, "schema": {"type": kind}}
+        for name, (text, kind) in RESULT_HEADER_DOCS.items()
+    },
+    **OK_HEADERS,
+}
+
+# POST /restore declares only binary answers: generators take the first content type they can
+# parse for an operation's result (openapi-python-client: JSON, octet-stream or text) or ask
+# for JSON when it is listed (openapi-generator), so a JSON entry here would make the
+# generated default call parse the image as JSON. The JSON answer has its own operation,
+# POST /restore/json; `Accept: application/json` on /restore still gives it (curl, the page).
 RESTORE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
-        "description": "the restored image (or JSON with `Accept: application/json`)",
-        "model": RestoreResult,
+        "description": "the restored image file, in the format `X-Output-Format` names "
+        "(`application/octet-stream` when that is what the client asks for); "
+        "`Accept: application/json` gives the JSON answer of POST /restore/json instead",
         "content": {
-            "application/json": {"example": RESULT_EXAMPLE},
             **{t: IMAGE_CONTENT for t in CONTENT_TYPES.values()},
+            "application/octet-stream": IMAGE_CONTENT,
         },
-        "headers": {
-            **{
-                name: {"description": text, "schema": {"type": kind}}
-                for name, (text, kind) in RESULT_HEADER_DOCS.items()
-            },
-            **OK_HEADERS,
-        },
+        "headers": RESULT_HEADERS_SCHEMA,
     },
     **ops_responses(*RESTORE_ERRORS),
 }
+RESTORE_JSON_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the restored image file in base64, with its faces, size and timings",
+        "model": RestoreResult,
+        "content": {"application/json": {"example": RESULT_EXAMPLE}},
+        "headers": RESULT_HEADERS_SCHEMA,
+    },
+    **ops_responses(*RESTORE_ERRORS),
+}
+RESTORE_PATHS = ("/restore", "/restore/json")
 
 
 def install_openapi(app: FastAPI, settings: Settings) -> None:
@@ -130,13 +170,11 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
 
 def _apply_limits(schema: dict[str, Any], settings: Settings) -> None:
     """The form fields' bounds that depend on the server's settings."""
-    body = schema["paths"]["/restore"]["post"]["requestBody"]["content"]["multipart/form-data"]
-    fields = body["schema"]["properties"]
-    if "max_faces" in fields:
-        fields["max_faces"]["maximum"] = settings.max_faces
-    if "output_format" in fields:
-        allowed = [
-            *settings.allowed_formats,
-            *(["jpg"] if "jpeg" in settings.allowed_formats else []),
-        ]
-        fields["output_format"]["enum"] = allowed
+    allowed = [*settings.allowed_formats, *(["jpg"] if "jpeg" in settings.allowed_formats else [])]
+    for path in RESTORE_PATHS:
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["multipart/form-data"]
+        fields = body["schema"]["properties"]
+        if "max_faces" in fields:
+            fields["max_faces"]["maximum"] = settings.max_faces
+        if "output_format" in fields:
+            fields["output_format"]["enum"] = allowed

@@ -1,4 +1,4 @@
-"""The HTTP endpoints: /restore, /healthz, /readyz, /metrics, /v1/info."""
+"""The HTTP endpoints: /restore (and /restore/json), /healthz, /readyz, /metrics, /v1/info."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from model.errors import InvalidInputError
 from model.media.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
+from model.runtime.messages import describe, did_you_mean
 from service.background import background_on_worker, both
 from service.errors import (
     ErrorKind,
@@ -22,6 +23,7 @@ from service.errors import (
 from service.openapi import (
     OK_HEADERS,
     RESTORE_BODY,
+    RESTORE_JSON_RESPONSES,
     RESTORE_RESPONSES,
     ops_responses,
 )
@@ -37,7 +39,7 @@ from service.schemas import (
 )
 from service.settings import Settings
 from service.state import SERVICE_NAME, ServiceState, service_version
-from service.upload import read_upload, refuse_query
+from service.upload import IMAGE_FIELD, read_upload, refuse_query
 
 router = APIRouter()
 
@@ -199,9 +201,35 @@ async def restore(
 ) -> Response:
     """Restore the faces of one photo (or one aligned 512x512 face with `aligned=true`).
 
-    No face found is a 200 with `X-Faces-Detected: 0` and the image unchanged. A request the
-    model worker cannot finish before its deadline is refused at once: 429 `overloaded`.
+    No face found (or none chosen) is a 200 with `X-Faces-Restored: 0` and the image unchanged;
+    `X-Faces-Detected` counts the faces found before `faces`, `max_faces`, `min_face_size` and
+    `only_center_face` chose. A request the model worker cannot finish before its deadline is
+    refused at once: 429 `overloaded`. The answer is the image file; `Accept: application/json`
+    gives the JSON answer of POST /restore/json.
     """
+    return await _restore(request, service, as_json=wants_json(request.headers.get("accept", "")))
+
+
+@router.post(
+    "/restore/json",
+    tags=["restore"],
+    response_class=JSONResponse,
+    operation_id="restore_json",
+    openapi_extra={"requestBody": RESTORE_BODY},
+    responses=RESTORE_JSON_RESPONSES,
+)
+async def restore_json(
+    request: Request,
+    service: ServiceState = Depends(get_service),
+    _: None = Depends(require_api_key),
+) -> Response:
+    """POST /restore with the JSON answer: the image in base64, each restored face's box,
+    landmarks and score, the output's size and the timings per stage (same form, same headers).
+    """
+    return await _restore(request, service, as_json=True)
+
+
+async def _restore(request: Request, service: ServiceState, *, as_json: bool) -> Response:
     refuse_query(request)
     service.check_ready()
     settings = service.settings
@@ -224,7 +252,7 @@ async def restore(
                 f"the request did not finish within {settings.request_timeout_s:g} s",
             ) from exc
     total = time.monotonic() - started
-    return _response(request, result, batch, total)
+    return _response(request, result, batch, total, as_json=as_json)
 
 
 def parse_options(fields: dict[str, str], settings: Settings) -> RestoreOptions:
@@ -248,11 +276,14 @@ async def _none() -> None:
 
 
 def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
-    return "; ".join(parts)
+    """`strength must be at most 1`; `strenght is not a known field; did you mean strength?`,
+    and the known fields when no name is close."""
+    known = (IMAGE_FIELD, *RestoreForm.model_fields)
+    text = "; ".join(describe(exc, known=known))
+    unknown = [str(e["loc"][-1]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+    if unknown and not any(did_you_mean(name, known) for name in unknown):
+        text += f" (the fields are {', '.join(known)})"
+    return text
 
 
 async def _restore_photo(
@@ -306,12 +337,13 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 def _response(
-    request: Request, result: PhotoResult, batch: BatchResult | None, total: float
+    request: Request, result: PhotoResult, batch: BatchResult | None, total: float, *, as_json: bool
 ) -> Response:
     queue = batch.queue_wait_s if batch else 0.0
     inference = batch.inference_s if batch else 0.0
     headers = {
-        "X-Faces-Detected": str(len(result.faces)),
+        "X-Faces-Detected": str(result.faces_detected),
+        "X-Faces-Restored": str(len(result.faces)),
         "X-Queue-Time": f"{queue:.4f}",
         "X-Inference-Time": f"{inference:.4f}",
         "X-Total-Time": f"{total:.4f}",
@@ -321,8 +353,9 @@ def _response(
     }
     if result.dropped_metadata:
         headers["X-Metadata-Dropped"] = ",".join(result.dropped_metadata)
-    if not wants_json(request.headers.get("accept", "")):
-        return Response(result.data, media_type=result.content_type, headers=headers)
+    if not as_json:
+        media_type = answer_media_type(request.headers.get("accept", ""), result.content_type)
+        return Response(result.data, media_type=media_type, headers=headers)
     stages = dict(result.timings)
     if batch is not None:
         stages.update(batch.timings)
@@ -331,11 +364,9 @@ def _response(
         content_type=result.content_type,
         width=result.width,
         height=result.height,
-        faces_detected=len(result.faces),
-        faces=[
-            FaceOut(box=list(f.box), landmarks=[list(p) for p in f.landmarks], score=f.score)
-            for f in result.faces
-        ],
+        faces_detected=result.faces_detected,
+        faces_restored=len(result.faces),
+        faces=[FaceOut.model_validate(f.to_json()) for f in result.faces],
         timings={"queue": queue, "inference": inference, "total": total, "stages": stages},
     )
     return JSONResponse(body.model_dump(), headers=headers)
@@ -343,7 +374,21 @@ def _response(
 
 def wants_json(accept: str) -> bool:
     """True when Accept lists application/json (q > 0) at least as high as any image type."""
-    json_q, image_q = 0.0, 0.0
+    json_q, image_q, _ = _accept_qualities(accept)
+    return json_q > 0 and json_q >= image_q
+
+
+def answer_media_type(accept: str, media_type: str) -> str:
+    """`media_type` (image/png, video/mp4, ...), or application/octet-stream when Accept ranks
+    that above every image or video type: what clients generated from the schema may ask for."""
+    _, typed_q, octet_q = _accept_qualities(accept)
+    return "application/octet-stream" if octet_q > 0 and octet_q > typed_q else media_type
+
+
+def _accept_qualities(accept: str) -> tuple[float, float, float]:
+    """The highest q of application/json, of image/* and video/* types, and of
+    application/octet-stream in an Accept header (0 where absent)."""
+    json_q, image_q, octet_q = 0.0, 0.0, 0.0
     for item in accept.split(","):
         media, _, params = item.strip().partition(";")
         q = 1.0
@@ -357,6 +402,8 @@ def wants_json(accept: str) -> bool:
         media = media.strip().lower()
         if media == "application/json":
             json_q = max(json_q, q)
-        elif media.startswith("image/"):
+        elif media.startswith(("image/", "video/")):
             image_q = max(image_q, q)
-    return json_q > 0 and json_q >= image_q
+        elif media == "application/octet-stream":
+            octet_q = max(octet_q, q)
+    return json_q, image_q, octet_q

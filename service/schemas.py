@@ -66,9 +66,11 @@ def form_properties() -> dict[str, Any]:
 
 
 class FaceOut(BaseModel):
-    box: list[float] = Field(description="x1, y1, x2, y2 in input pixels")
-    landmarks: list[list[float]] = Field(description="5 (x, y) points: eyes, nose, mouth corners")
-    score: float = Field(description="detector confidence")
+    box: list[float] = Field(description="x1, y1, x2, y2 in input pixels, to 2 decimals")
+    landmarks: list[list[float]] = Field(
+        description="5 (x, y) points: eyes, nose, mouth corners, to 2 decimals"
+    )
+    score: float = Field(description="detector confidence, to 4 decimals")
 
 
 class Timings(BaseModel):
@@ -84,6 +86,7 @@ RESULT_EXAMPLE: dict[str, Any] = {
     "width": 512,
     "height": 512,
     "faces_detected": 1,
+    "faces_restored": 1,
     "faces": [
         {
             "box": [0.0, 0.0, 512.0, 512.0],
@@ -106,8 +109,12 @@ class RestoreResult(BaseModel):
     content_type: str
     width: int
     height: int
-    faces_detected: int
-    faces: list[FaceOut]
+    faces_detected: int = Field(
+        description="faces the detector found, before faces, max_faces, min_face_size and "
+        "only_center_face chose"
+    )
+    faces_restored: int = Field(description="faces restored: the ones `faces` lists")
+    faces: list[FaceOut] = Field(description="the restored faces, largest first")
     timings: Timings
 
     model_config = ConfigDict(json_schema_extra={"examples": [RESULT_EXAMPLE]})
@@ -161,3 +168,25 @@ class QueueStatus(BaseModel):
     predicted_wait_s: float = Field(
         description="predicted seconds until one more face would be restored (0: no estimate)"
     )
+
+
+class JobProgress(BaseModel):
+    frames_done: int = Field(description="frames restored and written")
+    frames_total: int | None = Field(description="frames in the asked range (None: unknown)")
+    fraction: float | None = Field(description="frames_done / frames_total, 0..1")
+    frames_per_second: float = Field(description="frames restored per second so far")
+    eta_s: float | None = Field(description="predicted seconds until the job ends")
+
+
+class JobView(BaseModel):
+    """A video job as `GET /v1/jobs/{id}` reports it (`service/jobs.py` `Job.view`)."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: JobProgress
+    faces: int = Field(description="faces restored so far, over all frames")
+    created_at: float = Field(description="Unix time of the upload")
+    started_at: float | None = Field(description="Unix time the job started running")
+    finished_at: float | None = Field(description="Unix time the job ended")
+    error: str | None = Field(description="why the job failed")
+    result: str | None = Field(description="the path of the restored video once succeeded")

@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from model.media.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
+from model.runtime.messages import describe
 from model.runtime.settings import ENV_PREFIX, RuntimeSettings, env_name
 
 __all__ = ["ENV_PREFIX", "Settings", "describe_settings_error", "env_name", "unknown_env_names"]
@@ -47,6 +48,11 @@ class Settings(RuntimeSettings):
         description="a connection's request headers must be complete within this (else 408)",
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "text", "json"] = Field(
+        "auto",
+        description="json: one JSON object per line (for log collectors; docs/operations.md); "
+        "text: for people; auto: text when stderr is a terminal, else json",
+    )
 
     # --- admission (service area) -------------------------------------------------------------
     max_inflight_requests: PositiveInt = Field(
@@ -110,10 +116,10 @@ def unknown_env_names(environ: Mapping[str, str]) -> list[str]:
 
 
 def describe_settings_error(exc: ValidationError) -> list[str]:
-    """One line per invalid setting, naming its environment variable."""
-    lines = []
-    for err in exc.errors():
-        field = str(err["loc"][0]) if err.get("loc") else ""
-        where = env_name(field) if field in Settings.model_fields else (field or "settings")
-        lines.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
-    return lines
+    """One line per invalid setting, naming its environment variable, in the project's words
+    (model/runtime/messages.py): 'OSDFACE_PORT: must be at most 65535 (got 99999)'."""
+
+    def label(field: str) -> str:
+        return f"{env_name(field) if field in Settings.model_fields else field}:"
+
+    return describe(exc, label=label, known=Settings.model_fields, show_input=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import functools
 import importlib.metadata
@@ -216,7 +217,7 @@ class ServiceState:
 
     def _worker_died(self, exc: BaseException) -> None:
         """Called on the dead worker's thread, also when a CUDA error poisoned the device
-        (worker_device.poisons_device): readiness off at once, then the process ends (`on_fatal`)
+        (model.device.poisons_device): readiness off at once, then the process ends (`on_fatal`)
         and the orchestrator starts a fresh one."""
         self._fail(f"the model worker stopped: {type(exc).__name__}: {exc}")
 
@@ -279,6 +280,9 @@ class ServiceState:
             self.metrics.requests_in_flight.dec()
 
     async def run_cpu(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking work (decode, detect, paste, encode) on the bounded CPU pool."""
+        """Run blocking work (decode, detect, paste, encode) on the bounded CPU pool, in a copy
+        of the caller's context (`run_in_executor` does not copy it): the lines it logs carry
+        the request id (service/logs.py)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, functools.partial(fn, *args))
+        context = contextvars.copy_context()
+        return await loop.run_in_executor(self.pool, context.run, functools.partial(fn, *args))

@@ -179,6 +179,7 @@ def test_page_restores_an_uploaded_photo(server: str, driver, assets: Path) -> N
     expected = _api_restore(server, photo)
     assert (expected["width"], expected["height"]) == (width, height)
     assert expected["faces_detected"] >= 1, "a real detector finds the faces of this photo"
+    assert expected["faces_restored"] == expected["faces_detected"], "no option chose fewer"
     shown = driver.find_element(By.ID, "faces-count").text
     assert shown == str(expected["faces_detected"])
     boxes = driver.execute_script(
@@ -187,7 +188,7 @@ def test_page_restores_an_uploaded_photo(server: str, driver, assets: Path) -> N
         "  +r.getAttribute('x') + +r.getAttribute('width'),"
         "  +r.getAttribute('y') + +r.getAttribute('height')]);"
     )
-    assert len(boxes) == expected["faces_detected"]
+    assert len(boxes) == expected["faces_restored"]
     for drawn, face in zip(boxes, expected["faces"], strict=True):
         assert drawn == pytest.approx(face["box"], abs=1e-3)
 
@@ -204,6 +205,24 @@ def test_page_restores_an_uploaded_photo(server: str, driver, assets: Path) -> N
 
     ARTIFACTS.mkdir(exist_ok=True)
     driver.save_screenshot(str(ARTIFACTS / "browser-restore.png"))
+
+
+def test_page_says_how_many_of_the_faces_found_were_restored(
+    server: str, driver, assets: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+
+    _open_page(driver, server)
+    driver.find_element(By.ID, "image-input").send_keys(str(assets / PHOTO))
+    driver.find_element(By.ID, "opt-center").click()  # one of the photo's two faces
+    driver.find_element(By.ID, "submit").click()
+    assert _wait_for_state(driver, ("done", "error")) == "done", driver.find_element(
+        By.ID, "message"
+    ).text
+    assert driver.find_element(By.ID, "faces-count").text == "1 of 2"
+    assert driver.find_element(By.ID, "message").text == "Restored 1 of 2 faces."
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#faces rect.face-box")) == 1
+    driver.find_element(By.ID, "opt-center").click()  # the next test starts from the defaults
 
 
 def test_page_upscaled_result_keeps_the_outlines_on_the_faces(

@@ -203,7 +203,8 @@ def test_faces_and_min_face_size_choose_faces(client: TestClient, assets: Path) 
     areas = [(f["box"][2] - f["box"][0]) * (f["box"][3] - f["box"][1]) for f in every]
     assert areas == sorted(areas, reverse=True)
     second = post(faces="1").json()
-    assert second["faces_detected"] == 1 and second["faces"][0]["box"] == every[1]["box"]
+    assert (second["faces_detected"], second["faces_restored"]) == (2, 1)
+    assert second["faces"][0]["box"] == every[1]["box"]
     smallest = min(min(f["box"][2] - f["box"][0], f["box"][3] - f["box"][1]) for f in every)
     kept = post(min_face_size=str(int(smallest) + 1)).json()
     assert [f["box"] for f in kept["faces"]] == [every[0]["box"]]

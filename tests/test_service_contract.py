@@ -179,7 +179,13 @@ def test_openapi_is_built_from_the_error_table(client: TestClient) -> None:
         }
     assert {"429", "503", "504"} <= set(restore["responses"])
     headers = restore["responses"]["200"]["headers"]
-    for name in ("X-Faces-Detected", "X-Queue-Time", "X-Total-Time", "X-Request-Id"):
+    for name in (
+        "X-Faces-Detected",
+        "X-Faces-Restored",
+        "X-Queue-Time",
+        "X-Total-Time",
+        "X-Request-Id",
+    ):
         assert name in headers
     assert "Retry-After" in restore["responses"]["429"]["headers"]
     form = restore["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]

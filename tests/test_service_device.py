@@ -19,11 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
+from model.device import poisons_device
 from model.media.faces.detect import FaceDetector
 from model.networks.restorer import OSDFaceRestorer, RestoreOutput
 from service.batching import Batcher
 from service.queue_items import BatcherClosedError
-from service.worker_device import poisons_device
 from tests.service_helpers import assert_error_shape, metric, png_bytes
 from tests.test_service_api import make_settings, serving
 

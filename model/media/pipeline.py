@@ -60,7 +60,9 @@ class PreparedPhoto:
     """A decoded photo and its aligned faces, waiting for the restorer.
 
     crops: (F, 3, 512, 512) float32 in [0, 1], RGB, CPU; F may be 0. affines: F (2, 3) photo ->
-    crop transforms. Faces are largest first, which is also the paste order.
+    crop transforms. Faces are largest first, which is also the paste order: the ones chosen
+    by the options (`faces`, `max_faces`, `min_face_size`, `only_center_face`) out of the
+    `detected` the detector found (None: as many as were chosen).
     """
 
     image: DecodedImage
@@ -69,11 +71,17 @@ class PreparedPhoto:
     affines: list[np.ndarray]
     options: RestoreOptions
     timings: dict[str, float] = field(default_factory=dict)
+    detected: int | None = None
+
+    @property
+    def faces_detected(self) -> int:
+        return len(self.faces) if self.detected is None else self.detected
 
 
 @dataclass
 class PhotoResult:
-    """The restored file and what happened to it (timings in seconds, by stage)."""
+    """The restored file and what happened to it (timings in seconds, by stage): `faces` are
+    the restored ones, `faces_detected` counts all the detector found."""
 
     data: bytes
     format: str
@@ -83,6 +91,7 @@ class PhotoResult:
     faces: list[DetectedFace]
     timings: dict[str, float]
     dropped_metadata: tuple[str, ...] = ()  # "exif", "icc": unreadable, or too large for it
+    faces_detected: int = 0
 
 
 @contextmanager
@@ -131,7 +140,8 @@ def prepare_photo(
         aligned = [align_face(image.rgb, face.landmarks_array()) for face in faces]
         crops = _to_tensor([crop for crop, _ in aligned])
     logger.debug("%d faces found, %d kept", len(found), len(faces))
-    return PreparedPhoto(image, faces, crops, [a for _, a in aligned], options, timings)
+    affines = [a for _, a in aligned]
+    return PreparedPhoto(image, faces, crops, affines, options, timings, detected=len(found))
 
 
 def _prepare_aligned(
@@ -210,7 +220,7 @@ def finish_photo(
     if not faces and unchanged:
         # Nothing to change: the file as it came (its orientation tag still tells viewers).
         timings.update(paste=0.0, encode=0.0)
-        return _result(image.data, out_format, image.width, image.height, [], timings)
+        return _result(image.data, out_format, image.width, image.height, [], timings, prepared)
     assert options.upscale is not None  # validated() resolved it
     with _timed(timings, "paste"):
         canvas = _canvas(image, options, background)
@@ -227,7 +237,8 @@ def finish_photo(
             image, canvas, format=out_format, quality=options.quality
         )
     height, width = canvas.shape[:2]
-    result = _result(encoded.data, out_format, width, height, list(prepared.faces), timings)
+    faces_out = list(prepared.faces)
+    result = _result(encoded.data, out_format, width, height, faces_out, timings, prepared)
     result.dropped_metadata = encoded.dropped_metadata
     return result
 
@@ -272,8 +283,18 @@ def _result(
     height: int,
     faces: list[DetectedFace],
     timings: dict[str, float],
+    prepared: PreparedPhoto,
 ) -> PhotoResult:
-    return PhotoResult(data, fmt, CONTENT_TYPES[fmt], width, height, faces, timings)
+    return PhotoResult(
+        data,
+        fmt,
+        CONTENT_TYPES[fmt],
+        width,
+        height,
+        faces,
+        timings,
+        faces_detected=prepared.faces_detected,
+    )
 
 
 def restore_photo(

@@ -80,7 +80,7 @@ def describe(
         text = phrase(error)
         if error.get("type") == "extra_forbidden" and names:
             text += did_you_mean(field, names)
-        elif show_input and "input" in error and error.get("type") != "missing":
+        elif show_input and field and "input" in error and error.get("type") != "missing":
             text += f" (got {error['input']!r})"
         lines.append(f"{label(field)} {text}" if field else text)
     return lines

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model.config import LatentMode
+from model.config import Device, DType, LatentMode
 from model.errors import OSDFaceError
 
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ class HTTPBackend:
 
 def in_process(
     weights: Path,
-    device: str,
-    dtype: str,
+    device: Device,
+    dtype: DType,
     latent: LatentMode = "mode",
     *,
     fast: bool | None = None,
@@ -100,7 +100,7 @@ def in_process(
     from model.runtime.load import load_restorer
     from model.runtime.settings import RuntimeSettings
 
-    given = {} if fast is None else {"fast_path": fast}
+    given: dict[str, Any] = {} if fast is None else {"fast_path": fast}
     settings = RuntimeSettings(
         weights_dir=weights,
         device=device,

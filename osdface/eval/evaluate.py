@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.config import DEFAULT_WEIGHTS_DIR, LatentMode
+from model.config import DEFAULT_WEIGHTS_DIR, Device, DType, LatentMode
 from model.errors import InvalidInputError
 from osdface.common import plural
 from osdface.eval import report
@@ -42,8 +42,8 @@ class EvalOptions:
     api_key: str | None = None
     metrics: tuple[str, ...] = ()
     paper_table: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
+    device: Device = "auto"
+    dtype: DType = "auto"
     batch_size: int = 4
     latent: LatentMode = "mode"
     fast: bool | None = None  # the restorer's fast path; None: the setting (on by default)

@@ -19,9 +19,10 @@ from pydantic import BaseModel, ValidationError
 
 from model.errors import InvalidInputError
 from model.options import OptionFields, RestoreOptions
+from model.runtime.messages import describe
 from model.runtime.settings import RuntimeSettings, env_name
 from osdface.common import SETTING_FLAGS, UsageError, given
-from osdface.restore import checks, video
+from osdface.restore import checks, ledger, video
 from osdface.restore.config import DEFAULT_OUTPUT, RunConfig
 from osdface.restore.flags import FORM_FLAGS, RAY_ADDRESS, add_parser, old_ray_form
 from osdface.restore.plan import KINDS, STDIO, Job, Plan, make_plan
@@ -40,6 +41,8 @@ def run(args: argparse.Namespace) -> int:
     config, plan = read_flags(args)
     if config.ray:
         return _run_on_ray(config, plan)
+    if STDIO in config.inputs:
+        _check_stdin()
     checks.check_weights(
         config.settings,
         aligned=config.options.aligned,
@@ -69,7 +72,12 @@ def read_flags(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
             "- writes its result to stdout, not into -o: drop -o (`osdface restore - < a.jpg > "
             "restored.jpg`), or name the file instead of - to write into a folder"
         )
-    output = args.output or DEFAULT_OUTPUT
+    if args.compare and (STDIO in inputs or args.ray):
+        raise UsageError(
+            "--compare writes into the output folder, next to each result: not with "
+            + ("- (stdout)" if STDIO in inputs else "--ray")
+        )
+    output = args.output or _default_output(inputs, args.suffix, args.ray)
     flags = {"recursive": args.recursive, "suffix": args.suffix, "overwrite": args.overwrite}
     plan = make_plan(
         inputs,
@@ -85,7 +93,7 @@ def read_flags(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
         raise UsageError(
             f"no {what} found in {' '.join(inputs)}" + checks.subfolder_hint(plan.subfolders)
         )
-    videos = any(job.kind == "video" for job in plan.jobs)
+    videos = [Path(str(j.source)) for j in plan.jobs + plan.existing if j.kind == "video"]
     if videos and args.aligned:
         raise UsageError("--aligned takes aligned face crops, not videos")
     config = RunConfig(
@@ -96,13 +104,15 @@ def read_flags(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
         **flags,
         report=args.report,
         save_faces=args.save_faces,
+        compare=args.compare,
         merge_lora=not args.no_merge,
         quiet=args.quiet,
         ray=args.ray,
         ray_address=args.ray_address,
         ray_cpus=args.ray_cpus,
-        video=_video_options(args, settings, form) if videos else None,
+        video=_video_flags(args, videos) if videos else None,
     )
+    ledger.check_existing(config, plan)
     return config, plan
 
 
@@ -127,13 +137,14 @@ def _validated(model: type[BaseModel], values: dict[str, Any]) -> Any:
     except ValidationError as exc:
         setting = model is RuntimeSettings
         flags = {n: f for f, n, _ in (*SETTING_FLAGS, *FORM_FLAGS)}
-        lines = []
-        for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else ""
-            env = f" / {env_name(name)}" if setting and name else ""
-            lines.append(f"{flags.get(name, name)}{env}: {err['msg']} (got {err['input']!r})")
-        what = "setting" if setting else "option"
-        raise UsageError(f"invalid {what}: " + "; ".join(lines)) from exc
+
+        def label(name: str) -> str:
+            if not setting:
+                return flags.get(name, name)
+            return f"{flags[name]} / {env_name(name)}" if name in flags else env_name(name)
+
+        lines = describe(exc, label=label, known=model.model_fields, show_input=True)
+        raise UsageError("; ".join(lines)) from exc
 
 
 def _restore_options(settings: RuntimeSettings, form: OptionFields) -> RestoreOptions:
@@ -156,18 +167,45 @@ def _with_flag(message: str) -> str:
     return f"--format: {message}" if message.startswith("output format") else message
 
 
-def _video_options(args: argparse.Namespace, settings: RuntimeSettings, form: OptionFields) -> Any:
-    """The checked VideoOptions of the video flags, before the weights load."""
-    try:
-        return video.video_options(
-            **{name: getattr(args, name) for name in video.VIDEO_FLAGS},
-            batch_faces=settings.max_batch_faces,
-            strength=form.strength,
-            only_center_face=form.only_center_face,
-            max_faces=settings.max_faces,
+def _video_flags(args: argparse.Namespace, videos: list[Path]) -> video.VideoFlags:
+    """The checked video flags, before torch is imported; --start against each clip's length."""
+    flags = video.video_flags(**{name: getattr(args, name) for name in video.VIDEO_FLAGS})
+    video.check_start(flags.start, videos)
+    return flags
+
+
+def _default_output(inputs: list[str], suffix: str, ray: bool) -> str:
+    """results/, unless that is inside an input folder (`osdface restore .` in a photo folder):
+    then `<folder>-restored` beside that folder, said in a log line."""
+    default = Path(DEFAULT_OUTPUT).resolve()
+    if suffix or ray or STDIO in inputs:
+        return DEFAULT_OUTPUT
+    folders = [Path(item).resolve() for item in inputs if Path(item).is_dir()]
+    around = [folder for folder in folders if folder in default.parents]
+    if not around:
+        return DEFAULT_OUTPUT
+    folder = min(around, key=lambda p: len(p.parts))  # the outermost
+    beside = os.path.relpath(folder.parent / f"{folder.name or 'root'}-restored")
+    logger.info(
+        "results go to %s/ (beside the input folder: %s/ would be inside it); -o chooses another",
+        beside,
+        DEFAULT_OUTPUT,
+    )
+    return beside
+
+
+def _check_stdin() -> None:
+    """An empty stdin, or a terminal, is answered before the model loads."""
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError(
+            "- reads a photo from stdin, which is a terminal here: pipe one in "
+            "(`osdface restore - < photo.jpg > restored.jpg`)"
         )
-    except InvalidInputError as exc:
-        raise UsageError(f"video: {exc}") from exc
+    peek = getattr(sys.stdin.buffer, "peek", None)  # a BufferedReader's: waits, reads nothing
+    if peek is not None and not peek(1):
+        raise UsageError(
+            "stdin is empty: pipe a photo in (`osdface restore - < photo.jpg > restored.jpg`)"
+        )
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -193,8 +231,6 @@ def _run_on_ray(config: RunConfig, plan: Plan) -> int:
 
 
 def _execute(config: RunConfig, plan: Plan) -> int:
-    from osdface.restore.runners import RUNNERS, group_size, load_context  # torch from here on
-
     stdio = STDIO in config.inputs
     reporter = Reporter(
         len(plan.jobs), quiet=config.quiet or stdio, tty=sys.stderr.isatty(), report=config.report
@@ -202,17 +238,31 @@ def _execute(config: RunConfig, plan: Plan) -> int:
     reporter.summary.unsupported = len(plan.unsupported)
     for job in plan.existing:
         reporter.record(Record(job.name, str(job.target), "skipped"))
+    writer = ledger.start(config, plan.jobs)
     try:
-        if plan.jobs:
-            context = load_context(config, reporter)
-            reporter.summary.restart_clock()  # time per face: without loading the model
-            with reporter.redirect_logging():
-                for group in _groups(plan.jobs, lambda kind: group_size(kind, context)):
-                    for record in _run_group(RUNNERS[group[0].kind], group, context):
-                        reporter.record(record)
+        if plan.jobs:  # nothing to do: no torch, no model
+            _restore(config, plan.jobs, reporter, writer)
     finally:
+        if writer is not None:
+            writer.close()
         reporter.close()
     return reporter.summary.exit_code
+
+
+def _restore(
+    config: RunConfig, jobs: list[Job], reporter: Reporter, writer: ledger.Writer | None
+) -> None:
+    from osdface.restore.runners import RUNNERS, group_size, load_context  # torch from here on
+
+    by_name = {job.name: job for job in jobs}
+    context = load_context(config, reporter)
+    reporter.summary.restart_clock()  # time per face: without loading the model
+    with reporter.redirect_logging():
+        for group in _groups(jobs, lambda kind: group_size(kind, context)):
+            for record in _run_group(RUNNERS[group[0].kind], group, context):
+                if writer is not None and record.status == "restored":
+                    writer.written(by_name[record.input])
+                reporter.record(record)
 
 
 def _groups(jobs: list[Job], size: Callable[[str], int]) -> Iterator[list[Job]]:

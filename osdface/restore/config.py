@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from model.options import RestoreOptions
 from model.runtime.settings import RuntimeSettings
+from osdface.restore.video import VideoFlags
 
 DEFAULT_OUTPUT = "results"
 
@@ -30,12 +30,13 @@ class RunConfig:
     overwrite: bool = False
     report: Path | None = None
     save_faces: bool = False  # also the aligned and restored crops, in faces/ beside each result
+    compare: bool = False  # also input | restored side by side, in compare/ beside each result
     merge_lora: bool = True
     quiet: bool = False
     ray: bool = False
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster
     ray_cpus: int | None = None  # CPUs of a local cluster
-    video: Any = None  # model.media.video.restore.VideoOptions, when the run has videos
+    video: VideoFlags | None = None  # the checked video flags, when the run has videos
 
     @property
     def batch_size(self) -> int:

@@ -78,10 +78,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("-r", "--recursive", action="store_true", help="also sub-folders; same tree")
     p.add_argument("--suffix", default="", help="added to output names (default: none)")
-    p.add_argument("--overwrite", action="store_true", help="redo outputs that exist (skipped)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo outputs that exist (default: skipped when made with the same settings)",
+    )
     p.add_argument("--report", type=Path, help="write one JSON line per input to this file")
     p.add_argument("--aligned", action="store_true", help="inputs are aligned 512x512 crops")
     p.add_argument("--save-faces", action="store_true", help="also write aligned/restored crops")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="also write input | restored side by side (whole photo and each face) in compare/",
+    )
     p.add_argument("--no-merge", action="store_true", help="keep the LoRA unmerged (slower)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress, no per-file lines")
     p.add_argument(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,10 +182,11 @@ def _refuse_output_inside_inputs(inputs: list[str], out: Path, suffix: str) -> N
     for item in inputs:
         folder = Path(item).resolve()
         if folder.is_dir() and (out == folder or folder in out.parents):
+            beside = os.path.relpath(folder.parent / f"{folder.name or 'root'}-restored")
             raise UsageError(
                 f"the output folder {out} is inside the input folder {item}: results would "
-                "overwrite or mix with the originals. Choose another folder with -o "
-                "(default: results/), or add --suffix _restored to name outputs apart."
+                f"overwrite or mix with the originals. Choose another folder, e.g. -o {beside}, "
+                "or add --suffix _restored to name outputs apart."
             )
 
 

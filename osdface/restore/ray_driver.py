@@ -19,6 +19,7 @@ import os
 import re
 import sys
 
+from osdface.restore import ledger
 from osdface.restore.config import RunConfig
 from osdface.restore.plan import Plan
 from osdface.restore.ray_stages import build_dataset, stage_resources
@@ -35,10 +36,13 @@ def restore(config: RunConfig, plan: Plan) -> int:
         len(plan.jobs), quiet=config.quiet, tty=sys.stderr.isatty(), report=config.report
     )
     reporter.summary.unsupported = len(plan.unsupported)
+    writer = ledger.start(config, plan.jobs)  # a local output folder's ledger; None for URIs
     try:
         with reporter.redirect_logging():
-            run(config, plan, reporter)
+            run(config, plan, reporter, writer)
     finally:
+        if writer is not None:
+            writer.close()
         reporter.close()
     return reporter.summary.exit_code
 
@@ -48,7 +52,9 @@ def local_cluster(address: str | None) -> bool:
     return not address and not os.environ.get("RAY_ADDRESS")
 
 
-def run(config: RunConfig, plan: Plan, reporter: Reporter) -> None:
+def run(
+    config: RunConfig, plan: Plan, reporter: Reporter, writer: ledger.Writer | None = None
+) -> None:
     """Skip the plan's existing outputs, restore its jobs on the cluster (the one at
     `config.ray_address`, else RAY_ADDRESS's, else a local one), one record per input."""
     for job in plan.existing:
@@ -73,11 +79,14 @@ def run(config: RunConfig, plan: Plan, reporter: Reporter) -> None:
         res = stage_resources(ray.cluster_resources())
         logger.info("Ray cluster %s; stages %s", ray.cluster_resources(), res)
         seen: set[str] = set()
+        by_name = {job.name: job for job in plan.jobs}
         why = "no result from Ray"
         try:
             for row in build_dataset(plan.jobs, config, res).iter_rows():
                 record = Record.from_json(row["record"])
                 seen.add(record.input)
+                if writer is not None and record.status == "restored":
+                    writer.written(by_name[record.input])
                 reporter.record(record)
         except Exception as exc:  # the engine itself stopped: a stage's set-up, the cluster
             why = f"the Ray pipeline stopped: {root_cause(exc)}"

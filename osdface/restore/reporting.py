@@ -26,7 +26,12 @@ Status = Literal["restored", "skipped", "failed"]
 
 @dataclass
 class Record:
-    """One input's outcome: one line of the `--report` file."""
+    """One input's outcome: one line of the `--report` file.
+
+    A photo lists its faces (`faces`); a video counts them over its frames (`face_count`, with
+    `frames` written), since one list per frame would be the whole track. `face_count` is set
+    for both: `len(faces)` for a photo.
+    """
 
     input: str
     output: str | None
@@ -34,6 +39,12 @@ class Record:
     faces: list[dict[str, object]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    frames: int | None = None  # a video's frames written; None for a photo
+    face_count: int | None = None  # faces restored; None: len(faces)
+
+    def __post_init__(self) -> None:
+        if self.face_count is None:
+            self.face_count = len(self.faces)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,11 +87,16 @@ def failed(job: Job, exc: BaseException) -> Record:
 
 def face_json(face: Any) -> dict[str, Any]:
     """A DetectedFace as the HTTP API lists it: box, landmarks (x, y), score."""
-    return {
-        "box": [round(float(v), 2) for v in face.box],
-        "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in face.landmarks],
-        "score": round(float(face.score), 4),
-    }
+    return face.to_json()
+
+
+def found(record: Record, seconds: float) -> str:
+    """'2 faces', or for a video '80 frames, 80 faces, 3.1 frames/s'."""
+    faces = plural(record.face_count or 0, "face")
+    if record.frames is None:
+        return faces
+    rate = record.frames / seconds if seconds > 0 else 0.0
+    return f"{plural(record.frames, 'frame')}, {faces}, {rate:.1f} frames/s"
 
 
 @dataclass
@@ -98,7 +114,7 @@ class Summary:
     def add(self, record: Record) -> None:
         if record.status == "restored":
             self.restored += 1
-            self.faces += len(record.faces)
+            self.faces += record.face_count or 0
         elif record.status == "skipped":
             self.skipped += 1
         else:
@@ -171,7 +187,7 @@ class Reporter:
                 self._done,
                 self._total,
                 record.input,
-                plural(len(record.faces), "face"),
+                found(record, seconds),
                 record.output,
                 seconds,
             )
@@ -180,9 +196,15 @@ class Reporter:
 
     def _with_earlier_findings(self, record: Record) -> Record:
         earlier = self._earlier.get(record.input)
-        if earlier is None or earlier.output != record.output or not earlier.faces:
+        if earlier is None or earlier.output != record.output or not earlier.face_count:
             return record
-        return replace(record, faces=earlier.faces, timings=earlier.timings)
+        return replace(
+            record,
+            faces=earlier.faces,
+            timings=earlier.timings,
+            frames=earlier.frames,
+            face_count=earlier.face_count,
+        )
 
     def close(self) -> None:
         for bar in (self._faces, self._files):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import cv2
+import numpy as np
 import torch
 
 from model.atomic import write_atomic
@@ -123,8 +124,15 @@ def restore_videos(jobs: list[Job], ctx: Context) -> list[Record]:
 
     from model.media.video.restore import restore_video
 
-    assert ctx.detector is not None and ctx.config.video is not None  # checked by the CLI
-    seed = ctx.config.seed
+    config = ctx.config
+    assert ctx.detector is not None and config.video is not None  # checked by the CLI
+    seed = config.seed
+    options = config.video.options(
+        batch_faces=config.batch_size,
+        strength=config.options.strength,
+        only_center_face=config.options.only_center_face,
+        max_faces=config.settings.max_faces,
+    )
 
     def restore_fn(crops: torch.Tensor) -> torch.Tensor:
         return restore_faces(ctx.restorer, crops, seed=seed).images  # video cuts its calls
@@ -142,17 +150,14 @@ def restore_videos(jobs: list[Job], ctx: Context) -> list[Record]:
                 bar.update(p.frames - bar.n)
 
             result = restore_video(
-                source, target, ctx.detector, restore_fn, ctx.config.video, progress=progress
+                source, target, ctx.detector, restore_fn, options, progress=progress
             )
-        logger.info(
-            "%s: frames %d, faces %d, %.2f frames/s",
-            job.name,
-            result.frames,
-            result.faces,
-            result.frames / max(result.seconds, 1e-9),
-        )
-        # The report's face list is per photo; a video's faces are counted in the line above.
-        records.append(Record(job.name, str(target), "restored", [], {"video": result.seconds}))
+        ctx.reporter.faces_found(result.faces)
+        ctx.reporter.faces_done(result.faces)
+        # A video's faces are counted, not listed: one list per frame would be the whole track.
+        timings = {"video": result.seconds}
+        record = Record(job.name, str(target), "restored", [], timings, frames=result.frames)
+        records.append(replace(record, face_count=result.faces))
     return records
 
 
@@ -168,9 +173,12 @@ def _finish(job: Job, photo: PreparedPhoto, faces: torch.Tensor, ctx: Context) -
         sys.stdout.buffer.write(result.data)
         sys.stdout.buffer.flush()
     else:
-        write_atomic(Path(job.target), result.data)
+        # Beside the result first: a result whose extras failed is not there to be skipped.
         if ctx.config.save_faces:
             _save_crops(Path(job.target), photo.crops, faces)
+        if ctx.config.compare:
+            _save_compare(Path(job.target), photo, faces, result.data, ctx.limits)
+        write_atomic(Path(job.target), result.data)
     found = [face_json(f) for f in result.faces]
     output = str(job.target) if job.target is not None else "<stdout>"
     return Record(job.name, output, "restored", found, dict(result.timings))
@@ -190,6 +198,35 @@ def _save_crops(target: Path, crops: torch.Tensor, restored: torch.Tensor) -> No
     """The face crops beside the target (`face_crop_pngs`), each written atomically."""
     for name, png in face_crop_pngs(target.stem, crops, restored):
         write_atomic(target.parent / name, png)
+
+
+def _save_compare(
+    target: Path, photo: PreparedPhoto, faces: torch.Tensor, data: bytes, limits: ImageLimits
+) -> None:
+    """`--compare`: input | restored, the whole photo and (whole photos) each face, as PNGs in
+    compare/ beside the target, each written atomically."""
+    from model.media.codecs.decode import decode_image
+
+    # The result as written (encoded, upscaled), read back within the output's own limits.
+    read_back = replace(limits, max_bytes=len(data), max_pixels=limits.max_output_pixels)
+    restored = decode_image(data, read_back).rgb
+    height, width = restored.shape[:2]
+    before = cv2.resize(photo.image.rgb, (width, height), interpolation=cv2.INTER_LANCZOS4)
+    pairs = [(f"compare/{target.stem}.png", before, restored)]
+    if not photo.options.aligned:
+        crops, out = tensor_to_pixels(photo.crops), tensor_to_pixels(faces)
+        for k in range(len(crops)):
+            pairs.append((f"compare/{target.stem}_face{k:02d}.png", crops[k], out[k]))
+    for name, left, right in pairs:
+        write_atomic(target.parent / name, _png(np.hstack([left, right]), name))
+
+
+def _png(rgb: np.ndarray, name: str) -> bytes:
+    """(H, W, 3) uint8 RGB -> PNG bytes."""
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(rgb[..., ::-1]))  # BGR for OpenCV only
+    if not ok:
+        raise OSError(f"cannot encode {name}")
+    return png.tobytes()
 
 
 def face_crop_pngs(

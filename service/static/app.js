@@ -78,8 +78,21 @@ function buildForm(file) {
   if ($("opt-upscale").value) body.append("upscale", $("opt-upscale").value);
   if ($("opt-background").value !== "none") body.append("background", $("opt-background").value);
   if ($("opt-format").value) body.append("output_format", $("opt-format").value);
-  if (Number($("opt-quality").value) !== 95) body.append("quality", $("opt-quality").value);
+  if ($("opt-quality").value) body.append("quality", $("opt-quality").value);
   return body;
+}
+
+// "2" when every face found was restored, else "1 of 2" (faces, max_faces ... chose some).
+function facesText(restored, detected) {
+  return restored === detected ? String(detected) : `${restored} of ${detected}`;
+}
+
+function doneText(restored, detected) {
+  const faces = (n) => `${n} face${n === 1 ? "" : "s"}`;
+  if (detected === 0) return "No face found: the photo is unchanged.";
+  if (restored === 0) return `None of the ${faces(detected)} found was chosen: photo unchanged.`;
+  if (restored === detected) return `Restored ${faces(restored)}.`;
+  return `Restored ${restored} of ${faces(detected)}.`;
 }
 
 function errorText(status, payload) {
@@ -177,7 +190,7 @@ async function showResult(file, payload, roundTrip) {
     el.hidden = !shown;
   });
   if (shown) drawFaces(payload.faces || [], $("before").naturalWidth, $("before").naturalHeight);
-  $("faces-count").textContent = String(payload.faces_detected);
+  $("faces-count").textContent = facesText(payload.faces_restored, payload.faces_detected);
   $("result-size").textContent = `${payload.width} × ${payload.height}`;
   $("result-format").textContent = payload.content_type;
   fillTimings(payload.timings || {}, roundTrip);
@@ -286,8 +299,7 @@ async function restore(event) {
       return;
     }
     const shown = await showResult(file, payload, roundTrip);
-    const n = payload.faces_detected;
-    const done = n === 0 ? "No face found: the photo is unchanged." : `Restored ${n} face${n === 1 ? "" : "s"}.`;
+    const done = doneText(payload.faces_restored, payload.faces_detected);
     const unseen = shown ? "" : " This browser cannot display the picture's format: use Download.";
     setMessage(done + unseen, "ok");
   } catch (err) {

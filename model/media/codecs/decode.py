@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import struct
 from dataclasses import dataclass
 
@@ -56,6 +57,14 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
     return _decode_pillow(data, fmt, image)
 
 
+def _words(exc: BaseException) -> str:
+    """Pillow's message without its internals: the count of bytes it did not process, the
+    repr of the in-memory file."""
+    text = re.sub(r"\s*\(\d+ bytes not processed\)", "", str(exc))
+    text = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text)
+    return text.strip() or type(exc).__name__
+
+
 def _open_checked(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
     """Open lazily (header only), check the pixel count, then force the full decode."""
     _guard_pillow(limits.max_pixels)
@@ -68,7 +77,7 @@ def _open_checked(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
             f"the image header claims too many pixels, over the {limits.max_pixels} limit"
         ) from exc
     except DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"cannot read the {fmt} header: {exc}") from exc
+        raise ImageDecodeError(f"cannot read the {fmt} header: {_words(exc)}") from exc
     width, height = image.size
     if width * height > limits.max_pixels:
         raise ImageTooLargeError(
@@ -80,7 +89,7 @@ def _open_checked(data: bytes, fmt: str, limits: ImageLimits) -> Image.Image:
     try:
         image.load()
     except DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"the {fmt} data is truncated or corrupt: {exc}") from exc
+        raise ImageDecodeError(f"the {fmt} data is truncated or corrupt: {_words(exc)}") from exc
     if getattr(image, "n_frames", 1) > 1:
         logger.info("animated %s: only the first frame is processed", fmt)
     return image
@@ -106,7 +115,7 @@ def _decode_pillow(data: bytes, fmt: str, image: Image.Image) -> DecodedImage:
     try:
         image = _transpose(image, meta.orientation)
     except DECODE_ERRORS as exc:
-        raise ImageDecodeError(f"the EXIF orientation cannot be applied: {exc}") from exc
+        raise ImageDecodeError(f"the EXIF orientation cannot be applied: {_words(exc)}") from exc
     alpha: np.ndarray | None = None
     high_bit: np.ndarray | None = None
     grey = source_mode in ("1", "L", "LA", "La", "I;16", "I;16B", "I")

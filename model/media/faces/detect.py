@@ -73,6 +73,15 @@ class DetectedFace:
         """(5, 2) float64 (x, y)."""
         return np.asarray(self.landmarks, dtype=np.float64)
 
+    def to_json(self) -> dict[str, object]:
+        """The face as answers and reports list it: box and landmarks in pixels to 2 decimals
+        (a hundredth of a pixel is past the detector's precision), score to 4."""
+        return {
+            "box": [round(float(v), 2) for v in self.box],
+            "landmarks": [[round(float(x), 2), round(float(y), 2)] for x, y in self.landmarks],
+            "score": round(float(self.score), 4),
+        }
+
 
 class FaceDetector:
     """RetinaFace with stateless pre- and post-processing; safe to call from several threads."""

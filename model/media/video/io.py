@@ -80,8 +80,18 @@ class Frame:
 
 
 def _fail(path: Path, what: str, exc: BaseException | None = None) -> VideoDecodeError:
-    detail = f": {exc}" if exc is not None else ""
+    detail = f": {_words(exc)}" if exc is not None else ""
     return VideoDecodeError(f"{path}: {what}{detail}")
+
+
+def _words(exc: BaseException) -> str:
+    """FFmpeg's reason alone: PyAV's message adds the error number and the file's path, which
+    the caller's message already names."""
+    if isinstance(exc, av.FFmpegError) and exc.strerror:
+        return str(exc.strerror)
+    if isinstance(exc, OSError) and exc.strerror:
+        return str(exc.strerror)
+    return str(exc)
 
 
 class VideoSource:
@@ -223,6 +233,11 @@ class VideoSource:
 
     def _check_complete(self, decoded: int, last_s: float) -> None:
         """A stream cut short decodes without error; the container's own counts tell."""
+        length = self.info.duration_s
+        if decoded == 0 and length is not None and self.start_s >= length:
+            raise _fail(
+                self.path, f"the start, {self.start_s:g} s, is past the clip's end ({length:.1f} s)"
+            )
         if decoded == 0:
             raise _fail(self.path, "no video frame could be decoded in the asked range")
         info = self.info
@@ -299,7 +314,9 @@ class VideoSink:
                 self._audio = self._container.add_stream_from_template(self._audio_in)
         except (av.FFmpegError, ValueError) as exc:
             self.abort()
-            raise VideoEncodeError(f"{self.target}: cannot create the output: {exc}") from exc
+            raise VideoEncodeError(
+                f"{self.target}: cannot create the output: {_words(exc)}"
+            ) from exc
 
     def _add_video(self, matrix: tuple[int, ...] | None) -> VideoStream:
         assert self._container is not None
@@ -350,7 +367,7 @@ class VideoSink:
         try:
             self._mux(self._video.encode(frame))
         except av.FFmpegError as exc:
-            raise VideoEncodeError(f"{self.target}: encoding failed: {exc}") from exc
+            raise VideoEncodeError(f"{self.target}: encoding failed: {_words(exc)}") from exc
 
     def _mux(self, packets: list[av.Packet]) -> None:
         assert self._container is not None
@@ -358,7 +375,7 @@ class VideoSink:
             for packet in packets:
                 self._container.mux(packet)
         except av.FFmpegError as exc:
-            raise VideoEncodeError(f"{self.target}: writing failed: {exc}") from exc
+            raise VideoEncodeError(f"{self.target}: writing failed: {_words(exc)}") from exc
 
     def commit(self) -> Path:
         """Flush the encoder, close the file and rename it to the target; the target path."""
