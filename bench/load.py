@@ -33,9 +33,10 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
+
+from osdface.client import AsyncClient, ClientError, RestoreOptions, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,14 +120,22 @@ def stop_server(process: subprocess.Popen) -> None:
         process.wait()
 
 
-async def drive(base: str, image: bytes, form: dict, concurrency: int, total: int):
+def bench_client(base: str, connections: int, deadline_s: float = 600.0) -> AsyncClient:
+    """osdface.client without retries: every 429 or failure is counted as the server gave it."""
+    return AsyncClient(
+        base, retry=RetryPolicy.never(), deadline_s=deadline_s, max_connections=connections
+    )
+
+
+async def drive(
+    base: str, image: bytes, options: RestoreOptions, concurrency: int, total: int
+) -> tuple[list[float], int, float]:
     """Closed loop: `concurrency` clients share `total` requests. (latencies, failures, wall)."""
     latencies: list[float] = []
     failures = 0
     remaining = total
-    limits = httpx.Limits(max_connections=concurrency)
 
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as client:
+    async with bench_client(base, concurrency) as client:
 
         async def client_loop() -> None:
             nonlocal remaining, failures
@@ -134,16 +143,12 @@ async def drive(base: str, image: bytes, form: dict, concurrency: int, total: in
                 remaining -= 1
                 start = time.perf_counter()
                 try:
-                    r = await client.post("/restore", files={"image": ("in.jpg", image)}, data=form)
-                except httpx.HTTPError as exc:  # the server went away: count it, go on
+                    await client.restore(image, options, filename="in.jpg")
+                except ClientError as exc:  # an error answer, or the server went away
                     failures += 1
-                    logger.warning("request failed: %r", exc)
+                    logger.warning("request failed: %s", exc)
                     continue
-                if r.status_code == 200:
-                    latencies.append(time.perf_counter() - start)
-                else:
-                    failures += 1
-                    logger.warning("status %d: %s", r.status_code, r.text[:200])
+                latencies.append(time.perf_counter() - start)
 
         start = time.perf_counter()
         await asyncio.gather(*(client_loop() for _ in range(concurrency)))
@@ -171,14 +176,14 @@ def faces_per_call(before: dict[str, float], after: dict[str, float]) -> float:
     return faces / calls if calls else float("nan")
 
 
-def measure(args, name: str, base: str, image: bytes, form: dict) -> list[Row]:
+def measure(args, name: str, base: str, image: bytes, options: RestoreOptions) -> list[Row]:
     # Warm the path (first requests pay allocator and kernel set-up).
-    asyncio.run(drive(base, image, form, 2, 4))
+    asyncio.run(drive(base, image, options, 2, 4))
     rows = []
     for concurrency in args.concurrency:
         total = max(args.requests, concurrency * args.per_client)
         before = scrape(base)
-        latencies, failures, wall = asyncio.run(drive(base, image, form, concurrency, total))
+        latencies, failures, wall = asyncio.run(drive(base, image, options, concurrency, total))
         after = scrape(base)
         lat = np.asarray(latencies) if latencies else np.asarray([float("nan")])
         row = Row(
@@ -220,15 +225,15 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def input_image(args: argparse.Namespace) -> tuple[bytes, dict]:
+def input_image(args: argparse.Namespace) -> tuple[bytes, RestoreOptions]:
     if args.image:
-        return args.image.read_bytes(), {"aligned": str(args.aligned).lower()}
+        return args.image.read_bytes(), RestoreOptions(aligned=args.aligned)
     assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
     crop = assets / "images/gfpgan/cropped_faces/Adele_crop.png"
     buf = io.BytesIO()
     with Image.open(crop) as im:
         im.convert("RGB").save(buf, "JPEG", quality=90)
-    return buf.getvalue(), {"aligned": "true"}
+    return buf.getvalue(), RestoreOptions(aligned=True)
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:
@@ -261,14 +266,14 @@ def main(argv: list[str] | None = None) -> int:
 
             assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared/assets"))
             weights = write_tiny_weights(Path(tmp) / "w", detector_dir=assets / "detectors")
-        image, form = input_image(args)
+        image, options = input_image(args)
         rows: list[Row] = []
         for name, env in CONFIGS.items():
             log_dir = args.log_dir or Path(tmp)
             log_dir.mkdir(parents=True, exist_ok=True)
             process, base = start_server(args, weights, env, log_dir / f"{name}.log")
             try:
-                rows += measure(args, name, base, image, form)
+                rows += measure(args, name, base, image, options)
             finally:
                 stop_server(process)
     print(table(rows))

@@ -22,10 +22,17 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 
-from bench.load import REPO, add_server_arguments, input_image, start_server, stop_server
+from bench.load import (
+    REPO,
+    add_server_arguments,
+    bench_client,
+    input_image,
+    start_server,
+    stop_server,
+)
+from osdface.client import AsyncClient, ClientError, RestoreOptions, ServiceError
 
 logger = logging.getLogger("bench.overload")
 
@@ -46,33 +53,37 @@ class Level:
         return self.statuses.get(status, 0) / self.sent if self.sent else 0.0
 
 
-async def _post(client: httpx.AsyncClient, image: bytes, form: dict) -> tuple[int, float]:
+async def _post(client: AsyncClient, image: bytes, options: RestoreOptions) -> tuple[int, float]:
+    """(the status, 0 when no answer came; seconds) of one restore, never retried."""
     started = time.perf_counter()
     try:
-        r = await client.post("/restore", files={"image": ("in.jpg", image)}, data=form)
-        status = r.status_code
-    except httpx.HTTPError as exc:
-        logger.warning("request failed: %r", exc)
+        await client.restore(image, options, filename="in.jpg")
+        status = 200
+    except ServiceError as exc:
+        status = exc.status
+    except ClientError as exc:
+        logger.warning("request failed: %s", exc)
         status = 0
     return status, time.perf_counter() - started
 
 
-def _client(base: str, connections: int) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(base_url=base, timeout=900, limits=limits)
+def _client(base: str, connections: int) -> AsyncClient:
+    return bench_client(base, connections, deadline_s=900.0)
 
 
-async def sustainable_rate(base: str, image: bytes, form: dict, clients: int, total: int) -> float:
+async def sustainable_rate(
+    base: str, image: bytes, options: RestoreOptions, clients: int, total: int
+) -> float:
     """Requests per second a closed loop of `clients` gets answered 200 (after a warm-up)."""
     async with _client(base, clients) as client:
-        await asyncio.gather(*(_post(client, image, form) for _ in range(clients)))
+        await asyncio.gather(*(_post(client, image, options) for _ in range(clients)))
         left, statuses = total, Counter()
 
         async def loop() -> None:
             nonlocal left
             while left > 0:
                 left -= 1
-                status, _ = await _post(client, image, form)
+                status, _ = await _post(client, image, options)
                 statuses[status] += 1
 
         started = time.perf_counter()
@@ -83,7 +94,9 @@ async def sustainable_rate(base: str, image: bytes, form: dict, clients: int, to
         return statuses[200] / (time.perf_counter() - started)
 
 
-async def open_loop(base: str, image: bytes, form: dict, rate: float, duration: float) -> list:
+async def open_loop(
+    base: str, image: bytes, options: RestoreOptions, rate: float, duration: float
+) -> list:
     """Send at a constant `rate` for `duration` seconds, whatever comes back; all answers."""
     count = max(1, round(rate * duration))
     async with _client(base, count) as client:
@@ -91,7 +104,7 @@ async def open_loop(base: str, image: bytes, form: dict, rate: float, duration: 
         started = time.perf_counter()
         for i in range(count):
             await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
-            tasks.append(asyncio.ensure_future(_post(client, image, form)))
+            tasks.append(asyncio.ensure_future(_post(client, image, options)))
         return await asyncio.gather(*tasks)
 
 
@@ -146,19 +159,21 @@ def main(argv: list[str] | None = None) -> int:
 
             assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared/assets"))
             weights = write_tiny_weights(Path(tmp) / "w", detector_dir=assets / "detectors")
-        image, form = input_image(args)
+        image, options = input_image(args)
         log_dir = args.log_dir or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)
         # bench.load's launcher applies its own settings first; ours (the defaults) win.
         process, base = start_server(args, weights, _defaults_over_load_env(env), log_dir / "s.log")
         try:
             rate = asyncio.run(
-                sustainable_rate(base, image, form, args.clients, args.rate_requests)
+                sustainable_rate(base, image, options, args.clients, args.rate_requests)
             )
             logger.info("sustainable rate: %.3f req/s", rate)
             levels = []
             for multiple in args.multiples:
-                answers = asyncio.run(open_loop(base, image, form, rate * multiple, args.duration))
+                answers = asyncio.run(
+                    open_loop(base, image, options, rate * multiple, args.duration)
+                )
                 levels.append(summarise(multiple, rate * multiple, answers))
                 logger.info("%s", levels[-1])
         finally:

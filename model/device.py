@@ -61,14 +61,15 @@ def poisons_device(exc: BaseException) -> bool:
     """
     accelerator_error = getattr(torch, "AcceleratorError", None)
     seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if accelerator_error is not None and isinstance(exc, accelerator_error):
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if accelerator_error is not None and isinstance(current, accelerator_error):
             return True
-        text = str(exc).lower()
+        text = str(current).lower()
         if any(marker in text for marker in STICKY_CUDA_ERRORS):
             return True
-        exc = exc.__cause__ or exc.__context__
+        current = current.__cause__ or current.__context__
     return False
 
 

@@ -31,9 +31,11 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from model.errors import OSDFaceError, VideoCancelledError
+from model.media.faces.detect import FaceDetector
 from model.media.video.restore import VideoOptions, VideoProgress, restore_video
 from service.batching import Batcher
 from service.settings import Settings
+from service.state import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -108,10 +110,12 @@ class JobMetrics:
         self.by_state = Gauge(
             "osdface_jobs", "Video jobs held now, by state.", ["state"], registry=registry
         )
+
+        def held(state: JobState) -> Callable[[], float]:
+            return lambda: float(sum(1 for j in jobs() if j.state is state))
+
         for state in JobState:
-            self.by_state.labels(state=str(state)).set_function(
-                lambda s=state: float(sum(1 for j in jobs() if j.state is s))
-            )
+            self.by_state.labels(state=str(state)).set_function(held(state))
         self.finished = Counter(
             "osdface_jobs_finished_total",
             "Video jobs that ended, by final state.",
@@ -142,14 +146,14 @@ class JobManager:
 
     # --- lifecycle -----------------------------------------------------------------------
 
-    async def start_after(self, loader: asyncio.Task, state) -> None:
+    async def start_after(self, loader: asyncio.Task, state: ServiceState) -> None:
         """Start once the service has loaded (its model worker and detector exist)."""
         with contextlib.suppress(Exception):
             await asyncio.shield(loader)
         if state.batcher is not None and state.detector is not None:
             self.start(state.batcher, state.detector)
 
-    def start(self, batcher: Batcher, detector) -> None:
+    def start(self, batcher: Batcher, detector: FaceDetector) -> None:
         """Start the runner and the cleanup loop (called once the model worker runs)."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._remove_stale_folders()
@@ -220,7 +224,7 @@ class JobManager:
 
     # --- work ----------------------------------------------------------------------------
 
-    async def _runner(self, batcher: Batcher, detector) -> None:
+    async def _runner(self, batcher: Batcher, detector: FaceDetector) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -243,7 +247,13 @@ class JobManager:
                 if job.id not in self.jobs:  # deleted while running: its files go now
                     shutil.rmtree(job.folder, ignore_errors=True)
 
-    def _run(self, job: Job, batcher: Batcher, detector, loop: asyncio.AbstractEventLoop) -> None:
+    def _run(
+        self,
+        job: Job,
+        batcher: Batcher,
+        detector: FaceDetector,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         """The job thread: restore the video, faces submitted to the model worker."""
 
         def restore_fn(crops: torch.Tensor) -> torch.Tensor:

@@ -62,12 +62,13 @@ class ContextFilter(logging.Filter):
     (a filter on the handler runs in the logging thread, where the context variable is set)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(record, "request_id", None) is None:
-            record.request_id = REQUEST_ID.get()
+        request_id = getattr(record, "request_id", None)
+        if request_id is None:
+            request_id = record.request_id = REQUEST_ID.get()
         trace_id, span_id = trace_context()
         record.trace_id = getattr(record, "trace_id", None) or trace_id
         record.span_id = getattr(record, "span_id", None) or span_id
-        record.request_tag = f" [{record.request_id}]" if record.request_id else ""
+        record.request_tag = f" [{request_id}]" if request_id else ""
         return True
 
 

@@ -28,11 +28,13 @@ from service.errors import ErrorKind
 disable_created_metrics()
 
 # 1 ms .. 60 s, roughly 1-2.5-5 per decade: a CPU batch of real weights takes ~60 s.
+LATENCY_BUCKETS: tuple[float, ...]
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 LATENCY_BUCKETS += (10.0, 20.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 FACE_BUCKETS = (0, 1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
+STAGES: tuple[str, ...]
 STAGES = ("decode", "detect", "align", "vre", "vae_encode", "unet", "vae_decode", "paste", "encode")
 STAGES += ("background",)  # Real-ESRGAN, when asked for
 # The label values of osdface_rejected_total: the error types of work refused or dropped.

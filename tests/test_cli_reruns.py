@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from osdface.restore.ledger import LEDGER
 from tests.cli_helpers import run_osdface
 from tests.video_helpers import photo_frame, write_clip
 
 REPO = Path(__file__).resolve().parents[1]
 MOBILE = ["--detector", "retinaface_mobile0.25", "--device", "cpu"]
+LEDGER = ".osdface-run.jsonl"  # the output folder's record of what made each output
 # Runs `osdface` in a fresh interpreter; prints its exit code and whether torch was imported.
 PROBE = (
     "import sys; from osdface.cli import main; rc = main(sys.argv[1:]); "
@@ -233,7 +233,7 @@ def test_settings_and_option_errors_use_the_shared_phrases(tmp_path: Path) -> No
     assert code == 2 and "--faces must be face indices like 0,2" in err, err
     assert "Value error" not in err
     code, err = osdface("serve", "--port", "99999")
-    assert code == 2 and "--port / OSDFACE_PORT: must be at most 65535 (got 99999)" in err, err
+    assert code == 2 and "--port / OSDFACE_PORT: must be at most 65535 (got '99999')" in err, err
 
 
 def test_the_ledger_names_each_difference(tmp_path: Path, photo: Path) -> None:

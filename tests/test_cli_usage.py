@@ -89,7 +89,7 @@ def test_restore_help_speaks_of_the_command_line() -> None:
     assert "(default: one per core; env OSDFACE_TORCH_THREADS)" in text
     assert "default: None" not in text
     assert "(0..1; default: 1.0)" in text  # --strength
-    assert "(1..100; default: 95)" in text  # --quality
+    assert "when written as JPEG, else 95 (1..100)" in text  # --quality
 
 
 def test_unknown_flag_gets_the_usage_of_its_command(tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_weights_and_eval_and_serve_help() -> None:
 def test_serve_names_the_flag_of_a_bad_value(tiny_weights_dir: Path) -> None:
     code, _, err = osdface("serve", "--weights", str(tiny_weights_dir), "--port", "99999")
     assert code == 2
-    assert "--port / OSDFACE_PORT: Input should be less than or equal to 65535" in err, err
+    assert "--port / OSDFACE_PORT: must be at most 65535" in err, err
 
 
 def test_serve_checks_the_detector_and_backgrounds_as_restore_does(

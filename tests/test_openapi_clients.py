@@ -126,7 +126,7 @@ def test_the_json_operation_gives_the_typed_answer(api, client, assets: Path) ->
         client=client,
         body=models.RestoreJsonBody(image=types.File(payload=io.BytesIO(b"text, no picture"))),
     )
-    assert isinstance(refused, models.ErrorBody) and refused.error.type == "unsupported_format"
+    assert isinstance(refused, models.ErrorBody) and refused.error.type_ == "unsupported_format"
 
 
 def test_a_video_job_from_upload_to_result(api, client, assets: Path, tmp_path: Path) -> None:
@@ -158,3 +158,39 @@ def test_a_video_job_from_upload_to_result(api, client, assets: Path, tmp_path: 
     out.write_bytes(video.payload.read())
     assert clip_facts(out).frames == 4
     assert delete.sync(job.id, client=client).id == job.id
+
+
+def test_the_schema_declares_the_image_answer_binary_only(server: LiveServer) -> None:
+    paths = httpx.get(f"{server.base}/openapi.json", timeout=30).json()["paths"]
+    image = paths["/restore"]["post"]["responses"]["200"]["content"]
+    assert "application/json" not in image and "application/octet-stream" in image
+    assert all(c["schema"] == {"type": "string", "format": "binary"} for c in image.values())
+    as_json = paths["/restore/json"]["post"]["responses"]["200"]["content"]
+    assert list(as_json) == ["application/json"]
+    assert as_json["application/json"]["schema"]["$ref"].endswith("/RestoreResult")
+    form = paths["/restore"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert (
+        form
+        == paths["/restore/json"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    )
+    assert form["properties"]["faces"]["type"] == "string"  # one field, "0,2"
+
+
+def test_accept_still_chooses_the_answer_for_curl_users(server: LiveServer, assets: Path) -> None:
+    crop = aligned_crop(assets)
+
+    def post(accept: str) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {KEY}", "Accept": accept}
+        files, form = {"image": ("crop.jpg", crop)}, {"aligned": "true"}
+        answer = httpx.post(
+            f"{server.base}/restore", files=files, data=form, headers=headers, timeout=120
+        )
+        assert answer.status_code == 200, answer.text
+        return answer
+
+    assert post("application/json").json()["faces_detected"] == 1
+    assert post("*/*").headers["content-type"] == "image/jpeg"
+    generic = post("application/octet-stream")
+    assert generic.headers["content-type"] == "application/octet-stream"
+    assert generic.headers["x-output-format"] == "jpeg" and generic.content[:2] == b"\xff\xd8"
+    assert post("image/*, application/octet-stream;q=0.5").headers["content-type"] == "image/jpeg"

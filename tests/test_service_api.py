@@ -159,9 +159,9 @@ def test_whole_photo_as_json_reports_the_detector_faces(
     assert decode(base64.b64decode(body["image"])).shape == (464, 700, 3)
     found = sorted(body["faces"], key=lambda f: f["box"][0])
     for face, ref in zip(found, sorted(reference, key=lambda f: f.box[0]), strict=True):
-        assert np.allclose(face["box"], ref.box, atol=1e-3)
-        assert np.allclose(face["landmarks"], ref.landmarks, atol=1e-3)
-        assert face["score"] == pytest.approx(ref.score, abs=1e-6)
+        assert np.allclose(face["box"], ref.box, atol=0.005)  # to 2 decimals
+        assert np.allclose(face["landmarks"], ref.landmarks, atol=0.005)
+        assert face["score"] == pytest.approx(ref.score, abs=5e-5)
     stages = body["timings"]["stages"]
     assert {"decode", "detect", "align", "vre", "vae_encode", "unet", "vae_decode"} <= set(stages)
     assert {"paste", "encode"} <= set(stages)

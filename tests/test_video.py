@@ -7,7 +7,9 @@ clip's own packets, timestamps and pixels, read back with PyAV.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -73,9 +75,30 @@ def cli_run(tmp_path_factory: pytest.TempPathFactory, tiny_weights_dir: Path, st
     command = [sys.executable, "-m", "osdface", "restore", str(folder), "-o", str(out)]
     command += ["--weights", str(tiny_weights_dir), "--detector", "retinaface_mobile0.25"]
     command += ["--device", "cpu", "--batch-size", "8", "--crf", "12"]
+    command += ["--report", str(report_of(folder))]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     return folder, out, result
+
+
+def report_of(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}-report.jsonl")
+
+
+def test_cli_counts_a_videos_frames_and_faces_in_its_line_summary_and_report(cli_run) -> None:
+    folder, _, result = cli_run
+    line = re.search(r"clip\.mp4: (\d+) frames, (\d+) faces, [\d.]+ frames/s -> ", result.stderr)
+    assert line, result.stderr[-3000:]
+    assert line.groups() == (str(FRAMES), str(2 * FRAMES))
+    lines = report_of(folder).read_text().splitlines()
+    records = {Path(r["input"]).name: r for r in map(json.loads, lines)}
+    clip, photo = records["clip.mp4"], records["photo.png"]
+    assert (clip["frames"], clip["face_count"], clip["faces"]) == (FRAMES, 2 * FRAMES, [])
+    assert photo["frames"] is None and photo["face_count"] == len(photo["faces"]) == 2
+    restored, faces = map(
+        int, re.findall(r"(\d+) files? restored, (\d+) faces?", result.stderr)[-1]
+    )
+    assert (restored, faces) == (2, 2 * FRAMES + 2)  # the clip's faces counted, per-face time too
 
 
 def test_cli_keeps_frames_rate_size_duration_audio_and_rotation(cli_run, still_clip) -> None:

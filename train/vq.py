@@ -17,7 +17,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.config import VREConfig
-from model.networks.vre import AttnBlock, ResnetBlock, VQEncoder, group_norm, nearest_codes
+from model.networks.vre import (
+    AttnBlock,
+    MidBlock,
+    ResnetBlock,
+    VQEncoder,
+    group_norm,
+    nearest_codes,
+)
 
 TOKENIZER_PREFIXES = ("encoder.", "quant_conv.", "quantize.")
 
@@ -74,19 +81,6 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class MidBlock(nn.Module):
-    """ResNet block, attention, ResNet block at the lowest resolution (names as released)."""
-
-    def __init__(self, channels: int, groups: int) -> None:
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups)
-        self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(h)))
 
 
 class UpLevel(nn.Module):

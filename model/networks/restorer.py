@@ -10,7 +10,8 @@ from typing import get_args
 
 import diffusers
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from model.config import LatentMode, OSDFaceConfig
 from model.errors import InvalidInputError
@@ -68,7 +69,7 @@ class OSDFaceRestorer:
         self.alpha_bar = alpha_bar
         self.files = files or {}
         self.vre, self.vae, self.unet = vre, vae, unet
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.scaling_factor = float(vae.config["scaling_factor"])
         # One tensor for every call: the UNet's CUDA graph, when there is one, holds it.
         self._timestep = torch.tensor([config.timestep], device=device)
         self.fast: FastPath | None = None
@@ -144,8 +145,8 @@ class OSDFaceRestorer:
         batch = images.shape[0]
         size = batch if self.fast is None else self.fast.run_size(batch)
         if size != batch:  # compiled for fixed sizes: pad, restore, drop the extra rows
-            out = self(padded(images, size), latent=latent, seed=seed)
-            return RestoreOutput(out.images[:batch], out.timings)
+            full = self(padded(images, size), latent=latent, seed=seed)
+            return RestoreOutput(full.images[:batch], full.timings)
         clock = self._clock()
         lq = normalize(self.transfer.to_device(images))  # (B, 3, S, S) in [-1, 1]
 
@@ -173,7 +174,9 @@ class OSDFaceRestorer:
             return StageClock(self.device, events=False)
         return StageClock(self.device, events=True, side=self.fast.side)
 
-    def _latent(self, posterior, latent: LatentMode, seed: int | None) -> torch.Tensor:
+    def _latent(
+        self, posterior: DiagonalGaussianDistribution, latent: LatentMode, seed: int | None
+    ) -> torch.Tensor:
         if latent == "mode":
             return posterior.mode()
         generator = torch.Generator(device=self.device)

@@ -84,6 +84,40 @@ class Downsample(nn.Module):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
 
 
+class DownLevel(nn.Module):
+    """One encoder level: ResNet blocks, each followed by attention where the resolution has
+    it, then the stride-2 downsample on every level but the last (the block, attn, downsample
+    names of the release)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+        self.downsample: Downsample | None = None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        if self.downsample is not None:
+            h = self.downsample(h)
+        return h
+
+
+class MidBlock(nn.Module):
+    """ResNet block, attention, ResNet block at the lowest resolution (names as released)."""
+
+    def __init__(self, channels: int, groups: int) -> None:
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, groups)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(h)))
+
+
 class VQEncoder(nn.Module):
     """Image (B, 3, R, R) -> features (B, z_channels, R / 2^(L-1), R / 2^(L-1))."""
 
@@ -96,9 +130,7 @@ class VQEncoder(nn.Module):
         in_mult = (1, *config.ch_mult)
         for level, mult in enumerate(config.ch_mult):
             block_in, block_out = config.ch * in_mult[level], config.ch * mult
-            stage = nn.Module()
-            stage.block = nn.ModuleList()
-            stage.attn = nn.ModuleList()
+            stage = DownLevel()
             for _ in range(config.num_res_blocks):
                 stage.block.append(ResnetBlock(block_in, block_out, g))
                 block_in = block_out
@@ -108,23 +140,15 @@ class VQEncoder(nn.Module):
                 stage.downsample = Downsample(block_in)
                 resolution //= 2
             self.down.append(stage)
-        self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, g)
-        self.mid.attn_1 = AttnBlock(block_in, g)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, g)
+        self.mid = MidBlock(block_in, g)
         self.norm_out = group_norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, config.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+            h = stage(h)
+        h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

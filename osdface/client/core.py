@@ -62,6 +62,7 @@ def resolve_api_key(
 
 
 def _read_key(path: Path, source: str) -> str:
+    path = path.expanduser()
     try:
         key = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -78,7 +79,7 @@ def tls_verify(verify: bool, ca_bundle: str | os.PathLike[str] | None) -> bool |
     if not verify:
         raise ConfigError("ca_bundle is given but verify is off")
     try:
-        return ssl.create_default_context(cafile=os.fspath(ca_bundle))
+        return ssl.create_default_context(cafile=os.path.expanduser(os.fspath(ca_bundle)))
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load the CA bundle {os.fspath(ca_bundle)}: {exc}") from exc
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from model.config import Device, DType, LatentMode
-from model.errors import OSDFaceError
+from model.errors import InvalidInputError, OSDFaceError
 
 if TYPE_CHECKING:
     from model.networks.restorer import OSDFaceRestorer
@@ -48,38 +48,48 @@ class InProcessBackend:
 
 
 class HTTPBackend:
-    """POST /restore with aligned=true, one request per face, a batch's requests concurrently
-    (so the service's cross-request batching sees them together)."""
+    """POST /restore with aligned=true through `osdface.client`, one request per face, a
+    batch's requests concurrently (so the service's cross-request batching sees them together);
+    429s, 503s and dropped connections are retried as the client retries them."""
 
     def __init__(self, url: str, api_key: str | None = None, concurrency: int = 4) -> None:
-        import httpx
+        from osdface.client import Client, ClientError
 
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.url = url.rstrip("/")
-        self.client = httpx.Client(base_url=self.url, headers=headers, timeout=HTTP_TIMEOUT_S)
         self.concurrency = max(1, concurrency)
+        try:
+            self.client = Client(
+                url, api_key=api_key, deadline_s=HTTP_TIMEOUT_S, max_connections=self.concurrency
+            )
+        except ClientError as exc:  # a URL without a scheme, an unreadable key file
+            raise InvalidInputError(f"--url {url}: {exc}") from exc
+        self.url = self.client.url
 
     def describe(self) -> dict[str, Any]:
-        info = self.client.get("/v1/info")
-        return {"kind": "http", "url": self.url, **(info.json() if info.is_success else {})}
+        from osdface.client import ClientError, ServiceError
+
+        try:
+            info = self.client.info()
+        except ServiceError:  # the service answered, without its info: restore anyway
+            info = {}
+        except ClientError as exc:
+            raise RemoteRestoreError(f"{self.url}: {exc}") from exc
+        return {"kind": "http", "url": self.url, **info}
 
     def restore(self, faces: list[np.ndarray]) -> list[np.ndarray]:
         with ThreadPoolExecutor(min(self.concurrency, len(faces))) as pool:
             return list(pool.map(self._one, faces))
 
     def _one(self, face: np.ndarray) -> np.ndarray:
+        from osdface.client import ClientError, RestoreOptions
+
         buffer = io.BytesIO()
         Image.fromarray(face).save(buffer, format="PNG")
-        response = self.client.post(
-            "/restore",
-            files={"image": ("face.png", buffer.getvalue(), "image/png")},
-            data={"aligned": "true", "output_format": "png"},
-        )
-        if not response.is_success:
-            raise RemoteRestoreError(
-                f"{self.url}/restore answered {response.status_code}: {response.text[:300]}"
-            )
-        with Image.open(io.BytesIO(response.content)) as im:
+        options = RestoreOptions(aligned=True, output_format="png")
+        try:
+            result = self.client.restore(buffer.getvalue(), options, filename="face.png")
+        except ClientError as exc:
+            raise RemoteRestoreError(f"{self.url}/restore: {exc}") from exc
+        with Image.open(io.BytesIO(result.image)) as im:
             return np.array(im.convert("RGB"))
 
     def close(self) -> None:

@@ -49,7 +49,12 @@ FORM_FLAGS: tuple[tuple[str, str, str], ...] = (
         "png, jpeg (or jpg), webp, heic or avif; default: the input's format when this build "
         "can write it, else png",
     ),
-    ("--quality", "quality", "JPEG / lossy WebP quality"),
+    (
+        "--quality",
+        "quality",
+        "JPEG / lossy WebP quality; default: a JPEG input's own (read from its tables) when "
+        "written as JPEG, else 95",
+    ),
     ("--only-center-face", "only_center_face", "restore only the face nearest the centre"),
     (
         "--faces",

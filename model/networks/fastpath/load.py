@@ -65,7 +65,7 @@ class FastPath:
             compile_networks(vre, vae, unet, c.compile_mode)
         streams = DistinctStreams(device) if cuda else None
         graphs = None
-        if c.uses_cuda_graphs(device.type):
+        if streams is not None and c.uses_cuda_graphs(device.type):
             graphs = CudaGraphs(c.batch_sizes, streams, autotune=c.cudnn_benchmark)
             install_cuda_graphs(graphs, vre, vae, unet, timestep)
         return cls(
@@ -73,7 +73,7 @@ class FastPath:
             vre_dtype=vre_dtype,
             decode_dtype=decode_dtype,
             transfer=Transfer(device, torch.float32, c.channels_last, c.pin_memory and cuda),
-            side=streams.new() if c.overlap and cuda else None,
+            side=streams.new() if c.overlap and streams is not None else None,
             graphs=graphs,
             streams=streams,
         )
