@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, BinaryIO
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
@@ -29,6 +29,9 @@ from service.routes import answer_media_type, get_service, require_api_key
 from service.schemas import JobView
 from service.state import ServiceState
 from service.upload import feed_multipart, open_multipart, refuse_query, too_large_message
+
+if TYPE_CHECKING:  # python-multipart defines its callback types for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 router = APIRouter(prefix="/v1/jobs", tags=["video jobs"])
 
@@ -133,11 +136,11 @@ class _VideoPart:
         self._name: str | None = None
         self._headers: dict[bytes, bytes] = {}
         self._field, self._value = bytearray(), bytearray()
-        self._file = None
+        self._file: BinaryIO | None = None
         self._size = 0
         self._text = bytearray()
 
-    def callbacks(self) -> dict[str, Any]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._begin,
             "on_header_field": lambda d, a, b: self._field.extend(d[a:b]),
@@ -300,6 +303,7 @@ async def submit(
     filename = "the upload"
     try:
         part = await _read_video(request, folder, jobs.settings.max_job_bytes)
+        assert part.path is not None  # _read_video refuses a body without the video
         filename = part.filename or filename
         options = _options(part.fields, service)
         await asyncio.to_thread(_probe, part.path, options, jobs.settings.max_job_frames, filename)
@@ -307,7 +311,6 @@ async def submit(
         shutil.rmtree(folder, ignore_errors=True)
         _hide_paths(exc, folder, filename)
         raise
-    assert part.path is not None
     job = jobs.add(job_id, folder, part.path, options, part.filename)
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import secrets
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response
@@ -318,7 +319,8 @@ async def _unless_disconnected(
     """Await `work`, cancelling it (and so dropping its queued faces) if the client leaves."""
     watcher = asyncio.ensure_future(_wait_for_disconnect(request))
     try:
-        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        either: set[asyncio.Future[Any]] = {work, watcher}
+        await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         if work.done():
             return work.result()
         raise ServiceError(

@@ -9,6 +9,7 @@ content type are never used: the format is sniffed from the bytes by `model.medi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -16,6 +17,9 @@ from starlette.requests import ClientDisconnect, Request
 
 from service.errors import ErrorKind, ServiceError
 from service.settings import env_name
+
+if TYPE_CHECKING:  # python-multipart defines its callback types for type checkers only
+    from python_multipart.multipart import MultipartCallbacks
 
 IMAGE_FIELD = "image"
 MAX_FIELD_BYTES = 1024  # the options are short words and numbers
@@ -76,7 +80,7 @@ class _Collector:
         self.parts = 0
         self.ended = False
 
-    def callbacks(self) -> dict:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
             "on_header_field": self.on_header_field,
@@ -162,7 +166,7 @@ class MultipartBody:
 
 
 def open_multipart(
-    request: Request, callbacks: dict, max_bytes: int, setting: str, field: str
+    request: Request, callbacks: MultipartCallbacks, max_bytes: int, setting: str, field: str
 ) -> MultipartBody:
     """Check the headers of a multipart upload whose file goes in `field`, and build its parser.
 

@@ -173,9 +173,10 @@ def test_folder_interrupted_resumed_and_rerun(
         if r["status"] == "restored":
             assert r["faces"] and all(len(f["box"]) == 4 and f["score"] > 0.9 for f in r["faces"])
             assert "restore" in r["timings"] and r["error"] is None
-    # Same tree, every output whole and the size of its input; nothing else written.
+    # Same tree, every output whole and the size of its input; nothing else written but the
+    # hidden record of the settings that made each (osdface/restore/ledger.py).
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert written == ["adele.png", "justin.png", "trip/blake.jpg"]
+    assert written == [".osdface-run.jsonl", "adele.png", "justin.png", "trip/blake.jpg"]
     for name in written:
         with Image.open(out / name) as result, Image.open(photos / name) as original:
             result.load()

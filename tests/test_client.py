@@ -215,3 +215,31 @@ def test_a_video_job_submitted_followed_and_downloaded(
     assert not list(target.parent.glob(".*partial"))
     with pytest.raises(NotFoundError):
         client.job(job.id)  # restore_video deletes the job once downloaded
+
+
+def test_the_async_client_does_the_same(server: LiveServer, assets: Path, tmp_path: Path) -> None:
+    from tests.video_helpers import clip_facts, photo_frame, write_clip
+
+    clip = tmp_path / "clip.mp4"
+    write_clip(clip, [photo_frame(assets)] * 4, fps=10, audio=False)
+    seen: list[str] = []
+
+    async def progress(job) -> None:  # an async callback is awaited
+        await asyncio.sleep(0)
+        seen.append(job.state)
+
+    async def run() -> tuple:
+        async with AsyncClient(server.base, api_key=KEY, deadline_s=120, env={}) as c:
+            await c.wait_ready(timeout_s=5)
+            info = await c.info()
+            result = await c.restore_json(aligned_crop(assets), RestoreOptions(aligned=True))
+            job = await c.restore_video(
+                clip, tmp_path / "out.mp4", on_progress=progress, poll_s=0.2
+            )
+            return info, result, job
+
+    info, result, job = asyncio.run(run())
+    assert info["limits"]["max_faces"] >= 1
+    assert result.faces_detected == 1 and len(result.faces) == 1 and result.width == 512
+    assert job.state == "succeeded" and seen[-1] == "succeeded"
+    assert clip_facts(tmp_path / "out.mp4").frames == 4

@@ -59,7 +59,7 @@ def test_a_misspelt_setting_refuses_to_start(tiny_weights_dir: Path) -> None:
 def test_a_non_finite_setting_refuses_to_start(tiny_weights_dir: Path) -> None:
     code, out, _ = serve(tiny_weights_dir, {"OSDFACE_MAX_BATCH_DELAY_MS": "inf"}, timeout=120)
     assert code == 2, out
-    assert "OSDFACE_MAX_BATCH_DELAY_MS: Input should be a finite number" in out
+    assert "OSDFACE_MAX_BATCH_DELAY_MS: must be a finite number (got 'inf')" in out
     assert "Traceback" not in out
 
 

@@ -50,7 +50,8 @@ class Client:
     `OSDFACE_API_KEY`, else the file `OSDFACE_API_KEY_FILE` names. TLS certificates are
     verified, against `ca_bundle` (a PEM file) when given. `deadline_s` bounds each call, its
     retries included (None: no bound); `retry` says what is retried (`RetryPolicy.never()`: one
-    try). `transport` replaces httpx's (tests). `env` replaces `os.environ` for the key lookup.
+    try). `transport` replaces httpx's (a Unix socket, a proxy); `env` replaces `os.environ` for
+    the key lookup.
     """
 
     def __init__(

@@ -13,11 +13,12 @@ a re-run asking for one the output was made without is a difference too. `also` 
 the pixels were computed (device, dtype, fast path, ...) without comparing it: the same
 settings on another machine give the same picture within rounding.
 
-A run rewrites the ledger at its start, atomically and without the lines of the outputs it
-is about to replace, then appends one line as each output is written, so a kill loses at most
-the line of the output being written. An output with no line (written before outputs were
-recorded, or by a run killed just then) is skipped with a note: its settings are unknown, and
-`--overwrite` redoes it. No torch here.
+A run that replaces outputs (`--overwrite`) first rewrites the ledger, atomically, without
+their lines; every run appends its settings, then one line as each output is written, so a
+kill loses at most the line of the output being written, and a line cut short is passed
+over. An output with no line (written before outputs were recorded, or by a run killed just
+then) is skipped with a note: its settings are unknown, and `--overwrite` redoes it. No torch
+here.
 """
 
 from __future__ import annotations
@@ -272,7 +273,14 @@ class Writer:
 
     def __init__(self, ledger: Ledger, made: dict[str, Made]) -> None:
         self.ledger, self._made = ledger, made  # by job name
-        self._file: IO[str] | None = (ledger.folder / LEDGER).open("a", encoding="utf-8")
+        path = ledger.folder / LEDGER
+        cut = not _ends_a_line(path)
+        self._file: IO[str] | None = path.open("a", encoding="utf-8")
+        if cut:  # a line cut short by a kill: ours start on a line of their own
+            self._file.write("\n")
+        new = {m.id: m for m in made.values() if m.id not in ledger.settings}
+        self._file.write(_jsonl([_settings_line(i, m) for i, m in new.items()]).decode())
+        self._file.flush()
 
     def written(self, job: Job) -> None:
         made = self._made.get(job.name)
@@ -289,8 +297,10 @@ class Writer:
 
 
 def start(config: RunConfig, jobs: Iterable[Job]) -> Writer | None:
-    """Rewrite the ledger for a run about to write `jobs`: their old lines dropped (they are
-    replaced), this run's settings added; then a `Writer` appending a line per output."""
+    """Ready the ledger for a run about to write `jobs`, then a `Writer` appending a line per
+    output. The old lines of outputs about to be replaced are dropped by rewriting the ledger
+    atomically; otherwise it is only appended to (a re-run that writes nothing touches
+    nothing)."""
     folder = local_folder(config)
     jobs = [job for job in jobs if job.target is not None]
     if folder is None or not jobs:
@@ -298,15 +308,38 @@ def start(config: RunConfig, jobs: Iterable[Job]) -> Writer | None:
     ledger = Ledger.read(folder)
     weights = weights_id(config.settings.weights_dir)
     made = {job.name: made_with(config, job, weights) for job in jobs}
-    for job in jobs:
-        ledger.outputs.pop(ledger.key(job), None)
-    kept = {m.id: m for m in made.values()}
-    kept |= {i: ledger.settings[i] for i in set(ledger.outputs.values()) if i in ledger.settings}
-    lines = [
-        {"settings": i, "values": m.values, "extras": list(m.extras), "also": m.also}
-        for i, m in sorted(kept.items())
-    ]
-    lines += [{"output": k, "settings": v} for k, v in sorted(ledger.outputs.items())]
-    text = "".join(json.dumps(line, default=str) + "\n" for line in lines)
-    write_atomic(folder / LEDGER, text.encode("utf-8"))
-    return Writer(ledger, made)
+    replaced = [ledger.key(job) for job in jobs if ledger.key(job) in ledger.outputs]
+    for key in replaced:
+        del ledger.outputs[key]
+    if replaced:
+        used = set(ledger.outputs.values())
+        ledger.settings = {i: m for i, m in ledger.settings.items() if i in used}
+        lines = [_settings_line(i, m) for i, m in sorted(ledger.settings.items())]
+        lines += [{"output": k, "settings": v} for k, v in sorted(ledger.outputs.items())]
+        write_atomic(folder / LEDGER, _jsonl(lines))
+    return Writer(ledger, made)  # appends this run's settings that the ledger lacks
+
+
+def _ends_a_line(path: Path) -> bool:
+    """True for a ledger that is absent, empty, or whose last line is whole."""
+    try:
+        with path.open("rb") as f:
+            if f.seek(0, 2) == 0:
+                return True
+            f.seek(-1, 2)
+            return f.read(1) == b"\n"
+    except FileNotFoundError:
+        return True
+
+
+def _settings_line(settings_id: str, made: Made) -> dict[str, Any]:
+    return {
+        "settings": settings_id,
+        "values": made.values,
+        "extras": list(made.extras),
+        "also": made.also,
+    }
+
+
+def _jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(line, default=str) + "\n" for line in lines).encode("utf-8")
