@@ -177,7 +177,7 @@ def test_folder_interrupted_resumed_and_rerun(
     # hidden record of the settings that made each (osdface/restore/ledger.py).
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [".osdface-run.jsonl", "adele.png", "justin.png", "trip/blake.jpg"]
-    for name in written:
+    for name in written[1:]:
         with Image.open(out / name) as result, Image.open(photos / name) as original:
             result.load()
             assert result.size == original.size
