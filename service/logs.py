@@ -150,6 +150,9 @@ def resolve_format(fmt: LogFormat, stream: TextIO) -> Literal["text", "json"]:
     return "text" if isatty is not None and isatty() else "json"
 
 
+UVICORN_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def configure_logging(
     fmt: LogFormat,
     level: str,
@@ -174,11 +177,23 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    for name in UVICORN_LOGGERS:  # whatever configured them before: through the one handler
+        _through_root(logging.getLogger(name))
     if chosen == "json":
         logging.captureWarnings(True)
         sys.excepthook = _log_uncaught
         threading.excepthook = _log_uncaught_in_thread
     return chosen
+
+
+def _through_root(logger: logging.Logger) -> None:
+    """The logger's records go to the root handler only: no handler, level or switch of its own
+    (uvicorn's default config, or an earlier `logging.config`, may have set them)."""
+    for old in list(logger.handlers):
+        logger.removeHandler(old)
+    logger.setLevel(logging.NOTSET)
+    logger.propagate = True
+    logger.disabled = False
 
 
 def _log_uncaught(kind: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:

@@ -90,7 +90,8 @@ def test_broken_vae_exits_non_zero_with_one_clear_line(
     broken = "sd21-base/vae/diffusion_pytorch_model.safetensors"
     weights = _weights_without(tiny_weights_dir, tmp_path / "w", broken)
     (weights / broken).write_bytes((tiny_weights_dir / broken).read_bytes()[:1000])  # cut short
-    code, out, seconds = serve(weights, {}, timeout=240)
+    # What a person at a terminal reads (piped, the log would be JSON: test_json_logs.py).
+    code, out, seconds = serve(weights, {"OSDFACE_LOG_FORMAT": "text"}, timeout=240)
     assert code == 3, out
     errors = [line for line in out.splitlines() if " ERROR " in line or "ERROR:" in line]
     assert len(errors) == 1, errors
