@@ -225,6 +225,7 @@ def test_save_faces_writes_the_crops_beside_the_result(
     assert main(["restore", *argv, "--weights", str(tiny_weights_dir), "--device", "cpu"]) == 0
     written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert written == [
+        ".osdface-run.jsonl",
         "Adele_crop.png",
         "faces/Adele_crop_00_aligned.png",
         "faces/Adele_crop_00_restored.png",
@@ -419,8 +420,8 @@ def test_aligned_crops_share_model_calls_and_fail_alone(
     common = ["restore", str(crops), "--aligned", "-q", "--weights", str(tiny_weights_dir)]
     assert main([*common, "-o", str(tmp_path / "one"), "--batch-size", "1"]) == 1
     assert main([*common, "-o", str(tmp_path / "three"), "--batch-size", "3"]) == 1
-    one = sorted(p.name for p in (tmp_path / "one").iterdir())
-    assert one == sorted(p.name for p in (tmp_path / "three").iterdir())
+    one = sorted(p.name for p in (tmp_path / "one").glob("[!.]*"))
+    assert one == sorted(p.name for p in (tmp_path / "three").glob("[!.]*"))
     assert len(one) == 4 and "0_broken.png" not in one
     for name in one:
         a, b = (tmp_image((tmp_path / d / name).read_bytes()) for d in ("one", "three"))

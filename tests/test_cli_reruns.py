@@ -92,40 +92,39 @@ def test_a_rerun_with_other_settings_is_refused_and_the_same_settings_skip_at_on
 ) -> None:
     out = tmp_path / "out"
     argv = ["restore", str(photo), "-o", str(out), "--weights", str(tiny_weights_dir), *MOBILE]
-    code, err = osdface(*argv, "--compare")
+    code, err = osdface(*argv)
     assert code == 0, err
     first = (out / "adele.png").read_bytes()
-    # --compare: input | restored, the whole photo and its one face, beside the result.
-    with Image.open(photo) as src, Image.open(out / "compare/adele.png") as whole:
-        assert whole.size == (2 * src.width, src.height)
-        left = np.asarray(whole.convert("RGB"))[:, : src.width]
-        assert np.array_equal(left, np.asarray(src.convert("RGB")))
-    with Image.open(out / "compare/adele_face00.png") as face:
-        assert face.size == (1024, 512)
-    assert (out / LEDGER).is_file()
 
     # Other settings: refused before any work, the difference named; the output untouched.
     code, _, seconds, err = probe(*argv, "--strength", "0.5")
     assert code == 2, err
     assert f"1 output in {out}/ was made with strength 1.0 (now 0.5); add --overwrite" in err
-    assert (out / "adele.png").read_bytes() == first
+    assert (out / "adele.png").read_bytes() == first and (out / LEDGER).is_file()
 
-    # The same settings (--compare's images are there, so asking for none is the same): skipped,
-    # without importing torch, about as fast as `osdface --version`.
+    # The same settings: skipped, without importing torch, about as fast as `osdface --version`.
     yardstick = version_seconds()
     code, torch_loaded, seconds, err = probe(*argv)
     assert (code, torch_loaded) == (0, False), err
     assert "0 files restored, 0 faces, 1 skipped" in err
     assert seconds < max(1.0, 3 * yardstick), (seconds, yardstick)
 
-    # --overwrite replaces it with the new settings, which the next run then skips.
-    code, err = osdface(*argv, "--strength", "0.5", "--overwrite")
+    # --overwrite replaces it with the new settings (--compare: input | restored beside it).
+    code, err = osdface(*argv, "--strength", "0.5", "--overwrite", "--compare")
     assert code == 0, err
     assert (out / "adele.png").read_bytes() != first
+    with Image.open(photo) as src, Image.open(out / "compare/adele.png") as whole:
+        assert whole.size == (2 * src.width, src.height)
+        left = np.asarray(whole.convert("RGB"))[:, : src.width]
+        assert np.array_equal(left, np.asarray(src.convert("RGB")))
+    with Image.open(out / "compare/adele_face00.png") as face:
+        assert face.size == (1024, 512)
+    # The next run with those settings skips it (asking for no --compare images is the same);
+    # asking for files it was made without is a difference.
     code, err = osdface(*argv, "--strength", "0.5")
     assert code == 0 and "1 skipped" in err, err
-    code, err = osdface(*argv, "--strength", "0.5", "--compare")
-    assert code == 2 and "made with compare off (now on)" in err, err
+    code, err = osdface(*argv, "--strength", "0.5", "--save-faces")
+    assert code == 2 and "made with save faces off (now on)" in err, err
 
     # An output with no record (an older osdface wrote it): skipped, with a note.
     (out / LEDGER).unlink()
@@ -144,7 +143,7 @@ def test_mistakes_and_empty_stdin_are_answered_before_torch(
     out = ["-o", str(tmp_path / "out"), "--weights", str(tiny_weights_dir), *MOBILE]
     clip = str(short_clip)
     cases = [
-        (["restore", "-", "--weights", str(tiny_weights_dir)], "stdin is empty"),
+        (["restore", "-", "--weights", str(tiny_weights_dir), *MOBILE], "stdin is empty"),
         (["restore", clip, *out, "--crf", "99"], "--crf must be 0..63 (got 99)"),
         (["restore", clip, *out, "--start", "-1"], "--start must be at least 0 s (got -1)"),
         (["restore", clip, *out, "--start", "10"], "--start 10 s is past the clip's end (2.0 s)"),

@@ -34,6 +34,7 @@ from model.runtime.settings import RuntimeSettings
 from osdface.common import UsageError
 from osdface.restore import uris
 from osdface.restore.config import RunConfig
+from osdface.restore.ledger import LEDGER
 from osdface.restore.plan import Job, make_plan, plan_uris
 from osdface.restore.ray_stages import PhotoState, RestoreFaces, _pack, _unpack
 
@@ -122,7 +123,8 @@ def reference(photos, tiny_weights_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     argv = cli(str(originals), "-o", str(out), "--weights", str(tiny_weights_dir), *COMMON)
     subprocess.run(argv, check=True, cwd=REPO, env=one_thread_env(), timeout=600)
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in originals.iterdir())
+    written = sorted(p.name for p in out.iterdir() if p.name != LEDGER)
+    assert written == sorted(p.name for p in originals.iterdir())
     return out
 
 
@@ -182,7 +184,7 @@ def test_ray_run_killed_then_resumed_equals_the_local_cli(
     ]
 
     # every output equals the local CLI's for the same photo; no partial file is left
-    outputs = {p.name for p in out.iterdir()}
+    outputs = {p.name for p in out.iterdir()} - {LEDGER}  # the settings that made each
     assert outputs == {n for n in before if n != "broken.jpg"}
     for name in outputs:
         assert (out / name).read_bytes() == (reference / original_of(name)).read_bytes(), name

@@ -99,6 +99,8 @@ def test_cli_counts_a_videos_frames_and_faces_in_its_line_summary_and_report(cli
         int, re.findall(r"(\d+) files? restored, (\d+) faces?", result.stderr)[-1]
     )
     assert (restored, faces) == (2, 2 * FRAMES + 2)  # the clip's faces counted, per-face time too
+    (failure,) = [line for line in result.stderr.splitlines() if "FAILED" in line]
+    assert failure.count("broken.mp4") == 1 and "[Errno" not in failure, failure
 
 
 def test_cli_keeps_frames_rate_size_duration_audio_and_rotation(cli_run, still_clip) -> None:

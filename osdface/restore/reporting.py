@@ -80,9 +80,11 @@ def reason(exc: BaseException) -> str:
 
 
 def failed(job: Job, exc: BaseException) -> Record:
-    """The record of an input that failed."""
+    """The record of an input that failed; a message that starts with the input's path (the
+    video errors name their file) is not given the path a second time."""
     target = str(job.target) if job.target is not None else None
-    return Record(job.name, target, "failed", error=reason(exc))
+    error = reason(exc).removeprefix(f"{job.name}: ")
+    return Record(job.name, target, "failed", error=error)
 
 
 def face_json(face: Any) -> dict[str, Any]:
