@@ -295,6 +295,13 @@ class JobManager:
         else:
             job.faces = result.faces
             job.frames_total = result.frames
+            logger.info(
+                "job %s done: %d frames, %d faces, %.2f frames/s",
+                job.id,
+                result.frames,
+                result.faces,
+                result.frames / max(result.seconds, 1e-9),
+            )
             self._finish(job, JobState.SUCCEEDED)
         finally:
             job.input.unlink(missing_ok=True)  # the upload is not needed any more

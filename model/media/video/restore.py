@@ -177,7 +177,8 @@ def restore_video(
             sink.abort()
             raise
     seconds = time.monotonic() - started
-    logger.info(
+    # Callers say it in their own words (the command's line per file, a job's line): details.
+    logger.debug(
         "%s: frames %d, faces %d, model calls %d, %.1f frames/s -> %s",
         src,
         counters.frames,
