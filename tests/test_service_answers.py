@@ -26,7 +26,10 @@ JSON = {"Accept": "application/json"}
 
 
 @pytest.fixture(scope="module")
-def client(tiny_weights_dir: Path, tiny_restorer, tmp_path_factory) -> Iterator[TestClient]:
+def client(
+    tiny_weights_dir: Path, tiny_restorer, tmp_path_factory, assets: Path
+) -> Iterator[TestClient]:
+    # `assets`: the detector file is linked from there (the tests skip where it is absent).
     detector = FaceDetector.load(tiny_weights_dir, "retinaface_mobile0.25")
     jobs = tmp_path_factory.mktemp("jobs")
     settings = make_settings(tiny_weights_dir, jobs_dir=jobs, max_upload_bytes=8 * 2**20)
