@@ -243,3 +243,12 @@ def test_the_async_client_does_the_same(server: LiveServer, assets: Path, tmp_pa
     assert result.faces_detected == 1 and len(result.faces) == 1 and result.width == 512
     assert job.state == "succeeded" and seen[-1] == "succeeded"
     assert clip_facts(tmp_path / "out.mp4").frames == 4
+
+
+def test_without_httpx_the_import_says_how_to_install_it() -> None:
+    code = (
+        "import sys; sys.modules['httpx'] = None\n"
+        "try:\n    import osdface.client\nexcept ModuleNotFoundError as e:\n    print(e)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "osdface.client needs httpx: pip install -e '.[client]'" in run.stdout, run.stderr

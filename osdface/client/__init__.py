@@ -12,6 +12,13 @@ What is retried and how long it waits: `osdface.client.retry`; the errors it rai
 `osdface.client.errors`; the HTTP API itself: docs/api.md.
 """
 
+import importlib.util
+
+if importlib.util.find_spec("httpx") is None:  # `make venv` installs what serving needs only
+    raise ModuleNotFoundError(
+        "osdface.client needs httpx: pip install -e '.[client]' (or `make dev`)", name="httpx"
+    )
+
 from osdface.client.aio import AsyncClient
 from osdface.client.errors import (
     AuthError,
