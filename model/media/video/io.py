@@ -67,6 +67,8 @@ class VideoInfo:
     duration_s: float | None
     codec: str
     has_audio: bool
+    video_start_s: float = 0.0  # the video stream's first presentation time
+    video_end_s: float | None = None  # its end: the stream's own duration, else the container's
 
 
 @dataclass(frozen=True)
@@ -95,12 +97,24 @@ def _words(exc: BaseException) -> str:
 
 
 class VideoSource:
-    """An opened input video; iterate `items()` once. Use as a context manager."""
+    """An opened input video; iterate `items()` once. Use as a context manager.
 
-    def __init__(self, path: Path, *, start_s: float = 0.0, duration_s: float | None = None):
+    Timestamps come out less `origin_s`: by default 0 for a range from the clip's start, else
+    the first kept frame's time (set when decoded); pieces of one range pass the range's.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        start_s: float = 0.0,
+        duration_s: float | None = None,
+        origin_s: float | None = None,
+    ):
         self.path = Path(path)
         self.start_s = max(0.0, float(start_s))
         self.end_s = None if duration_s is None else self.start_s + float(duration_s)
+        self.origin_s = (0.0 if self.start_s == 0.0 else None) if origin_s is None else origin_s
         try:
             self._container = av.open(str(self.path), mode="r")
         except av.FFmpegError as exc:
@@ -138,6 +152,12 @@ class VideoSource:
         duration = (
             float(self._container.duration / av.time_base) if self._container.duration else None
         )
+        start = float((v.start_time or 0) * v.time_base)
+        if v.duration:
+            end: float | None = start + float(v.duration * v.time_base)
+        else:
+            first = self._container.start_time
+            end = None if duration is None else duration + (first or 0) / av.time_base
         return VideoInfo(
             width=v.codec_context.width,
             height=v.codec_context.height,
@@ -147,6 +167,8 @@ class VideoSource:
             duration_s=duration,
             codec=v.codec_context.name,
             has_audio=self.audio is not None,
+            video_start_s=start,
+            video_end_s=end,
         )
 
     def expected_frames(self) -> int | None:
@@ -163,21 +185,20 @@ class VideoSource:
     def items(self) -> Iterator[Frame | av.Packet]:
         """Decoded video frames and raw audio packets in file order, within the range.
 
-        Audio packets keep their bytes; their timestamps are shifted by the range's start.
+        Audio packets keep their bytes; video and audio timestamps are shifted by `origin_s`.
         """
         streams = [s for s in (self.video, self.audio) if s is not None]
         tb = self.info.time_base
         if self.start_s > 0:
             self._seek()
-        origin_s: float | None = None if self.start_s > 0 else 0.0
         early_audio: list[av.Packet] = []  # after a seek, until the first kept frame is known
         decoded, last_s = 0, 0.0
         try:
             for packet in self._container.demux(*streams):
                 if packet.stream is self.audio:
-                    if origin_s is None:
+                    if self.origin_s is None:
                         early_audio.append(packet)
-                    elif (kept := self._audio_in_range(packet, origin_s)) is not None:
+                    elif (kept := self._audio_in_range(packet, self.origin_s)) is not None:
                         yield kept
                     continue
                 for frame in packet.decode():
@@ -188,17 +209,33 @@ class VideoSource:
                         continue
                     if self.end_s is not None and t >= self.end_s - 1e-6:
                         return
-                    if origin_s is None:
-                        origin_s = t
+                    if self.origin_s is None:
+                        self.origin_s = t
                         kept_early = (self._audio_in_range(a, t) for a in early_audio)
                         yield from (a for a in kept_early if a is not None)
                         early_audio.clear()
                     decoded, last_s = decoded + 1, t
-                    shift = 0 if origin_s == 0.0 else round(origin_s / tb)
+                    shift = 0 if self.origin_s == 0.0 else round(self.origin_s / tb)
                     yield self._frame(frame, frame.pts - shift)
         except av.FFmpegError as exc:
             raise _fail(self.path, f"decoding failed after {decoded} frames", exc) from exc
         self._check_complete(decoded, last_s)
+
+    def audio_packets(self) -> Iterator[av.Packet]:
+        """The range's audio packets as `items()` yields them, with no video decoded."""
+        if self.audio is None or self.origin_s is None:
+            return
+        if self.start_s > 0:
+            self._seek()
+        end = float("inf") if self.end_s is None else self.end_s - 1e-6
+        try:
+            for packet in self._container.demux(self.audio):
+                if packet.pts is not None and float(packet.pts * packet.time_base) >= end:
+                    return  # one stream's packets come in time order
+                if (kept := self._audio_in_range(packet, self.origin_s)) is not None:
+                    yield kept
+        except av.FFmpegError as exc:
+            raise _fail(self.path, "reading the audio failed", exc) from exc
 
     def _seek(self) -> None:
         target = int(self.start_s / self.info.time_base)
@@ -240,9 +277,12 @@ class VideoSource:
             )
         if decoded == 0:
             raise _fail(self.path, "no video frame could be decoded in the asked range")
+        if self.start_s == 0.0 and self.end_s is None:
+            self.check_whole(decoded, last_s)
+
+    def check_whole(self, decoded: int, last_s: float) -> None:
+        """Raise when `decoded` frames, the last at `last_s` s, fall short of the whole clip."""
         info = self.info
-        if self.start_s > 0.0 or self.end_s is not None:
-            return
         # A frame or two of slack: AVI counts packets, and packed or empty ones decode to nothing.
         if info.frames and decoded < info.frames - max(2, info.frames // 100):
             raise _fail(self.path, f"truncated: {decoded} of {info.frames} frames could be decoded")
@@ -308,7 +348,7 @@ class VideoSink:
 
     def _open(self, first: Frame) -> None:
         try:
-            self._container = av.open(str(self.partial), mode="w", format=_muxer(self.target))
+            self._container = av.open(str(self.partial), mode="w", format=muxer_name(self.target))
             self._video = self._add_video(first.rotation_matrix)
             if self._audio_in is not None:
                 self._audio = self._container.add_stream_from_template(self._audio_in)
@@ -377,13 +417,19 @@ class VideoSink:
         except av.FFmpegError as exc:
             raise VideoEncodeError(f"{self.target}: writing failed: {_words(exc)}") from exc
 
-    def commit(self) -> Path:
-        """Flush the encoder, close the file and rename it to the target; the target path."""
+    def commit(self, *, fsync: bool = False) -> Path:
+        """Flush the encoder, close the file and rename it to the target; the target path.
+
+        `fsync`: on disk before the rename, so a target that exists after a crash is whole.
+        """
         if self._container is None:
             raise VideoEncodeError(f"{self.target}: no frame was written")
         self._encode(None)
         self._container.close()
         self._container = None
+        if fsync:
+            with self.partial.open("rb+") as f:
+                os.fsync(f.fileno())
         os.replace(self.partial, self.target)
         return self.target
 
@@ -397,8 +443,8 @@ class VideoSink:
             self.partial.unlink()
 
 
-def _muxer(path: Path) -> str | None:
-    # The partial name keeps the suffix, but say the format explicitly for clarity.
+def muxer_name(path: Path) -> str | None:
+    """FFmpeg's muxer for `path`'s suffix: named, so a temporary name can have any suffix."""
     return {".mkv": "matroska", ".webm": "webm", ".mov": "mov", ".mp4": "mp4", ".avi": "avi"}.get(
         path.suffix.lower()
     )

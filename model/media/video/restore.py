@@ -2,10 +2,11 @@
 
     result = restore_video(src, target, detector, restore_fn, VideoOptions())
 
-Frames stream through a bounded window: each decoded frame is detected, its faces tracked and
-their landmarks smoothed, then aligned; when the window holds `batch_faces` faces (or
-`window_frames` frames) ALL of their crops go to the restorer in one call, are pasted back, and
-the frames are encoded in order. Memory is bounded by the window, never by the clip's length.
+Frames stream through a bounded window (`FrameWindow`, which `segments.py` shares): each
+decoded frame is detected, its faces tracked and their landmarks smoothed, then aligned; when
+the window holds `batch_faces` faces (or `window_frames` frames) ALL of their crops go to the
+restorer in one call, are pasted back, and the frames are encoded in order. Memory is bounded
+by the window, never by the clip's length.
 
 `restore_fn` maps (N, 3, 512, 512) float32 crops in [0, 1], RGB, to restored crops of the same
 shape and range: the CLI passes the restorer, the service a low-priority submission to its
@@ -31,7 +32,7 @@ from model.media.faces.paste import paste_faces
 from model.media.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
 from model.media.video.io import Frame as VideoFrame
 from model.media.video.io import VideoInfo, VideoSink, VideoSource
-from model.media.video.track import FaceTracker, SmoothingConfig
+from model.media.video.track import FaceTracker, SmoothingConfig, TrackedFace
 
 logger = logging.getLogger(__name__)
 
@@ -120,11 +121,63 @@ class _Pending:
 
 
 @dataclass
-class _Counters:
+class FrameCounts:
+    """What a `FrameWindow` did: frames encoded, faces restored, restorer calls."""
+
     frames: int = 0
     faces: int = 0
     frames_with_faces: int = 0
     calls: int = 0
+
+
+class FrameWindow:
+    """Decoded frames in, restored frames encoded into `sink` in order: the one video pipeline.
+
+    `add` detects, tracks, smooths and aligns a frame's faces and holds the frame; once the
+    window holds `batch_faces` faces or `window_frames` frames, `flush` restores all of their
+    faces in shared restorer calls, pastes them back and encodes the frames. `track_only` runs
+    detection and tracking alone (the smoothing state before a piece of a clip: nothing is
+    restored or encoded). `on_flush` is called after each flush.
+    """
+
+    def __init__(
+        self,
+        detector: FaceDetector,
+        restore_fn: RestoreFn,
+        options: VideoOptions,
+        sink: VideoSink,
+        *,
+        on_flush: Callable[[FrameCounts], None] | None = None,
+    ) -> None:
+        self.detector, self.restore_fn = detector, restore_fn
+        self.options, self.sink = options, sink
+        self.tracker = FaceTracker(options.smoothing)
+        self.counts = FrameCounts()
+        self._window: list[_Pending] = []
+        self._on_flush = on_flush
+
+    def track_only(self, frame: VideoFrame) -> None:
+        _track(frame, self.detector, self.tracker, self.options)
+
+    def add(self, frame: VideoFrame) -> None:
+        self._window.append(_prepare(frame, self.detector, self.tracker, self.options))
+        faces = sum(len(p.crops) for p in self._window)
+        if faces >= self.options.batch_faces or len(self._window) >= self.options.window_frames:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._window:
+            return
+        _restore_window(self._window, self.restore_fn, self.options, self.sink, self.counts)
+        self._window.clear()
+        if self._on_flush is not None:
+            self._on_flush(self.counts)
+
+
+def check_stop(should_stop: Callable[[], bool] | None, src: Path) -> None:
+    """Raise `VideoCancelledError` naming `src` once `should_stop()` turns true."""
+    if should_stop is not None and should_stop():
+        raise VideoCancelledError(f"{src}: cancelled")
 
 
 def restore_video(
@@ -146,37 +199,28 @@ def restore_video(
     if Path(src).resolve() == Path(target).resolve():
         raise InvalidInputError(f"{src}: the output would overwrite the input")
     started = time.monotonic()
-    counters = _Counters()
     with VideoSource(src, start_s=options.start_s, duration_s=options.duration_s) as source:
         total = source.expected_frames()
         sink = VideoSink(target, source.info, source.audio, codec=options.codec, crf=options.crf)
-        tracker = FaceTracker(options.smoothing)
-        window: list[_Pending] = []
 
-        def flush() -> None:
-            _restore_window(window, restore_fn, options, sink, counters)
-            window.clear()
+        def report(counts: FrameCounts) -> None:
             if progress is not None:
-                progress(VideoProgress(counters.frames, total, time.monotonic() - started))
+                progress(VideoProgress(counts.frames, total, time.monotonic() - started))
 
+        frames = FrameWindow(detector, restore_fn, options, sink, on_flush=report)
         try:
             for item in source.items():
-                if should_stop is not None and should_stop():
-                    raise VideoCancelledError(f"{src}: cancelled")
-                if not isinstance(item, VideoFrame):
+                check_stop(should_stop, src)
+                if isinstance(item, VideoFrame):
+                    frames.add(item)
+                else:
                     sink.write_audio(item)
-                    continue
-                window.append(_prepare(item, detector, tracker, options))
-                faces = sum(len(p.crops) for p in window)
-                if faces >= options.batch_faces or len(window) >= options.window_frames:
-                    flush()
-            if window:
-                flush()
+            frames.flush()
             path = sink.commit()
         except BaseException:
             sink.abort()
             raise
-    seconds = time.monotonic() - started
+    seconds, counters = time.monotonic() - started, frames.counts
     # Callers say it in their own words (the command's line per file, a job's line): details.
     logger.debug(
         "%s: frames %d, faces %d, model calls %d, %.1f frames/s -> %s",
@@ -198,9 +242,9 @@ def restore_video(
     )
 
 
-def _prepare(
+def _track(
     frame: VideoFrame, detector: FaceDetector, tracker: FaceTracker, options: VideoOptions
-) -> _Pending:
+) -> list[TrackedFace]:
     height, width = frame.rgb.shape[:2]
     faces = select_faces(
         detector.detect(frame.rgb),
@@ -209,8 +253,14 @@ def _prepare(
         only_center_face=options.only_center_face,
         max_faces=options.max_faces,
     )
+    return tracker.update(faces)
+
+
+def _prepare(
+    frame: VideoFrame, detector: FaceDetector, tracker: FaceTracker, options: VideoOptions
+) -> _Pending:
     crops, affines = [], []
-    for tracked in tracker.update(faces):
+    for tracked in _track(frame, detector, tracker, options):
         crop, affine = align_face(frame.rgb, tracked.landmarks)
         crops.append(crop)
         affines.append(affine)
@@ -222,7 +272,7 @@ def _restore_window(
     restore_fn: RestoreFn,
     options: VideoOptions,
     sink: VideoSink,
-    counters: _Counters,
+    counters: FrameCounts,
 ) -> None:
     """Restore the window's faces in calls of `batch_faces`, paste them, encode the frames."""
     crops = [crop for pending in window for crop in pending.crops]
