@@ -18,6 +18,7 @@ import numpy as np
 from model.media.pipeline import PreparedPhoto, make_background
 from model.networks.background import BackgroundUpscaler
 from service.batching import Batcher
+from service.tracing_worker import on_worker
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -32,7 +33,7 @@ async def background_on_worker(
     """`make_background` on the model worker; None (no work queued) for background 'none'."""
     if prepared.options.background == "none":
         return None
-    job = functools.partial(make_background, prepared, backgrounds)
+    job = on_worker("background", functools.partial(make_background, prepared, backgrounds))
     return await batcher.run_call(job, deadline=deadline)
 
 

@@ -20,7 +20,8 @@ waits at most for the batch already running, never behind a video.
 
 The batcher knows nothing about HTTP or faces: `fn(batch) -> (outputs, timings)` is any function
 from a `(B, ...)` tensor to a `(B, ...)` tensor and a dict of named durations in seconds. Given a
-CUDA `stream`, the worker runs every batch and call on it (`model.device.on_stream`). A failed
+CUDA `stream`, the worker runs every batch and call on it (`model.device.on_stream`). Each
+batch is a `model_batch` span when a request it carries is traced (service/tracing.py). A failed
 batch fails its requests only, unless its error poisons the device (`poisons_device`): then the
 worker stops as if it had died: `on_death` is told first, then the running and queued work fails
 with `BatcherClosedError`.
@@ -29,18 +30,18 @@ with `BatcherClosedError`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import torch
 
 from model.device import on_stream, poisons_device
+from service import tracing_worker
 from service.admission import BatchTimeEstimator
 from service.queue_items import (
     BatcherClosedError,
@@ -78,6 +79,7 @@ class Batcher:
         on_death: Callable[[BaseException], None] | None = None,
         name: str = "osdface-model",
         stream: torch.cuda.Stream | None = None,
+        span_attributes: Mapping[str, str] | None = None,
     ) -> None:
         if max_batch < 1 or max_queue < 1 or max_delay_s < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_delay_s >= 0")
@@ -90,6 +92,7 @@ class Batcher:
         self._on_depth = on_depth or (lambda depth: None)
         self._on_death = on_death or (lambda exc: None)
         self._stream = stream  # the worker's own CUDA stream (None: the thread's current one)
+        self._span_attributes = dict(span_attributes or {})  # of each model call's span
         self._cond = threading.Condition()
         self._queue: deque[QueuedWork] = deque()
         self._queued = 0  # items waiting, not counting the running batch
@@ -241,7 +244,7 @@ class Batcher:
                 self._low.clear()
                 self._queued = self._queued_low = 0
             for job in left:
-                _resolve(job, BatcherClosedError("shut down before this work ran"))
+                job.resolve(BatcherClosedError("shut down before this work ran"))
             logger.warning(
                 "model worker still busy after %.1f s; %d jobs failed", timeout, len(left)
             )
@@ -266,7 +269,7 @@ class Batcher:
                 self._queued = self._queued_low = 0
             self._on_death(exc)  # readiness off before the waiting requests hear of it
             for job in left:
-                _resolve(job, BatcherClosedError("the model worker stopped"))
+                job.resolve(BatcherClosedError("the model worker stopped"))
 
     def _next_batch(self) -> _Chunks | None:
         """Block until a batch is due, then take it off the queue (None: stopped and empty)."""
@@ -295,7 +298,7 @@ class Batcher:
         for job in [j for j in queued if j.deadline is not None and j.deadline <= now]:
             self._unqueue_locked(job)
             job.cancelled = True
-            _resolve(job, TimeoutError("deadline passed while queued"))
+            job.resolve(TimeoutError("deadline passed while queued"))
         self._on_depth(self._queued)
 
     def _take_locked(self) -> _Chunks:
@@ -331,27 +334,31 @@ class Batcher:
         for job, _, _ in chunks:
             if job.started_at is None:
                 job.started_at = started
-                self._on_queue_wait(started - job.enqueued_at)
+                with tracing_worker.within(job.trace):  # its exemplar: the submitter's trace
+                    self._on_queue_wait(started - job.enqueued_at)
         if chunks[0][0].call is not None:
             self._execute_call(chunks[0][0], started)
             return
         parts = [job.items[lo:hi] for job, lo, hi in chunks]
         inputs = parts[0] if len(parts) == 1 else torch.cat(parts)
-        try:
-            with on_stream(self._stream):
-                outputs, timings = self._fn(inputs)
-            if outputs.shape[0] != inputs.shape[0]:
-                raise RuntimeError(f"batch fn returned {outputs.shape[0]} for {inputs.shape[0]}")
-        except Exception as exc:  # every request of the batch gets it; the HTTP layer logs it
-            if poisons_device(exc):  # every later batch would fail too: the worker stops
-                raise
-            for job, _, _ in chunks:
-                self._abandon(job)  # its items still queued (if split) will not run either
-                _resolve(job, exc)
-            self._finish_batch(started, None)
-            return
-        seconds = time.monotonic() - started
-        self._on_batch(BatchReport(int(inputs.shape[0]), seconds, dict(timings)))
+        with tracing_worker.batch_span(chunks, self._span_attributes) as span:
+            try:
+                with on_stream(self._stream):
+                    outputs, timings = self._fn(inputs)
+                if outputs.shape[0] != inputs.shape[0]:
+                    raise RuntimeError(f"batch fn returned {outputs.shape[0]} for {len(inputs)}")
+            except Exception as exc:  # every request of the batch gets it; the HTTP layer logs it
+                if poisons_device(exc):  # every later batch would fail too: the worker stops
+                    raise
+                span.failed(exc)
+                for job, _, _ in chunks:
+                    self._abandon(job)  # its items still queued (if split) will not run either
+                    job.resolve(exc)
+                self._finish_batch(started, None)
+                return
+            seconds = time.monotonic() - started
+            span.ran(timings)
+            self._on_batch(BatchReport(int(inputs.shape[0]), seconds, dict(timings)))
         offset = 0
         for job, lo, hi in chunks:
             self._deliver(job, lo, hi, outputs[offset : offset + hi - lo], seconds, timings)
@@ -368,7 +375,7 @@ class Batcher:
                 raise
             value = exc
         job.done = 1
-        _resolve(job, value)
+        job.resolve(value)
         self._finish_batch(started, None)  # not a batch of faces: no speed sample
 
     def _deliver(
@@ -392,10 +399,11 @@ class Batcher:
             job.timings[name] = job.timings.get(name, 0.0) + value
         if job.done == job.size:
             assert job.started_at is not None
+            waited, links = job.started_at - job.enqueued_at, tuple(job.links)
             result = BatchResult(
-                job.out, job.started_at - job.enqueued_at, job.inference_s, job.timings, job.batches
+                job.out, waited, job.inference_s, job.timings, job.batches, job.enqueued_at, links
             )
-            _resolve(job, result)
+            job.resolve(result)
 
     def _finish_batch(self, started: float, size: int | None) -> None:
         """`size`: faces of a call that succeeded (a failed call teaches nothing about speed)."""
@@ -428,18 +436,3 @@ class Batcher:
         else:
             self._queue.remove(job)
             self._queued -= job.size - job.taken
-
-
-def _resolve(job: QueuedWork, value: Any) -> None:
-    """Complete a job's future from any thread; a no-op if it is done or its loop is gone."""
-
-    def settle() -> None:
-        if job.future.done():
-            return
-        if isinstance(value, BaseException):
-            job.future.set_exception(value)
-        else:
-            job.future.set_result(value)
-
-    with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-        job.loop.call_soon_threadsafe(settle)

@@ -11,7 +11,8 @@ uvicorn's (`uvicorn.error`) and the libraries' share one format. In JSON each li
 `request_id` comes from `REQUEST_ID`, a context variable the request middleware sets: every
 line logged while serving a request carries it, on the CPU pool too (`ServiceState.run_cpu`
 copies the context into its threads). The model worker serves many requests at once, so its
-lines carry none. `trace_id` and `span_id` are the slots for tracing (null until it is on).
+lines carry none. `trace_id` and `span_id` are those of the current span when tracing is on and
+the span is sampled (service/tracing.py; on the model worker, the model call's span), else null.
 Extra fields (`logger.info(..., extra={"upload_name": name})`) become fields of the object:
 text a client chose (file names, paths) goes there, never into the message. A configured secret
 (the API key) is replaced by `[redacted]` wherever it would appear.
@@ -29,6 +30,8 @@ import traceback
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Literal, TextIO
+
+from service import tracing
 
 LogFormat = Literal["auto", "text", "json"]
 REDACTED = "[redacted]"
@@ -53,8 +56,9 @@ TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 
 def trace_context() -> tuple[str | None, str | None]:
-    """(trace id, span id) of the current span, as hex; (None, None) while tracing is off."""
-    return None, None
+    """(trace id, span id) of the current span, as hex; (None, None) while tracing is off or
+    the span is not sampled."""
+    return tracing.current_ids()
 
 
 class ContextFilter(logging.Filter):

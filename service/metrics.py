@@ -2,6 +2,9 @@
 
 Every app owns a `CollectorRegistry`, so two apps in one process (tests) never collide and
 `/metrics` shows exactly one app's numbers. Queue time is measured apart from compute time.
+The latency histograms (request, queue wait, stages) carry the trace id of the sampled span an
+observation was made in as an exemplar (service/tracing.py), shown in the OpenMetrics format,
+which `/metrics` answers when the scraper's Accept asks for it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from collections.abc import Callable
 import psutil
 import torch
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -19,9 +21,10 @@ from prometheus_client import (
     Info,
     ProcessCollector,
     disable_created_metrics,
-    generate_latest,
 )
+from prometheus_client.exposition import choose_encoder
 
+from service import tracing
 from service.errors import ErrorKind
 
 # `_created` series double every counter and histogram and no dashboard reads them.
@@ -41,26 +44,34 @@ STAGES += ("background",)  # Real-ESRGAN, when asked for
 REJECTION_REASONS = tuple(kind.type for kind in ErrorKind if kind.rejection)
 
 
+class TracedHistogram(Histogram):
+    """A histogram whose observations made in a sampled span carry its trace and span ids as
+    the bucket's exemplar (`{trace_id, span_id}`; none while tracing is off)."""
+
+    def observe(self, amount: float, exemplar: dict[str, str] | None = None) -> None:
+        super().observe(amount, exemplar if exemplar is not None else tracing.exemplar())
+
+
 class Metrics:
     """All of the service's metrics on one private registry."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         reg = self.registry
-        self.request_duration = Histogram(
+        self.request_duration = TracedHistogram(
             "osdface_request_duration_seconds",
             "Time from request arrival to the last response byte handed to the server.",
             ["endpoint", "status_class"],
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = TracedHistogram(
             "osdface_queue_wait_seconds",
             "Time a request's faces waited for the model worker (enqueue to first batch start).",
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self.stage_duration = Histogram(
+        self.stage_duration = TracedHistogram(
             "osdface_stage_duration_seconds",
             "Time per pipeline stage; model stages once per batch, the others once per image.",
             ["stage"],
@@ -156,8 +167,11 @@ class Metrics:
             if stage in STAGES:  # bounded labels: unknown keys are not exported
                 self.stage_duration.labels(stage=stage).observe(seconds)
 
-    def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """(body, content type): OpenMetrics (with exemplars) when `accept` (the scraper's
+        Accept header) asks for application/openmetrics-text, else the Prometheus text format."""
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
 
 
 def _cuda_reader(fn: Callable[[int], int], index: int) -> Callable[[], float]:

@@ -7,11 +7,14 @@ maps the refusals to HTTP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from service import tracing
 
 
 class RefusedError(Exception):
@@ -47,8 +50,9 @@ class BatchReport:
 class BatchResult:
     """What `submit` returns: outputs in submission order and where the time went.
 
-    `queue_wait_s` runs from submit to the start of the first batch holding one of the items;
-    `inference_s` and `timings` add up the batches that held them (shared with other requests).
+    `queue_wait_s` runs from submit (`enqueued_at`, a `time.monotonic()` instant) to the start
+    of the first batch holding one of the items; `inference_s` and `timings` add up the batches
+    that held them (shared with other requests); `links`: those batches' spans, when traced.
     """
 
     output: torch.Tensor
@@ -56,6 +60,8 @@ class BatchResult:
     inference_s: float
     timings: dict[str, float]
     batches: int
+    enqueued_at: float = 0.0
+    links: tuple[Any, ...] = ()
 
 
 @dataclass(eq=False)
@@ -77,7 +83,25 @@ class QueuedWork:
     out: torch.Tensor | None = None
     call: Callable[[], Any] | None = None  # a call job: run alone, its result is the answer
     low: bool = False  # in the low-priority queue
+    # The submitter's span when sampled (service/tracing.py), and the model calls' spans.
+    trace: Any = field(default_factory=tracing.sampled_context)
+    links: list[Any] = field(default_factory=list)
 
     @property
     def size(self) -> int:
         return int(self.items.shape[0])
+
+    def resolve(self, value: Any) -> None:
+        """Complete the future from any thread (an exception fails it); a no-op if it is done
+        or its loop is gone."""
+
+        def settle() -> None:
+            if self.future.done():
+                return
+            if isinstance(value, BaseException):
+                self.future.set_exception(value)
+            else:
+                self.future.set_result(value)
+
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            self.loop.call_soon_threadsafe(settle)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import secrets
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse, Response
@@ -16,6 +18,7 @@ from pydantic import ValidationError
 from model.errors import InvalidInputError
 from model.media.pipeline import PhotoResult, RestoreOptions, finish_photo, prepare_photo
 from model.runtime.messages import describe, did_you_mean
+from service import tracing
 from service.background import background_on_worker, both
 from service.errors import (
     ErrorKind,
@@ -43,6 +46,7 @@ from service.state import SERVICE_NAME, ServiceState, service_version
 from service.upload import IMAGE_FIELD, read_upload, refuse_query
 
 router = APIRouter()
+T = TypeVar("T")
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -107,17 +111,21 @@ async def readyz(service: ServiceState = Depends(get_service)) -> Ready:
     operation_id="metrics",
     responses={
         200: {
-            "description": "Prometheus text exposition format 0.0.4",
-            "content": {"text/plain": {"example": "osdface_ready 1.0\n"}},
+            "description": "Prometheus text format 0.0.4, or OpenMetrics 1.0 with trace-id "
+            "exemplars when Accept asks for application/openmetrics-text",
+            "content": {
+                "text/plain": {"example": "osdface_ready 1.0\n"},
+                "application/openmetrics-text": {"example": "osdface_ready 1.0\n# EOF\n"},
+            },
             "headers": OK_HEADERS,
         },
         **ops_responses(),
     },
 )
-async def metrics(service: ServiceState = Depends(get_service)) -> Response:
-    """Prometheus text exposition."""
-    body, content_type = service.metrics.render()
-    return Response(body, media_type=content_type)
+async def metrics(request: Request, service: ServiceState = Depends(get_service)) -> Response:
+    """Prometheus text exposition; OpenMetrics (with exemplars) when Accept asks for it."""
+    body, content_type = service.metrics.render(request.headers.get("accept", ""))
+    return Response(body, media_type=content_type, headers={"Vary": "Accept"})
 
 
 @router.get(
@@ -232,17 +240,21 @@ async def restore_json(
 
 async def _restore(request: Request, service: ServiceState, *, as_json: bool) -> Response:
     refuse_query(request)
-    service.check_ready()
     settings = service.settings
     started = request.scope.get("state", {}).get("started_at", time.monotonic())
     deadline = started + settings.request_timeout_s
-    with service.admitted():
-        assert service.batcher is not None
-        service.batcher.admit(1, deadline)  # queue room and time, before reading the upload
+    with contextlib.ExitStack() as admitted:
+        with tracing.span("admission"):
+            service.check_ready()
+            admitted.enter_context(service.admitted())
+            assert service.batcher is not None
+            service.batcher.admit(1, deadline)  # queue room and time, before reading the upload
         try:
             async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                upload = await read_upload(request, settings.max_upload_bytes)
-                options = parse_options(upload.fields, settings)
+                with tracing.span("upload") as span:
+                    upload = await read_upload(request, settings.max_upload_bytes)
+                    span.set("osdface.upload.bytes", len(upload.image))
+                    options = parse_options(upload.fields, settings)
                 work = asyncio.ensure_future(
                     _restore_photo(service, upload.image, options, deadline)
                 )
@@ -290,9 +302,14 @@ def _describe(exc: ValidationError) -> str:
 async def _restore_photo(
     service: ServiceState, data: bytes, options: RestoreOptions, deadline: float
 ) -> tuple[PhotoResult, BatchResult | None]:
-    """Decode/detect/align on the CPU pool, faces through the batcher, paste/encode on the pool."""
+    """Decode/detect/align on the CPU pool, faces through the batcher, paste/encode on the pool.
+
+    The stages' spans are made from the pipeline's own timings (service/tracing.py)."""
     assert service.batcher is not None
-    prepared = await service.run_cpu(prepare_photo, data, service.detector, options, service.limits)
+    prepared, began = await service.run_cpu(
+        _started, prepare_photo, data, service.detector, options, service.limits
+    )
+    tracing.stages(began, prepared.timings, tracing.PREPARE_STAGES)
     count = int(prepared.crops.shape[0])
     batch = None
     restored = prepared.crops  # (0, 3, 512, 512) when no face was found
@@ -300,8 +317,13 @@ async def _restore_photo(
         faces = service.batcher.submit(prepared.crops, deadline=deadline) if count else _none()
         work = background_on_worker(service.batcher, prepared, service.backgrounds, deadline)
         batch, background = await both(faces, work)
+        if batch is not None:
+            tracing.model_wait(batch, count)
         restored = batch.output if batch is not None else restored
-        result = await service.run_cpu(finish_photo, prepared, restored, background)
+        result, began = await service.run_cpu(
+            _started, finish_photo, prepared, restored, background
+        )
+        tracing.stages(began, result.timings, tracing.FINISH_STAGES)
     except InvalidInputError as exc:
         # The client's input was accepted by prepare_photo; an input error past that point
         # (a bad tensor into the restorer, NaN out of it) is ours: a 500, not a 422.
@@ -311,6 +333,12 @@ async def _restore_photo(
     # are reported as 0.0 by the pipeline; they are not observations.
     service.metrics.observe_stages({k: v for k, v in result.timings.items() if v > 0})
     return result, batch
+
+
+def _started(fn: Callable[..., T], *args: Any) -> tuple[T, float]:
+    """`fn(*args)` and the `time.monotonic()` instant it began: where its stages' spans start."""
+    began = time.monotonic()
+    return fn(*args), began
 
 
 async def _unless_disconnected(

@@ -1,7 +1,8 @@
 """JSON log lines (service/logs.py): the formatter on its own, then a real `osdface serve` under a
 short burst (photos, a bad image, 429s, a wrong key, a client that hangs up mid-upload): every
-line of its log is one JSON object, every line about a request carries that request's id, and
-the API key never appears."""
+line of its log is one JSON object, every line about a request carries that request's id (and,
+tracing being on, its trace id: the one answered in `X-Trace-Id`), and the API key never
+appears."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -23,6 +25,7 @@ import pytest
 
 from service.logs import REQUEST_ID, configure_logging
 from tests.live_server import LiveServer, running_server, wait_until
+from tests.otlp_receiver import OtlpReceiver
 from tests.service_helpers import BOUNDARY, aligned_crop, multipart
 
 API_KEY = "osdface-test-key-Zq81vR2c"
@@ -161,7 +164,8 @@ def test_cpu_pool_work_runs_in_the_request_context() -> None:
 
 @pytest.fixture(scope="module")
 def server(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[LiveServer]:
-    """JSON at debug level (the CPU pool's lines too), an API key, one request at a time."""
+    """JSON at debug level (the CPU pool's lines too), an API key, one request at a time,
+    traces exported to a loopback receiver."""
     if not (tiny_weights_dir / "facexlib" / "detection_mobilenet0.25_Final.pth").exists():
         pytest.skip("the RetinaFace MobileNet detector is not in the shared assets")
     env = {
@@ -174,8 +178,10 @@ def server(tiny_weights_dir: Path, tmp_path_factory, assets: Path) -> Iterator[L
         "OSDFACE_SHUTDOWN_GRACE_S": "5",
     }
     log = tmp_path_factory.mktemp("json-logs") / "serve.log"
-    with running_server(tiny_weights_dir, log, env) as s:
-        yield s
+    with OtlpReceiver() as receiver:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+        with running_server(tiny_weights_dir, log, env) as s:
+            yield s
 
 
 def _auth(key: str = API_KEY, request_id: str | None = None) -> dict[str, str]:
@@ -227,8 +233,10 @@ def test_every_line_of_a_burst_is_json_with_its_request_id(
 ) -> None:
     crops = [aligned_crop(assets, n) for n in ("Adele_crop.png", "Paris_Hilton_crop.png")] * 3
     answered: dict[str, int] = {}  # request id -> status
+    traced: dict[str, str] = {}  # request id -> trace id
     for response in _burst(server.base, crops):
         answered[response.headers["x-request-id"]] = response.status_code
+        traced[response.headers["x-request-id"]] = response.headers["x-trace-id"]
     assert set(answered) == {f"burst-{i}" for i in range(len(crops))}
     assert 200 in answered.values() and 429 in answered.values(), answered
     assert set(answered.values()) <= {200, 429}, answered
@@ -247,6 +255,7 @@ def test_every_line_of_a_burst_is_json_with_its_request_id(
             response = client.post("/restore", files=files, data=data, headers=headers)
             ids.append(response.headers["x-request-id"])
             answered[ids[-1]] = response.status_code
+            traced[ids[-1]] = response.headers["x-trace-id"]
     statuses = [answered[i] for i in ids]
     assert statuses[:2] == [200, 200] and 400 <= statuses[2] < 500 and statuses[3] == 401
 
@@ -266,6 +275,7 @@ def test_every_line_of_a_burst_is_json_with_its_request_id(
     assert entries and all(isinstance(e, dict) and set(CONTEXT) <= set(e) for e in entries)
     _check_access_lines(entries, answered)
     _check_request_ids(entries, answered, worked_on_pool=ids[:2])
+    _check_trace_ids(entries, traced, unanswered="gone-1")
     assert API_KEY not in log and WRONG_KEY not in log
     _check_documented({key for e in entries if e["logger"] == "service.access" for key in e})
     assert not any(CLIENT_FILE_NAME in e["message"] for e in entries)
@@ -301,6 +311,23 @@ def _check_request_ids(
             assert e["request_id"], e
         if e["request_id"] and e["request_id"] not in answered:
             assert e["logger"] == "service.access" and e["path"] in PROBES, e
+
+
+def _check_trace_ids(entries: list[dict], traced: dict[str, str], unanswered: str) -> None:
+    """Every line about one of our requests carries its trace id (the one its answer gave) and
+    a span id; the request that got no answer has a trace id too. A line with no request id
+    and a trace id comes from the model worker, during the model call of a traced request."""
+    for e in entries:
+        rid = e["request_id"]
+        if rid in traced:
+            assert e["trace_id"] == traced[rid], e
+        if rid in traced or rid == unanswered:
+            assert re.fullmatch("[0-9a-f]{32}", e["trace_id"] or ""), e
+            assert re.fullmatch("[0-9a-f]{16}", e["span_id"] or ""), e
+        elif rid is None and e["trace_id"] is not None:
+            assert e["thread"].startswith("osdface-model"), e
+    access = {e["request_id"]: e for e in entries if e["logger"] == "service.access"}
+    assert access[unanswered]["trace_id"] not in traced.values()
 
 
 def _check_documented(fields: set[str]) -> None:
