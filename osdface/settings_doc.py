@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
 from osdface import serve
@@ -99,6 +99,7 @@ def describe_type(annotation: Any, metadata: list[Any]) -> str:
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return " \\| ".join(f"`{member.value}`" for member in annotation)
     words = {bool: "`true` \\| `false`", int: "integer", float: "number", str: "text", Path: "path"}
+    words[SecretStr] = "text (kept out of logs)"
     text = words.get(annotation, getattr(annotation, "__name__", str(annotation)))
     bounds = []
     for item in metadata:

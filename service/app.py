@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from model.media.faces.detect import FaceDetector
 from model.networks.restorer import OSDFaceRestorer
-from service import job_routes, routes, web
+from service import job_routes, routes, tracing, web
 from service.errors import (
     UNCOUNTED_PATHS,
     ErrorKind,
@@ -57,25 +57,29 @@ def create_app(
 ) -> FastAPI:
     """Build the service. Given components are used as they are; missing ones load at start."""
     settings = settings or Settings()
+    tracing.configure(service_version())  # on when an OTLP endpoint is set (OTEL_* variables)
     metrics = Metrics()
     state = ServiceState(settings, metrics, restorer=restorer, detector=detector)
     jobs = JobManager(settings, metrics.registry)
+    state.on_drain.append(jobs.begin_handback)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        jobs.open()
         loader = asyncio.create_task(state.load(), name="osdface-load")
         jobs_start = asyncio.create_task(jobs.start_after(loader, state), name="osdface-jobs")
         try:
             yield
         finally:
             jobs_start.cancel()
-            await jobs.stop()
-            state.begin_drain()
+            state.begin_drain()  # the running job finishes its segment, then goes back
+            await jobs.stop(state.grace_left(settings.shutdown_grace_s))
             if not loader.done():  # shut down while loading: the thread finishes on its own
                 loader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await loader
             await state.shutdown(settings.shutdown_grace_s)
+            await asyncio.to_thread(tracing.flush)  # the last requests' spans, before exit
 
     app = FastAPI(
         title="OSDFace",
@@ -98,8 +102,19 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-Id"],
-            expose_headers=[*RESULT_HEADERS, "X-Request-Id", "Retry-After"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Accept",
+                "X-Request-Id",
+                "Idempotency-Key",
+            ],
+            expose_headers=[
+                *RESULT_HEADERS,
+                "X-Request-Id",
+                tracing.TRACE_ID_HEADER,
+                "Retry-After",
+            ],
         )
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees everything
     return app
@@ -111,6 +126,9 @@ class RequestContextMiddleware:
     Pure ASGI (not BaseHTTPMiddleware) so the disconnect message still reaches the handler.
     Each request gets an `X-Request-Id` (the client's, if it is a short token, else a new one),
     also set in `service.logs.REQUEST_ID` so every line logged for the request carries it.
+    With tracing on, each API request (not probes or /metrics) is a server span, current while
+    it is served (the caller's `traceparent` its parent); a sampled one's trace id is answered in
+    `X-Trace-Id`, and an error answer marks it failed with the body's error type.
     One access line per request (service/logs.py; probes and /metrics at debug level).
     `HEAD` is answered as `GET` without the body, wherever `GET` is routed. An exception no
     handler mapped is a bug: logged once with the request id, answered 500. A request cut by
@@ -130,6 +148,10 @@ class RequestContextMiddleware:
         request_id = _request_id(scope)
         REQUEST_ID.set(request_id)  # this request's task: its own copy of the context
         method = scope["method"]
+        traced = None
+        if scope["path"] not in UNCOUNTED_PATHS:
+            headers = scope.get("headers", ())
+            traced = tracing.start_request(headers, method, scope["path"], started, request_id)
         head = method == "HEAD"
         if head:
             scope = {**scope, "method": "GET"}
@@ -143,10 +165,14 @@ class RequestContextMiddleware:
             nonlocal status, response_started, sent_bytes
             if message["type"] == "http.response.body":
                 sent_bytes += 0 if head else len(message.get("body", b""))
+                if traced is not None and status >= 400:
+                    traced.error_body(message.get("body", b""))
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers["X-Request-Id"] = request_id
+                if traced is not None and traced.trace_id is not None:
+                    headers[tracing.TRACE_ID_HEADER] = traced.trace_id
                 if "x-content-type-options" not in headers:
                     headers["X-Content-Type-Options"] = "nosniff"
             elif head and message["type"] == "http.response.body":
@@ -164,7 +190,9 @@ class RequestContextMiddleware:
             message = "the server shut down before this request finished; retry"
             body = error_body(ErrorKind.SHUTTING_DOWN.type, message)
             await _send_json(send_with_id, status, body, {"retry-after": "1"})
-        except Exception:
+        except Exception as exc:
+            if traced is not None:
+                traced.exception(exc)
             logger.exception(
                 "unhandled error on %s %s (request_id=%s)",
                 method,
@@ -185,6 +213,8 @@ class RequestContextMiddleware:
                     duration
                 )
             _log_access(scope, method, endpoint, status, sent_bytes, duration)
+            if traced is not None:  # after the log line and the metric: they carry its ids
+                traced.end(status, endpoint, started + duration)
 
 
 def _endpoint(scope: Scope) -> str:

@@ -36,6 +36,7 @@ from model.errors import (
     VideoDecodeError,
 )
 from model.runtime.messages import phrase
+from service.jobstore import IdempotencyConflictError, StoreUnavailableError
 from service.queue_items import BatcherClosedError, DeadlineUnreachableError, QueueFullError
 
 logger = logging.getLogger(__name__)
@@ -74,6 +75,12 @@ class ErrorKind(enum.Enum):
         False,
     )
     INVALID_PARAMETER = (422, "invalid_parameter", "a form field is missing, unknown or bad", False)
+    IDEMPOTENCY_KEY_REUSED = (
+        422,
+        "idempotency_key_reused",
+        "the Idempotency-Key names a video job made from another upload",
+        False,
+    )
     QUEUE_FULL = (429, "queue_full", "the model queue has no room for the faces", True)
     OVERLOADED = (
         429,
@@ -94,6 +101,12 @@ class ErrorKind(enum.Enum):
     NOT_READY = (503, "not_ready", "the model is loading or warming up", True)
     MODEL_FAILED = (503, "model_failed", "loading the model failed or its worker stopped", True)
     SHUTTING_DOWN = (503, "shutting_down", "the server is shutting down", True)
+    JOB_STORE_UNAVAILABLE = (
+        503,
+        "job_store_unavailable",
+        "the video jobs' store (Redis, or the jobs folder's database) does not answer",
+        True,
+    )
     DEADLINE_EXCEEDED = (504, "deadline_exceeded", "the request passed its deadline", True)
 
     def __init__(self, status: int, type_: str, description: str, rejection: bool) -> None:
@@ -112,6 +125,7 @@ RETRY_AFTER_DEFAULT_S = {
     ErrorKind.NOT_READY: 5.0,
     ErrorKind.MODEL_FAILED: 5.0,
     ErrorKind.SHUTTING_DOWN: 1.0,
+    ErrorKind.JOB_STORE_UNAVAILABLE: 5.0,
 }
 
 
@@ -158,6 +172,8 @@ _EXCEPTION_KINDS: tuple[tuple[type[Exception], ErrorKind], ...] = (
     (QueueFullError, ErrorKind.QUEUE_FULL),
     (DeadlineUnreachableError, ErrorKind.OVERLOADED),
     (BatcherClosedError, ErrorKind.SHUTTING_DOWN),
+    (IdempotencyConflictError, ErrorKind.IDEMPOTENCY_KEY_REUSED),
+    (StoreUnavailableError, ErrorKind.JOB_STORE_UNAVAILABLE),
 )
 
 _BY_STATUS = {

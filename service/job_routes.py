@@ -10,34 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
-from python_multipart.multipart import parse_options_header
 
 from model.errors import InvalidInputError
 from model.media.video.config import VIDEO_SUFFIXES
 from model.media.video.io import VideoSource
 from model.media.video.restore import VideoOptions
-from model.runtime.messages import did_you_mean
 from service.errors import ErrorKind, ServiceError
-from service.jobs import Job, JobManager, JobState
+from service.job_runner import options_to_dict
+from service.job_upload import VIDEO_FIELD, idempotency_key, read_video, upload_digest
+from service.jobs import JobManager, job_view
+from service.jobstore import JobRecord, JobState, StoreFullError
 from service.openapi import OK_HEADERS, ops_responses
 from service.routes import answer_media_type, get_service, require_api_key
 from service.schemas import JobView
 from service.state import ServiceState
-from service.upload import feed_multipart, open_multipart, refuse_query, too_large_message
-
-if TYPE_CHECKING:  # python-multipart defines its callback types for type checkers only
-    from python_multipart.multipart import MultipartCallbacks
+from service.tracing_worker import carrier
+from service.upload import refuse_query
 
 router = APIRouter(prefix="/v1/jobs", tags=["video jobs"])
 
-VIDEO_FIELD = "video"
-FIELDS = ("start", "duration", "crf", "strength", "max_faces")
-MAX_FIELD_BYTES = 64
 MEDIA_TYPES = {
     ".mp4": "video/mp4",
     ".mov": "video/quicktime",
@@ -62,7 +58,7 @@ class JobNotDoneError(ServiceError):
 
 
 JOB_EXAMPLE = {
-    "id": "3f2c9a",
+    "id": "3f2c9a0d6b1e4f7a8c5d2e9b0a1f3c4d",
     "state": "running",
     "progress": {
         "frames_done": 120,
@@ -70,12 +66,16 @@ JOB_EXAMPLE = {
         "fraction": 0.25,
         "frames_per_second": 9.5,
         "eta_s": 37.9,
+        "segments_done": 0,
+        "segments_total": 2,
     },
     "faces": 118,
     "created_at": 1764500000.0,
     "started_at": 1764500001.2,
     "finished_at": None,
     "error": None,
+    "takeovers": 0,
+    "segments_redone": 0,
     "result": None,
 }
 _JOB_JSON = {"application/json": {"example": JOB_EXAMPLE}}
@@ -124,122 +124,6 @@ def get_jobs(request: Request) -> JobManager:
     return request.app.state.jobs
 
 
-class _VideoPart:
-    """python-multipart callbacks: the `video` field streamed to a file, short text fields."""
-
-    def __init__(self, target_dir: Path, max_bytes: int, too_large: str) -> None:
-        self.target_dir, self.max_bytes, self.too_large = target_dir, max_bytes, too_large
-        self.path: Path | None = None
-        self.filename = ""
-        self.fields: dict[str, str] = {}
-        self.ended = False
-        self._name: str | None = None
-        self._headers: dict[bytes, bytes] = {}
-        self._field, self._value = bytearray(), bytearray()
-        self._file: BinaryIO | None = None
-        self._size = 0
-        self._text = bytearray()
-
-    def callbacks(self) -> MultipartCallbacks:
-        return {
-            "on_part_begin": self._begin,
-            "on_header_field": lambda d, a, b: self._field.extend(d[a:b]),
-            "on_header_value": lambda d, a, b: self._value.extend(d[a:b]),
-            "on_header_end": self._header_end,
-            "on_headers_finished": self._headers_finished,
-            "on_part_data": self._data,
-            "on_part_end": self._end,
-            "on_end": lambda: setattr(self, "ended", True),
-        }
-
-    def _begin(self) -> None:
-        self._headers, self._name, self._text = {}, None, bytearray()
-
-    def _header_end(self) -> None:
-        self._headers[bytes(self._field).lower()] = bytes(self._value)
-        self._field.clear()
-        self._value.clear()
-
-    def _headers_finished(self) -> None:
-        kind, params = parse_options_header(self._headers.get(b"content-disposition", b""))
-        name = params.get(b"name")
-        if kind != b"form-data" or not name:
-            raise ServiceError(
-                ErrorKind.MALFORMED_REQUEST, "a multipart field has no Content-Disposition name"
-            )
-        self._name = name.decode("utf-8", "replace")
-        if self._name == VIDEO_FIELD:
-            if self.path is not None:
-                raise ServiceError(ErrorKind.INVALID_PARAMETER, "send exactly one 'video' field")
-            self.filename = Path(params.get(b"filename", b"").decode("utf-8", "replace")).name
-            suffix = Path(self.filename).suffix.lower()
-            if suffix not in VIDEO_SUFFIXES:
-                raise ServiceError(
-                    ErrorKind.UNSUPPORTED_MEDIA_TYPE,
-                    f"the video's file name must end in one of {' '.join(VIDEO_SUFFIXES)}",
-                )
-            self.path = self.target_dir / f"input{suffix}"
-            self._file = self.path.open("wb")
-        elif self._name not in FIELDS:
-            raise ServiceError(
-                ErrorKind.INVALID_PARAMETER, unknown_field(self._name, b"filename" in params)
-            )
-
-    def _data(self, data: bytes, start: int, end: int) -> None:
-        if self._file is not None:
-            self._size += end - start
-            if self._size > self.max_bytes:
-                raise ServiceError(ErrorKind.PAYLOAD_TOO_LARGE, self.too_large)
-            self._file.write(data[start:end])
-        else:
-            self._text += data[start:end]
-            if len(self._text) > MAX_FIELD_BYTES:
-                raise ServiceError(
-                    ErrorKind.PAYLOAD_TOO_LARGE, f"form field {self._name!r} is too long"
-                )
-
-    def _end(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        elif self._name is not None:
-            self.fields[self._name] = bytes(self._text).decode("utf-8", "replace").strip()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
-def unknown_field(name: str, is_file: bool) -> str:
-    """Why a form field is refused: a file belongs in `video`; a close name is suggested, else
-    the fields are listed."""
-    if is_file:
-        return (
-            f"the video goes in the field {VIDEO_FIELD!r}, not {name!r}; "
-            f"the other fields are {', '.join(FIELDS)}"
-        )
-    hint = did_you_mean(name, (VIDEO_FIELD, *FIELDS))
-    return f"{name} is not a known field" + (
-        hint or f"; the fields are {', '.join((VIDEO_FIELD, *FIELDS))}"
-    )
-
-
-async def _read_video(request: Request, folder: Path, max_bytes: int) -> _VideoPart:
-    part = _VideoPart(folder, max_bytes, too_large_message(max_bytes, "max_job_bytes"))
-    body = open_multipart(request, part.callbacks(), max_bytes, "max_job_bytes", VIDEO_FIELD)
-    try:
-        await feed_multipart(request, body.parser, body.body_limit, body.too_large)
-    finally:
-        part.close()
-    if not part.ended:
-        raise ServiceError(
-            ErrorKind.MALFORMED_REQUEST, "the multipart body ended before its closing boundary"
-        )
-    if part.path is None:
-        raise ServiceError(ErrorKind.INVALID_PARAMETER, "the multipart field 'video' is missing")
-    return part
-
-
 def _options(fields: dict[str, str], service: ServiceState) -> VideoOptions:
     s = service.settings
     try:
@@ -272,6 +156,17 @@ def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) ->
         )
 
 
+def _too_many_jobs(full: StoreFullError, retention_s: float) -> ServiceError:
+    wait = 30.0
+    if full.oldest_finished_at is not None:
+        wait = max(1.0, full.oldest_finished_at + retention_s - time.time())
+    return ServiceError(
+        ErrorKind.TOO_MANY_JOBS,
+        f"{full.held} video jobs held (limit {full.limit}); fetch or DELETE finished ones",
+        retry_after_s=wait,
+    )
+
+
 @router.post(
     "",
     status_code=202,
@@ -279,6 +174,12 @@ def _probe(path: Path, options: VideoOptions, max_frames: int, filename: str) ->
     operation_id="submit_job",
     openapi_extra={"requestBody": JOB_BODY},
     responses={
+        200: {
+            "model": JobView,
+            "content": _JOB_JSON,
+            "headers": OK_HEADERS,
+            "description": "the job an earlier submission with the same Idempotency-Key made",
+        },
         202: {"model": JobView, "content": _JOB_JSON, "headers": OK_HEADERS},
         **ops_responses(*_UPLOAD_ERRORS),
     },
@@ -289,30 +190,49 @@ async def submit(
     jobs: JobManager = Depends(get_jobs),
 ) -> JSONResponse:
     """Upload a video (multipart field `video`; optional start, duration, crf, strength,
-    max_faces); 202 with the job, whose progress GET /v1/jobs/{id} reports."""
+    max_faces); 202 with the job, whose progress GET /v1/jobs/{id} reports. With an
+    `Idempotency-Key` header, a repeated submission of the same upload answers 200 with the
+    job the first one made (any replica), and the same key with another upload is refused."""
     refuse_query(request)
+    key = idempotency_key(request)
     service.check_ready()
-    if not jobs.has_room():
-        raise ServiceError(
-            ErrorKind.TOO_MANY_JOBS,
-            f"{len(jobs.jobs)} video jobs held (limit {jobs.settings.max_jobs}); fetch or "
-            "DELETE finished ones",
-            retry_after_s=jobs.retry_after_s(),
-        )
+    if key is None:  # refused before the upload is read; a keyed retry is always answered
+        try:
+            await jobs.check_room()
+        except StoreFullError as full:
+            raise _too_many_jobs(full, jobs.settings.job_retention_s) from None
     job_id, folder = jobs.new_folder()
     filename = "the upload"
     try:
-        part = await _read_video(request, folder, jobs.settings.max_job_bytes)
+        part = await read_video(request, folder, jobs.settings.max_job_bytes)
         assert part.path is not None  # _read_video refuses a body without the video
         filename = part.filename or filename
         options = _options(part.fields, service)
         await asyncio.to_thread(_probe, part.path, options, jobs.settings.max_job_frames, filename)
+        record = JobRecord(
+            job_id,
+            part.filename,
+            part.path.suffix,
+            options_to_dict(options),
+            idempotency_key=key,
+            upload_digest=upload_digest(part),
+            trace=carrier() or None,
+        )
+        record, created = await jobs.create(record)
+    except StoreFullError as full:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise _too_many_jobs(full, jobs.settings.job_retention_s) from None
     except BaseException as exc:
         shutil.rmtree(folder, ignore_errors=True)
         _hide_paths(exc, folder, filename)
         raise
-    job = jobs.add(job_id, folder, part.path, options, part.filename)
-    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+    if not created:  # a repeated submission: the first one's job
+        shutil.rmtree(folder, ignore_errors=True)
+    return JSONResponse(
+        job_view(record),
+        status_code=202 if created else 200,
+        headers={"Location": f"/v1/jobs/{record.id}"},
+    )
 
 
 def _hide_paths(exc: BaseException, folder: Path, name: str) -> None:
@@ -324,8 +244,8 @@ def _hide_paths(exc: BaseException, folder: Path, name: str) -> None:
         exc.args = (text.replace(str(folder), name), *exc.args[1:])
 
 
-def _job(jobs: JobManager, job_id: str) -> Job:
-    job = jobs.get(job_id)
+async def _job(jobs: JobManager, job_id: str) -> JobRecord:
+    job = await jobs.get(job_id)
     if job is None:
         raise JobNotFoundError(f"no job {job_id!r} (finished jobs expire, or it was deleted)")
     return job
@@ -342,7 +262,7 @@ def _job(jobs: JobManager, job_id: str) -> Job:
 )
 async def status(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
     """State (queued, running, succeeded, failed) and progress in frames, with fps and ETA."""
-    return _job(jobs, job_id).view()
+    return job_view(await _job(jobs, job_id))
 
 
 @router.get(
@@ -367,17 +287,23 @@ async def result(
     job_id: str, request: Request, jobs: JobManager = Depends(get_jobs)
 ) -> FileResponse:
     """The restored video of a succeeded job; 409 while it is not done."""
-    job = _job(jobs, job_id)
+    job = await _job(jobs, job_id)
     if job.state is not JobState.SUCCEEDED:
         raise JobNotDoneError(f"job {job_id} is {job.state}; its result is not available")
     stem = Path(job.filename).stem or "video"
+    output = jobs.folder(job.id) / f"output{job.suffix}"
+    if not output.is_file():  # the record says succeeded, the shared folder lacks the file
+        raise JobNotFoundError(
+            f"job {job_id} succeeded but its video is not in this replica's jobs folder "
+            "(is OSDFACE_JOBS_DIR a volume every replica mounts?)"
+        )
     return FileResponse(
-        job.output,
+        output,
         media_type=answer_media_type(
             request.headers.get("accept", ""),
-            MEDIA_TYPES.get(job.output.suffix, "application/octet-stream"),
+            MEDIA_TYPES.get(job.suffix, "application/octet-stream"),
         ),
-        filename=f"{stem}-restored{job.output.suffix}",
+        filename=f"{stem}-restored{job.suffix}",
     )
 
 
@@ -392,7 +318,7 @@ async def result(
 )
 async def delete(job_id: str, jobs: JobManager = Depends(get_jobs)) -> dict:
     """Cancel a queued or running job, or remove a finished one, with its files."""
-    job = jobs.delete(job_id)
+    job = await jobs.delete(job_id)
     if job is None:
         raise JobNotFoundError(f"no job {job_id!r}")
-    return job.view() | {"result": None}
+    return job_view(job) | {"result": None}

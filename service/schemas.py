@@ -176,10 +176,17 @@ class JobProgress(BaseModel):
     fraction: float | None = Field(description="frames_done / frames_total, 0..1")
     frames_per_second: float = Field(description="frames restored per second so far")
     eta_s: float | None = Field(description="predicted seconds until the job ends")
+    segments_done: int = Field(description="output segments finished (a job resumes after them)")
+    segments_total: int | None = Field(description="output segments of the job (None: not yet)")
+
+
+class JobError(BaseModel):
+    type: str = Field(description="the error type, as in the error table")
+    message: str
 
 
 class JobView(BaseModel):
-    """A video job as `GET /v1/jobs/{id}` reports it (`service/jobs.py` `Job.view`)."""
+    """A video job as `GET /v1/jobs/{id}` reports it (`service/jobs.py` `job_view`)."""
 
     id: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -188,5 +195,9 @@ class JobView(BaseModel):
     created_at: float = Field(description="Unix time of the upload")
     started_at: float | None = Field(description="Unix time the job started running")
     finished_at: float | None = Field(description="Unix time the job ended")
-    error: str | None = Field(description="why the job failed")
+    error: JobError | None = Field(description="why the job failed")
+    takeovers: int = Field(
+        description="times another replica resumed the job after its replica stopped answering"
+    )
+    segments_redone: int = Field(description="segments restored again after such a cut")
     result: str | None = Field(description="the path of the restored video once succeeded")

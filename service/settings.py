@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PositiveInt,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model.media.video.config import DEFAULT_CRF, DEFAULT_WINDOW_FRAMES, MAX_CRF
 from model.runtime.messages import describe
@@ -83,6 +90,25 @@ class Settings(RuntimeSettings):
     job_crf: int = Field(
         DEFAULT_CRF, ge=0, le=MAX_CRF, description="quality of restored videos (CRF)"
     )
+    jobs_redis_url: SecretStr | None = Field(
+        None,
+        description="redis://[:password@]host:port/db of a Redis or Valkey shared by every "
+        "replica (jobs_dir then on a volume they all mount); unset: a SQLite database in "
+        "jobs_dir, shared by the replicas of one host",
+    )
+    job_lease_s: float = Field(
+        30.0,
+        ge=1.0,
+        le=3600.0,
+        allow_inf_nan=False,
+        description="a running job's lease; renewed every third of it, and a replica that "
+        "stops renewing (killed, lost) has its job taken over this long after",
+    )
+    job_segment_frames: PositiveInt = Field(
+        256,
+        description="frames of one output segment (a multiple of job_window_frames): a job "
+        "taken over or resumed redoes at most one",
+    )
 
     @field_validator("jobs_dir")
     @classmethod
@@ -94,6 +120,24 @@ class Settings(RuntimeSettings):
         if self.max_queue_faces < self.max_batch_faces:
             raise ValueError("max_queue_faces must be at least max_batch_faces")
         return self
+
+    @model_validator(mode="after")
+    def _segments_are_whole_windows(self) -> Settings:
+        if self.job_segment_frames % self.job_window_frames:
+            raise ValueError(
+                f"job_segment_frames ({self.job_segment_frames}) must be a multiple of "
+                f"job_window_frames ({self.job_window_frames})"
+            )
+        return self
+
+    @field_validator("jobs_redis_url")
+    @classmethod
+    def _redis_scheme(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return v
 
 
 # OSDFACE_* names that are not settings of the service (read by the test suite only).

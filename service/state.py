@@ -101,6 +101,9 @@ class ServiceState:
         # Called (from any thread) when the service can never become ready: the loading failed
         # or the model worker died. `osdface serve` makes it end the process with an error.
         self.on_fatal: Callable[[str], None] = lambda reason: None
+        # Called by `begin_drain` (maybe from a signal handler: they only set flags), e.g. the
+        # video jobs' hand-back.
+        self.on_drain: list[Callable[[], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -195,6 +198,7 @@ class ServiceState:
         restorer, s, metrics = self.restorer, self.settings, self.metrics
         assert restorer is not None
         seed = s.restorer_seed
+        dtype = str(restorer.dtype).removeprefix("torch.")  # of each model call's span
 
         def run_model(faces: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
             return restore_faces(restorer, faces, seed=seed)  # one call: the batcher cut it
@@ -213,6 +217,7 @@ class ServiceState:
             on_depth=metrics.queue_depth.set,
             on_death=self._worker_died,
             stream=restorer.worker_stream(),
+            span_attributes={"osdface.device": str(restorer.device), "osdface.dtype": dtype},
         )
 
     def _worker_died(self, exc: BaseException) -> None:
@@ -227,9 +232,17 @@ class ServiceState:
         self.phase, self.reason = Phase.DRAINING, "shutting down"
         self.metrics.ready.set(0)
         self._drain_started = self._drain_started or time.monotonic()
+        for hook in self.on_drain:
+            hook()
         if self._loop is not None and self.batcher is not None:
             with contextlib.suppress(RuntimeError):  # the loop is already closed
                 self._loop.call_soon_threadsafe(self.batcher.hurry)
+
+    def grace_left(self, grace_s: float) -> float:
+        """Seconds left of `grace_s` since draining began (all of it before)."""
+        if self._drain_started is None:
+            return grace_s
+        return max(0.0, grace_s - (time.monotonic() - self._drain_started))
 
     async def shutdown(self, grace_s: float) -> None:
         """Finish queued model work within what is left of `grace_s` since draining began

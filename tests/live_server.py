@@ -96,11 +96,12 @@ E2E_ENV = {"OSDFACE_CPU_WORKERS": "1", "OSDFACE_SHUTDOWN_GRACE_S": "5"}
 
 @contextmanager
 def running_server(
-    weights_dir: Path, log_path: Path, env: dict[str, str] | None = None
+    weights_dir: Path, log_path: Path, env: dict[str, str] | None = None, port: int | None = None
 ) -> Iterator[LiveServer]:
-    """`python -m osdface serve` (the `osdface` console script's entry point) on a free
-    port, CPU, float32: wait for /readyz, yield it, stop it with SIGTERM if still running."""
-    port = free_port()
+    """`python -m osdface serve` (the `osdface` console script's entry point) on `port` (else
+    a free one), CPU, float32: wait for /readyz, yield it, stop it with SIGTERM if still
+    running."""
+    port = port or free_port()
     command = [sys.executable, "-m", "osdface", "serve", "--weights", str(weights_dir)]
     command += ["--detector", "retinaface_mobile0.25", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--device", "cpu", "--dtype", "float32"]

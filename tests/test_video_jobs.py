@@ -100,6 +100,11 @@ def wait_state(client, job_id: str, states: tuple[str, ...], timeout: float = 12
     return wait_until(done, timeout, f"job {job_id} in {states}", 0.05)
 
 
+def job_folders(jobs_dir: Path) -> list[str]:
+    """The job folders (32 hex digits) in the jobs folder, beside the job store's database."""
+    return [p.name for p in jobs_dir.iterdir() if re.fullmatch(r"[0-9a-f]{32}", p.name)]
+
+
 def error_of(response, status: int) -> str:
     assert response.status_code == status, response.text
     body = response.json()
@@ -121,7 +126,7 @@ def test_submit_poll_and_fetch_a_restored_video(client, clips, tmp_path) -> None
     assert answer.headers["location"] == f"/v1/jobs/{job['id']}"
     assert job["state"] in ("queued", "running")
     view = wait_state(client, job["id"], ("succeeded", "failed"))
-    assert view["state"] == "succeeded", view
+    assert view["state"] == "succeeded", view["error"]
     assert view["progress"]["frames_done"] == FACE_FRAMES and view["faces"] == 2 * FACE_FRAMES
     result = client.get(view["result"])
     assert result.status_code == 200 and result.headers["content-type"] == "video/mp4"
@@ -154,7 +159,7 @@ def test_cancel_a_running_and_a_queued_job(client, clips, tmp_path) -> None:
         assert gone.status_code == 200 and gone.json()["state"] == "cancelled"
         assert error_of(client.get(f"/v1/jobs/{job_id}"), 404) == "not_found"
     jobs_dir = tmp_path / "jobs"
-    wait_until(lambda: not any(jobs_dir.iterdir()), 30, "job folders removed", 0.05)
+    wait_until(lambda: not job_folders(jobs_dir), 30, "job folders removed", 0.05)
     text = client.get("/metrics").text
     assert metric(text, "osdface_jobs_finished_total", state="cancelled") == 2
     assert metric(text, "osdface_jobs", state="running") == 0
@@ -178,7 +183,7 @@ def test_limits_on_jobs_bytes_and_frames(
         assert accepted.status_code == 202
         full = submit(c, clips["short"])
         assert error_of(full, 429) == "too_many_jobs" and int(full.headers["retry-after"]) >= 1
-    kept = [p.name for p in (tmp_path / "jobs").iterdir()]
+    kept = job_folders(tmp_path / "jobs")
     assert kept == [accepted.json()["id"]], "refused uploads leave no file"
 
 
@@ -301,5 +306,26 @@ def test_folders_left_by_an_earlier_process_are_removed_once_expired(tmp_path: P
     os.utime(old, (past, past))
     os.utime(other, (past, past))
     settings = Settings(jobs_dir=root, job_retention_s=3600)
-    JobManager(settings, CollectorRegistry())._remove_stale_folders()
-    assert sorted(p.name for p in root.iterdir()) == sorted([fresh.name, other.name])
+    jobs = JobManager(settings, CollectorRegistry())
+    jobs.open()
+    jobs.remove_stale_folders()
+    jobs.store.close()
+    kept = sorted(p.name for p in root.iterdir() if not p.name.startswith("jobs.sqlite3"))
+    assert kept == sorted([fresh.name, other.name])
+
+
+def test_an_unreachable_job_store_is_a_503_naming_it_and_photos_go_on(
+    tmp_path, tiny_weights_dir, tiny_restorer, detector, clips
+) -> None:
+    from tests.live_server import free_port
+
+    url = f"redis://:secret-pw@127.0.0.1:{free_port()}/0"  # nothing listens there
+    settings = settings_for(tiny_weights_dir, tmp_path / "jobs", jobs_redis_url=url)
+    with serving(settings, tiny_restorer, detector) as c:
+        for answer in (submit(c, clips["short"]), c.get("/v1/jobs/" + "0" * 32)):
+            assert error_of(answer, 503) == "job_store_unavailable"
+            assert int(answer.headers["retry-after"]) >= 1
+            message = answer.json()["error"]["message"]
+            assert "127.0.0.1" in message and "secret-pw" not in message
+        assert c.get("/readyz").status_code == 200  # photos do not need the job store
+    assert job_folders(tmp_path / "jobs") == [], "a refused upload leaves no folder"

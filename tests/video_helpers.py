@@ -110,3 +110,13 @@ def decoded_frames(path: Path) -> list[np.ndarray]:
     """Every frame of a (short) clip, (H, W, 3) uint8 RGB."""
     with av.open(str(path)) as container:
         return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def gradient_frames(count: int, width: int = 128, height: int = 96) -> Iterator[np.ndarray]:
+    """A bright band moving across a gradient: compresses well, detection runs in full."""
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None, None]
+    for i in range(count):
+        band = 80.0 * np.exp(-(((np.arange(width) - (i * 3) % width) / 8.0) ** 2))
+        frame = 0.5 * x + 0.3 * y + band[None, :, None]
+        yield np.clip(np.broadcast_to(frame, (height, width, 3)), 0, 255).astype(np.uint8)

@@ -14,6 +14,12 @@
     return key ? { Authorization: `Bearer ${key}` } : {};
   }
 
+  function newKey() {
+    // crypto.randomUUID needs a secure context; getRandomValues works on plain http too.
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
   function say(text, kind = "") {
     const el = $("video-message");
     el.textContent = text;
@@ -105,10 +111,15 @@
     $("video-result").hidden = true;
     busy(true);
     say("Uploading…");
+    // One key per upload: a retry after a dropped connection (here, or nginx's) is the same job.
+    const submitHeaders = { ...headers(), "Idempotency-Key": newKey() };
+    const send = () => fetch("v1/jobs", { method: "POST", body, headers: submitHeaders });
     try {
-      const response = await fetch("v1/jobs", { method: "POST", body, headers: headers() });
+      const response = await send().catch(() => send());
       const view = await response.json().catch(() => null);
-      if (response.status !== 202) throw new Error(errorText(response.status, view));
+      if (response.status !== 202 && response.status !== 200) {
+        throw new Error(errorText(response.status, view));
+      }
       job = { id: view.id, timer: null };
       $("video-job").textContent = view.id;
       say("Restoring… (photos keep priority; this may take a while)");
