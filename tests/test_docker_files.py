@@ -12,10 +12,12 @@ import fnmatch
 import json
 import re
 import shlex
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -33,6 +35,8 @@ K8S = DOCKER / "k8s"
 # the interpreter's own.
 THIRD_PARTY_ENV = {"HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "HOME"}
 THIRD_PARTY_ENV |= {"PATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE"}
+# OpenTelemetry's own variables, read by its SDK (service/tracing.py).
+THIRD_PARTY_ENV |= {"OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG"}
 
 
 # --- parsing helpers ------------------------------------------------------------------------
@@ -145,7 +149,18 @@ def compose_env(service: dict[str, Any]) -> dict[str, str]:
 
 
 def k8s_env(container: dict[str, Any]) -> dict[str, str]:
-    return {item["name"]: str(item.get("value", "")) for item in container.get("env", [])}
+    """The container's environment; a value from a Secret of docker/k8s is that Secret's."""
+    secrets = {
+        o["metadata"]["name"]: o.get("stringData", {})
+        for o in k8s_objects()
+        if o["kind"] == "Secret"
+    }
+    env = {}
+    for item in container.get("env", []):
+        ref = item.get("valueFrom", {}).get("secretKeyRef")
+        value = secrets.get(ref["name"], {}).get(ref["key"], "") if ref else item.get("value", "")
+        env[item["name"]] = str(value)
+    return env
 
 
 def settings_problems(env: dict[str, str], where: str) -> list[str]:
@@ -446,6 +461,47 @@ def test_multi_gpu_override_gives_each_replica_its_own_gpu() -> None:
     assert upstream == set(replicas), "the load balancer sends to every replica"
 
 
+def named_mount(service: dict[str, Any], target: str) -> tuple[str, bool]:
+    """(volume, read_only) of the service's mount at `target`."""
+    for spec in service["volumes"]:
+        source, mounted, *mode = spec.split(":")
+        if mounted == target:
+            return source, mode == ["ro"]
+    raise AssertionError(f"no mount at {target}")
+
+
+def test_multi_gpu_replicas_share_one_job_store_and_one_jobs_volume() -> None:
+    override = load_yaml(DOCKER / "compose.multi-gpu.yaml")
+    services = merged_compose()["services"]
+    redis = services["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--appendfsync") + 1] == "always"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--port" not in command
+    store, _ = named_mount(redis, "/data")
+    assert store in override["volumes"], "the append-only file outlives the container"
+    assert "PONG" in " ".join(redis["healthcheck"]["test"])
+    assert "ports" not in redis, "the store is reached on the compose network only"
+    replicas = {n: s for n, s in services.items() if n.startswith("osdface-gpu")}
+    volumes = set()
+    for name, svc in replicas.items():
+        env = compose_env(svc)
+        url = Settings.model_validate({"jobs_redis_url": env["OSDFACE_JOBS_REDIS_URL"]})
+        assert url.jobs_redis_url is not None, name
+        parts = urlsplit(url.jobs_redis_url.get_secret_value())
+        assert (parts.hostname, parts.port) == ("redis", 6379), name
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy", name
+        volume, read_only = named_mount(svc, env["OSDFACE_JOBS_DIR"])
+        assert not read_only, name
+        volumes.add(volume)
+    assert len(volumes) == 1 and volumes <= set(override["volumes"]), "one jobs volume for all"
+    # A new named volume takes the owner of the image's folder: the server's user must own it.
+    _, stages = dockerfile()
+    jobs_dir = compose_env(next(iter(replicas.values())))["OSDFACE_JOBS_DIR"]
+    assert re.search(rf"chown osdface:osdface\b.*\s{jobs_dir}\b", " ".join(stages[-1].all("RUN")))
+
+
 # --- Prometheus and Grafana -----------------------------------------------------------------
 
 
@@ -489,7 +545,7 @@ def test_grafana_provisioning_matches_compose_mounts() -> None:
     assert mounts["./grafana/provisioning"] == "/etc/grafana/provisioning"
     assert (DOCKER / "grafana/dashboards").is_dir()
     (ds_file,) = (DOCKER / "grafana/provisioning/datasources").glob("*.yaml")
-    (datasource,) = load_yaml(ds_file)["datasources"]
+    (datasource,) = [d for d in load_yaml(ds_file)["datasources"] if d["type"] == "prometheus"]
     assert datasource["url"] == "http://prometheus:9090"
     (provider,) = load_yaml(next((DOCKER / "grafana/provisioning/dashboards").glob("*.yaml")))[
         "providers"
@@ -509,10 +565,22 @@ def family(name: str) -> str:
     return re.sub(r"_(bucket|count|sum|total|created|info)$", "", name)
 
 
-def test_dashboard_panels_use_the_service_metrics_and_cover_the_issue() -> None:
-    from service.metrics import Metrics
+def exported_families() -> set[str]:
+    """Every metric family an app exports: service/metrics.py's and the video jobs' (a fresh
+    app, nothing started; its job store in a temporary folder)."""
+    from service.app import create_app
 
-    families = {m.name for m in Metrics().registry.collect()}
+    with tempfile.TemporaryDirectory() as jobs:
+        app = create_app(Settings(jobs_dir=Path(jobs)))
+        return {m.name for m in app.state.metrics.registry.collect()}
+
+
+# Gauges of the shared job store: every replica exports the same store-wide value.
+STORE_WIDE = ("osdface_jobs",)
+
+
+def test_dashboard_panels_use_the_service_metrics_and_cover_the_issue() -> None:
+    families = exported_families()
     exprs = [e for d in grafana_dashboards() for _, e in panel_exprs(d)]
     used = set().union(*(metric_names(e) for e in exprs))
     unknown = {n for n in used if family(n) not in families}
@@ -525,6 +593,29 @@ def test_dashboard_panels_use_the_service_metrics_and_cover_the_issue() -> None:
         "0.95",
         "0.99",
     }
+
+
+def store_wide_problems(expr: str) -> list[str]:
+    """Uses of a store-wide gauge not taken as the max over the replicas (a sum multiplies it)."""
+    problems = []
+    for name in STORE_WIDE:
+        for match in re.finditer(rf"\b{name}\b(?!_)", expr):
+            before = expr[: match.start()].rstrip()
+            if not re.search(r"max without \(instance, pod\) \($", before):
+                problems.append(f"{name} without `max without (instance, pod) (...)`: {expr}")
+    return problems
+
+
+def test_store_wide_gauges_are_combined_with_max_over_the_replicas() -> None:
+    assert store_wide_problems("max without (instance, pod) (osdface_jobs)") == []
+    assert store_wide_problems('max without (instance, pod) (osdface_jobs{state="queued"})') == []
+    assert store_wide_problems("sum by (state) (osdface_jobs)")
+    assert store_wide_problems("sum(osdface_jobs_finished_total)") == []
+    exprs = [e for d in grafana_dashboards() for _, e in panel_exprs(d)]
+    rules = load_yaml(DOCKER / "alerts.yml")["groups"]
+    exprs += [str(r["expr"]) for g in rules for r in g["rules"]]
+    assert [p for e in exprs for p in store_wide_problems(e)] == []
+    assert any(re.search(rf"\b{STORE_WIDE[0]}\b(?!_)", e) for e in exprs), "a panel shows the jobs"
 
 
 # --- Kubernetes -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import re
 import shlex
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -225,6 +226,22 @@ def test_ingress_admits_every_upload_the_service_admits_and_outwaits_its_deadlin
     assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
 
 
+def test_job_uploads_have_an_ingress_of_their_own_above_the_job_limit() -> None:
+    ingress = one("Ingress", "osdface-jobs")
+    body = nginx_size(
+        ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    )
+    assert body >= effective_setting("max_job_bytes") + 64 * 1024
+    (rule,) = ingress["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    assert (path["path"], path["pathType"]) == ("/v1/jobs", "Exact")
+    from service import job_routes
+
+    assert "/v1/jobs" in {route.path for route in job_routes.router.routes}
+    (main,) = one("Ingress", "osdface")["spec"]["rules"]
+    assert rule["host"] == main["host"] and path["backend"] == main["http"]["paths"][0]["backend"]
+
+
 def test_ingress_check_fails_on_the_nginx_default() -> None:
     assert nginx_size("1m") < effective_setting("max_upload_bytes")
     assert nginx_size("24m") == 24 * 1024**2
@@ -288,6 +305,119 @@ def test_pdb_covers_the_server_pods_and_never_blocks_every_eviction() -> None:
         assert pdb["minAvailable"] < min_replicas, "a drain could never evict a pod"
     else:
         assert pdb["maxUnavailable"] >= 1
+
+
+# --- video jobs: the shared store and the jobs volume ---------------------------------------
+
+# The slowest restoring rate (frames/s) a server pod is expected to keep on a video: the deployed
+# segment must finish within the shutdown grace at this rate, or a stopped pod's segment is lost.
+SLOWEST_FRAMES_PER_S = 3.0
+
+
+def flag_value(args: list[str], flag: str) -> str:
+    return args[args.index(flag) + 1]
+
+
+def redis_container() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the StatefulSet's pod spec, its one container)."""
+    spec = one("StatefulSet", "osdface-redis")["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    return spec, container
+
+
+def test_jobs_volume_is_shared_and_mounted_where_the_server_keeps_jobs() -> None:
+    spec = one("Deployment", "osdface")["spec"]["template"]["spec"]
+    container = server_container()
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    jobs_dir = str(effective_setting("jobs_dir"))
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == jobs_dir]
+    assert not mount.get("readOnly"), "the server writes uploads, segments and results"
+    claim_name = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    claim = one("PersistentVolumeClaim", claim_name)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "pods on several nodes share it"
+
+
+def test_redis_url_comes_from_the_secret_and_names_the_store() -> None:
+    (item,) = [e for e in server_container()["env"] if e["name"] == "OSDFACE_JOBS_REDIS_URL"]
+    ref = item["valueFrom"]["secretKeyRef"]
+    secret = one("Secret", ref["name"])["stringData"]
+    url = urlsplit(secret[ref["key"]])
+    assert url.scheme == "redis" and url.path == "/0"
+    service = one("Service", url.hostname)
+    assert service["spec"]["clusterIP"] == "None", "headless, for the StatefulSet"
+    (port,) = service["spec"]["ports"]
+    assert url.port == port["port"]
+    statefulset = one("StatefulSet", "osdface-redis")
+    assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
+    pod_labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert not set(one("Service", "osdface")["spec"]["selector"].items()) <= set(
+        pod_labels.items()
+    ), "the server Service must not send HTTP to the store"
+    _, container = redis_container()
+    assert port["targetPort"] in {p["name"] for p in container["ports"]}
+    # The store requires the password the URL carries: both from the one Secret.
+    assert flag_value(container["args"], "--requirepass") == "$(REDIS_PASSWORD)"
+    (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"]["secretKeyRef"]["name"] == ref["name"]
+    assert url.password == secret[password["valueFrom"]["secretKeyRef"]["key"]]
+
+
+def test_redis_keeps_every_acknowledged_write_on_its_volume_and_never_evicts() -> None:
+    statefulset = one("StatefulSet", "osdface-redis")["spec"]
+    assert statefulset["replicas"] == 1
+    _, container = redis_container()
+    args = container["args"]
+    assert flag_value(args, "--appendonly") == "yes"
+    assert flag_value(args, "--appendfsync") == "always"
+    assert flag_value(args, "--maxmemory-policy") == "noeviction"
+    (template,) = statefulset["volumeClaimTemplates"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == template["metadata"]["name"]]
+    assert flag_value(args, "--dir") == mount["mountPath"]
+    assert container["readinessProbe"], "ready only once the append-only file is loaded"
+    assert container["resources"]["limits"]["memory"]
+
+
+def test_only_server_pods_reach_the_store() -> None:
+    policy = one("NetworkPolicy", "osdface-redis")["spec"]
+    redis_labels = one("StatefulSet", "osdface-redis")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= redis_labels.items()
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    assert source["podSelector"]["matchLabels"] == SERVER
+
+
+def test_termination_grace_covers_the_drain_and_a_whole_segment() -> None:
+    spec = one("Deployment", "osdface")["spec"]["template"]["spec"]
+    pre_stop = server_container()["lifecycle"]["preStop"]["exec"]["command"]
+    pause = float(pre_stop[1])
+    grace = effective_setting("shutdown_grace_s")
+    assert spec["terminationGracePeriodSeconds"] >= pause + grace + 5, "time to exit after"
+    segment = effective_setting("job_segment_frames")
+    assert segment / SLOWEST_FRAMES_PER_S <= grace, "a segment is finished before SIGKILL"
+    assert effective_setting("job_lease_s") <= 60, "a lost pod's job waits at most a minute"
+
+
+def test_hpa_scales_on_queued_jobs_taken_as_the_max_over_pods() -> None:
+    from tests.test_docker_files import exported_families
+
+    (external,) = [
+        m["external"] for m in one("HorizontalPodAutoscaler")["spec"]["metrics"] if "external" in m
+    ]
+    name = external["metric"]["name"]
+    assert external["target"]["type"] == "AverageValue"
+    assert float(external["target"]["averageValue"]) >= 1
+    config = yaml.safe_load(one("ConfigMap", "osdface-prometheus-adapter")["data"]["config.yaml"])
+    (rule,) = [r for r in config["externalRules"] if r["name"]["as"] == name]
+    series = re.match(r"^(\w+)\{", rule["seriesQuery"])
+    assert series and series.group(1) in exported_families()
+    assert re.fullmatch(rule["name"]["matches"], series.group(1))
+    assert 'state="queued"' in rule["seriesQuery"]
+    query = rule["metricsQuery"]
+    # Every pod exports the store-wide count: the max over them, never a sum.
+    assert re.match(r"^max\(<<\.Series>>\{<<\.LabelMatchers>>,state=\"queued\"\}\)", query)
+    assert "sum" not in query
+    assert rule["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
 
 
 # --- the batch job -------------------------------------------------------------------------
