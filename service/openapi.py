@@ -19,6 +19,7 @@ from model.media.codecs.formats import CONTENT_TYPES
 from service.errors import COMMON_KINDS, REQUEST_ID_HEADER, ErrorKind, openapi_responses
 from service.schemas import RESULT_EXAMPLE, RestoreResult, form_properties
 from service.settings import Settings
+from service.tracing import TRACE_ID_HEADER
 from service.upload import IMAGE_FIELD
 
 RESULT_HEADERS = (
@@ -58,7 +59,14 @@ def ops_responses(*kinds: ErrorKind) -> dict[int | str, dict[str, Any]]:
     return openapi_responses(*kinds, *COMMON_KINDS)
 
 
-OK_HEADERS = {"X-Request-Id": REQUEST_ID_HEADER}
+OK_HEADERS = {
+    "X-Request-Id": REQUEST_ID_HEADER,
+    TRACE_ID_HEADER: {
+        "description": "the trace id (32 hex digits) when tracing is on and this request was "
+        "sampled (docs/operations.md#traces); absent otherwise",
+        "schema": {"type": "string"},
+    },
+}
 
 
 # `faces` is one text field, "0,2": a field sent twice is refused, so the array the form's
