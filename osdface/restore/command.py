@@ -1,6 +1,7 @@
 """`osdface restore`: the flags (osdface/restore/flags.py) read once into a frozen `RunConfig`,
 the checks before anything heavy (osdface/restore/checks.py), then the run: locally
-(osdface/restore/runners.py) or on a Ray cluster (osdface/restore/ray_driver.py).
+(osdface/restore/runners.py), on a Ray cluster (osdface/restore/ray_driver.py), or through a
+running service (`--url`: osdface/restore/remote_runner.py).
 
 Nothing past this module sees the parsed flags; everything reads the `RunConfig`.
 """
@@ -22,7 +23,7 @@ from model.options import OptionFields, RestoreOptions
 from model.runtime.messages import describe
 from model.runtime.settings import RuntimeSettings, env_name
 from osdface.common import SETTING_FLAGS, UsageError, given
-from osdface.restore import checks, ledger, video
+from osdface.restore import checks, ledger, remote, video
 from osdface.restore.config import DEFAULT_OUTPUT, RunConfig
 from osdface.restore.flags import FORM_FLAGS, RAY_ADDRESS, add_parser, old_ray_form
 from osdface.restore.plan import KINDS, STDIO, Job, Plan, make_plan
@@ -43,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_on_ray(config, plan)
     if STDIO in config.inputs:
         _check_stdin()
+    if config.remote is not None:
+        return _run_remote(config, plan)
     checks.check_weights(
         config.settings,
         aligned=config.options.aligned,
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
 def read_flags(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
     """The run's configuration and its plan of inputs and outputs; UsageError for a bad flag,
     setting, path or collision (nothing heavy has been imported)."""
+    remote_flags = remote.remote_flags(args)
     inputs = _inputs(args)
     settings = _validated(RuntimeSettings, given(args, [n for _, n, _ in SETTING_FLAGS]))
     values = given(args, [n for _, n, _ in FORM_FLAGS])
@@ -96,6 +100,8 @@ def read_flags(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
     videos = [Path(str(j.source)) for j in plan.jobs + plan.existing if j.kind == "video"]
     if videos and args.aligned:
         raise UsageError("--aligned takes aligned face crops, not videos")
+    if videos and remote_flags is not None:
+        remote.refuse_video_flags(args)
     config = RunConfig(
         settings,
         options,
@@ -111,8 +117,10 @@ def read_flags(args: argparse.Namespace) -> tuple[RunConfig, Plan]:
         ray_address=args.ray_address,
         ray_cpus=args.ray_cpus,
         video=_video_flags(args, videos) if videos else None,
+        remote=remote_flags,
     )
-    ledger.check_existing(config, plan)
+    if remote_flags is None:  # --url: once the service has said what it uses
+        ledger.check_existing(config, plan)
     return config, plan
 
 
@@ -230,7 +238,23 @@ def _run_on_ray(config: RunConfig, plan: Plan) -> int:
     return ray_driver.restore(config, plan)
 
 
-def _execute(config: RunConfig, plan: Plan) -> int:
+def _run_remote(config: RunConfig, plan: Plan) -> int:
+    """`--url`: the service's settings read and checked, then the same run with the remote
+    runner (remote_runner.py) in place of the local one."""
+    from osdface.restore import remote_runner  # httpx, through osdface.client
+
+    config = remote_runner.connect(config, plan)
+    ledger.check_existing(config, plan)
+    if STDIO not in config.inputs:
+        checks.check_writable(Path(config.output), config.report)
+    checks.warn_left_out(plan)
+    return _execute(config, plan, remote_runner.restore)
+
+
+Runner = Callable[[RunConfig, list[Job], Reporter, "ledger.Writer | None"], None]
+
+
+def _execute(config: RunConfig, plan: Plan, restore: Runner | None = None) -> int:
     stdio = STDIO in config.inputs
     reporter = Reporter(
         len(plan.jobs), quiet=config.quiet or stdio, tty=sys.stderr.isatty(), report=config.report
@@ -241,7 +265,7 @@ def _execute(config: RunConfig, plan: Plan) -> int:
     writer = ledger.start(config, plan.jobs)
     try:
         if plan.jobs:  # nothing to do: no torch, no model
-            _restore(config, plan.jobs, reporter, writer)
+            (restore or _restore)(config, plan.jobs, reporter, writer)
     finally:
         if writer is not None:
             writer.close()

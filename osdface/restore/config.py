@@ -11,6 +11,7 @@ from pathlib import Path
 
 from model.options import RestoreOptions
 from model.runtime.settings import RuntimeSettings
+from osdface.restore.remote import RemoteFlags
 from osdface.restore.video import VideoFlags
 
 DEFAULT_OUTPUT = "results"
@@ -37,6 +38,8 @@ class RunConfig:
     ray_address: str | None = None  # None: RAY_ADDRESS, else a local cluster
     ray_cpus: int | None = None  # CPUs of a local cluster
     video: VideoFlags | None = None  # the checked video flags, when the run has videos
+    remote: RemoteFlags | None = None  # --url: the service that does the work
+    weights_id: str | None = None  # the weights' id when a service holds them; None: weights_dir's
 
     @property
     def batch_size(self) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 from model.options import OptionFields
 from model.runtime.settings import RuntimeSettings
 from osdface.common import SETTING_FLAGS, add_field_flag
-from osdface.restore import video
+from osdface.restore import remote, video
 from osdface.restore.config import DEFAULT_OUTPUT
 from osdface.restore.plan import KINDS
 
@@ -30,6 +30,7 @@ EXAMPLES = """examples:
   osdface restore --aligned crops/ --strength 0.7 -o restored_crops
   osdface restore - < face.jpg > restored.jpg      stdin to stdout
   osdface restore scans/ -o restored/ --ray         on a Ray cluster (docs/scale-out.md)
+  osdface restore scans/ -o restored/ --url http://gpu-box:8000   through a running service
 """
 
 # Flags backed by an option field (model/options.py OptionFields, which the HTTP form extends):
@@ -110,6 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     for flag, name, text in FORM_FLAGS:
         add_field_flag(p, flag, name, OptionFields.model_fields[name], text, env=False)
     video.add_video_arguments(p)
+    remote.add_remote_arguments(p)
     g = p.add_argument_group("Ray (photos on a cluster: docs/scale-out.md)")
     g.add_argument(
         "--ray",

@@ -143,6 +143,7 @@ def _also(config: RunConfig) -> dict[str, Any]:
         "merge_lora": config.merge_lora,
         "batch_size": s.max_batch_faces,
         "osdface": __version__,
+        **({"service": config.remote.url} if config.remote is not None else {}),
     }
 
 
@@ -228,7 +229,7 @@ def check_existing(config: RunConfig, plan: Plan) -> None:
     if folder is None or not plan.existing:
         return
     ledger = Ledger.read(folder)
-    weights = weights_id(config.settings.weights_dir)
+    weights = config.weights_id or weights_id(config.settings.weights_dir)
     unknown = 0
     differing: Counter[str] = Counter()
     for job in plan.existing:
@@ -306,7 +307,7 @@ def start(config: RunConfig, jobs: Iterable[Job]) -> Writer | None:
     if folder is None or not jobs:
         return None
     ledger = Ledger.read(folder)
-    weights = weights_id(config.settings.weights_dir)
+    weights = config.weights_id or weights_id(config.settings.weights_dir)
     made = {job.name: made_with(config, job, weights) for job in jobs}
     replaced = [ledger.key(job) for job in jobs if ledger.key(job) in ledger.outputs]
     for key in replaced:

@@ -41,6 +41,7 @@ class Record:
     error: str | None = None
     frames: int | None = None  # a video's frames written; None for a photo
     face_count: int | None = None  # faces restored; None: len(faces)
+    retried: int = 0  # requests sent again (--url: 429, 503, a lost connection)
 
     def __post_init__(self) -> None:
         if self.face_count is None:
@@ -108,12 +109,14 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     unsupported: int = 0
+    retried: int = 0  # requests sent again, over all inputs (--url)
     started: float = field(default_factory=time.perf_counter)
 
     def restart_clock(self) -> None:
         self.started = time.perf_counter()
 
     def add(self, record: Record) -> None:
+        self.retried += record.retried if record.status != "skipped" else 0
         if record.status == "restored":
             self.restored += 1
             self.faces += record.face_count or 0
@@ -129,7 +132,7 @@ class Summary:
             f"{plural(self.restored, 'file')} restored, {plural(self.faces, 'face')}, "
             f"{self.skipped} skipped (output exists), {self.failed} failed, "
             f"{self.unsupported} unsupported; {elapsed:.1f} s, {per_face}"
-        )
+        ) + (f"; {plural(self.retried, 'request')} retried" if self.retried else "")
 
     @property
     def exit_code(self) -> int:
