@@ -75,7 +75,7 @@ def test_the_client_imports_nothing_of_the_server() -> None:
 
 def test_options_mirror_the_service_form() -> None:
     from model.config import BACKGROUNDS
-    from service.job_routes import FIELDS
+    from service.job_upload import FIELDS
     from service.schemas import RestoreForm, form_properties
 
     assert [f.name for f in fields(RestoreOptions)] == list(RestoreForm.model_fields)

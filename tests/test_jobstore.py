@@ -118,6 +118,7 @@ def test_record_round_trips_every_field() -> None:
         cancel_requested=True,
         takeovers=1,
         segments_redone=1,
+        trace={"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
     )
     default = JobRecord(record.id, "", "")
     unchanged = [k for k, v in default.to_dict().items() if record.to_dict()[k] == v]
