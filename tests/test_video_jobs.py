@@ -199,6 +199,15 @@ def test_bad_input_is_a_4xx_naming_the_upload_never_a_server_path(client, clips)
         (client.post("/v1/jobs", data={"crf": "10"}), 415, "unsupported_media_type"),
         (client.post("/v1/jobs", files={"other": ("a.mp4", b"x")}), 422, "invalid_parameter"),
         (client.get("/v1/jobs/0123"), 404, "not_found"),
+        (
+            client.post(
+                "/v1/jobs",
+                files={"video": ("a.mp4", clips["short"].read_bytes())},
+                headers={"Idempotency-Key": "two words"},
+            ),
+            422,
+            "invalid_parameter",
+        ),
         (client.delete("/v1/jobs/" + "0" * 32), 404, "not_found"),
     ]
     for response, status, kind in cases:
