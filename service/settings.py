@@ -140,6 +140,9 @@ class Settings(RuntimeSettings):
         return v
 
 
+# Settings whose values never appear in a message (a URL may hold a password).
+SECRET_SETTINGS = frozenset({"api_key", "jobs_redis_url"})
+
 # OSDFACE_* names that are not settings of the service (read by the test suite only).
 _NOT_SETTINGS = frozenset({"OSDFACE_TEST_ASSETS"})
 
@@ -166,4 +169,6 @@ def describe_settings_error(exc: ValidationError) -> list[str]:
     def label(field: str) -> str:
         return f"{env_name(field) if field in Settings.model_fields else field}:"
 
-    return describe(exc, label=label, known=Settings.model_fields, show_input=True)
+    return describe(
+        exc, label=label, known=Settings.model_fields, show_input=True, secret=SECRET_SETTINGS
+    )

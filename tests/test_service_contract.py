@@ -255,6 +255,17 @@ def test_absurd_values_are_refused_with_the_variable_named(field: str, value: fl
     assert line.startswith(f"OSDFACE_{field.upper()}: ")
 
 
+def test_a_refused_redis_url_is_named_never_echoed() -> None:
+    with pytest.raises(ValidationError) as info:
+        Settings(jobs_redis_url="http://:hunter2@redis:6379/0")
+    (line,) = describe_settings_error(info.value)
+    assert line.startswith("OSDFACE_JOBS_REDIS_URL: must start with redis://")
+    assert "hunter2" not in line
+    with pytest.raises(ValidationError) as info:
+        Settings(job_window_frames=16, job_segment_frames=20)
+    assert "multiple of job_window_frames" in describe_settings_error(info.value)[0]
+
+
 # --- admission by time ---------------------------------------------------------------------------
 
 

@@ -69,9 +69,11 @@ def describe(
     label: Callable[[str], str] = str,
     known: Iterable[str] = (),
     show_input: bool = False,
+    secret: Iterable[str] = (),
 ) -> list[str]:
     """One line per error: `<label(field)> <phrase>`, with a did-you-mean for an unknown field
-    among `known`, and the value given when `show_input`."""
+    among `known`, and the value given when `show_input` (never for the `secret` fields)."""
+    hidden = set(secret)
     names = list(known)
     lines = []
     for error in exc.errors():
@@ -80,7 +82,13 @@ def describe(
         text = phrase(error)
         if error.get("type") == "extra_forbidden" and names:
             text += did_you_mean(field, names)
-        elif show_input and field and "input" in error and error.get("type") != "missing":
+        elif (
+            show_input
+            and field
+            and field not in hidden
+            and "input" in error
+            and (error.get("type") != "missing")
+        ):
             text += f" (got {error['input']!r})"
         lines.append(f"{label(field)} {text}" if field else text)
     return lines
