@@ -41,7 +41,8 @@ class IdempotencyConflictError(JobStoreError):
 
     def __init__(self, key: str, existing: JobRecord) -> None:
         super().__init__(
-            f"the Idempotency-Key {key!r} was used for job {existing.id} with another upload"
+            f"the Idempotency-Key {key!r} was used for job {existing.id} with another upload "
+            "(other bytes or fields); send a new key with a new upload"
         )
         self.key = key
         self.existing = existing
