@@ -144,10 +144,15 @@ class JobManager:
     # --- lifecycle -----------------------------------------------------------------------
 
     def open(self) -> None:
-        """Open the store (no server is contacted yet: an outage shows on use)."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Open the store (no server is contacted yet: an outage shows on use). A store that
+        cannot be opened now (an unwritable folder, a locked database) is logged, and opened
+        again at its next use: photos never wait for it."""
         url = self.settings.jobs_redis_url
-        self.store = open_store(self.root, url.get_secret_value() if url else None)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.store = open_store(self.root, url.get_secret_value() if url else None)
+        except (OSError, StoreUnavailableError) as exc:
+            logger.error("video jobs unavailable for now: %s", exc)
 
     async def start_after(self, loader: asyncio.Task, state: ServiceState) -> None:
         """Start the runner once the service has loaded (its model worker and detector)."""
@@ -158,12 +163,14 @@ class JobManager:
 
     def start(self, batcher: Batcher, detector: FaceDetector) -> None:
         """Start the runner and the cleanup loop (once the model worker runs)."""
-        if self.store is None:
-            self.open()
-        assert self.store is not None
+        try:
+            store = self._store()
+        except StoreUnavailableError:
+            logger.error("video jobs will not run on this replica: the job store cannot be opened")
+            return
         loop = asyncio.get_running_loop()
         self.runner = JobRunner(
-            self.store, self.settings, self.metrics, self.owner, _submitter(batcher, loop), detector
+            store, self.settings, self.metrics, self.owner, _submitter(batcher, loop), detector
         )
         self._tasks = [
             asyncio.create_task(self.runner.run(), name="osdface-jobs"),
@@ -191,8 +198,6 @@ class JobManager:
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A store operation off the event loop."""
-        if self.store is None:
-            raise StoreUnavailableError("the job store is not open yet")
         return await asyncio.to_thread(fn, *args, **kwargs)
 
     async def check_room(self) -> None:
@@ -239,7 +244,9 @@ class JobManager:
 
     def _store(self) -> JobStore:
         if self.store is None:
-            raise StoreUnavailableError("the job store is not open yet")
+            self.open()
+        if self.store is None:
+            raise StoreUnavailableError(f"the job store in {self.root} cannot be opened")
         return self.store
 
     def _cached_counts(self) -> dict[JobState, int]:

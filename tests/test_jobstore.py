@@ -512,3 +512,36 @@ def test_open_store_picks_the_backend(tmp_path: Path, redis_url: str) -> None:
     with open_store(tmp_path / "jobs", redis_url, redis_prefix="test:factory:") as shared:
         assert isinstance(shared, RedisJobStore)
         shared.ping()
+
+
+OPENER = """
+import sys, time
+from pathlib import Path
+from service.jobstore import SqliteJobStore
+start = float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))
+with SqliteJobStore(Path(sys.argv[1])) as store:
+    print(sum(store.counts().values()))
+"""
+
+
+def test_processes_opening_a_new_sqlite_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """Replicas started together race to switch a new database to WAL; none may fail."""
+    import time
+
+    for attempt in range(3):
+        path = tmp_path / f"{attempt}" / DB_NAME
+        start = time.time() + 2.0  # the interpreters start, then all open at this instant
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", OPENER, str(path), repr(start)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(6)
+        ]
+        results = [process.communicate(timeout=60) for process in processes]
+        for process, (out, err) in zip(processes, results, strict=True):
+            assert process.returncode == 0 and out.strip() == "0", err

@@ -55,6 +55,21 @@ _COLUMNS = "id, state, created_at, finished_at, lease_until, idempotency_key, da
 T = TypeVar("T")
 
 
+def _set_wal(db: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch the database to WAL. Two processes opening a new file at once (replicas started
+    together) race for it, and SQLite answers "locked" at once there, without its busy
+    handler: try again until the busy timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class SqliteJobStore(JobStore):
     """Jobs in `<jobs_dir>/jobs.sqlite3`; one connection per store, used under a lock."""
 
@@ -66,7 +81,7 @@ class SqliteJobStore(JobStore):
             self._db: sqlite3.Connection | None = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _set_wal(self._db, busy_timeout_s)
             self._db.execute("PRAGMA synchronous=NORMAL")
         except (OSError, sqlite3.Error) as exc:
             message = f"the job database {self.path} cannot be opened: {exc}"
