@@ -25,6 +25,7 @@ import contextlib
 import logging
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -237,10 +238,10 @@ class JobManager:
         return job_folder(self.root, job_id)
 
     def new_folder(self) -> tuple[str, Path]:
-        record = JobRecord.new("", ".mp4", {})
-        folder = self.folder(record.id)
+        job_id = uuid.uuid4().hex
+        folder = self.folder(job_id)
         folder.mkdir(parents=True)
-        return record.id, folder
+        return job_id, folder
 
     def _store(self) -> JobStore:
         if self.store is None:
