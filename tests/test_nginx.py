@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -159,6 +160,26 @@ def test_restore_goes_on_to_the_other_replica(failure: int | None) -> None:
         restores = [r for r in ups[1].received if r.path == "/restore"]
         assert len(restores) == 4 and all(r.body == BODY for r in restores)
         assert ups[0].received, "the failing replica was tried first at least once"
+
+
+def test_a_replica_skipped_by_one_worker_is_skipped_by_every_worker() -> None:
+    """nginx runs a worker per core; without a shared upstream zone each keeps its own failure
+    count, so a replica one worker has taken out (or put back) is still tried (or skipped) by
+    the others, which is how a rolling restart ends with no live upstream in one worker."""
+    with recording_upstreams(503, 200) as ups, running_nginx([u.port for u in ups]) as lb:
+        with httpx.Client() as one_connection:  # one worker: until it counts max_fails (3)
+            while len(ups[0].received) < 3:
+                answer = one_connection.post(f"{lb.base}/restore", content=b"x", timeout=30)
+                assert answer.status_code == 200
+
+        def fresh_connection(_: int) -> int:  # spread over every worker
+            with httpx.Client() as client:
+                return client.post(f"{lb.base}/restore", content=b"x", timeout=30).status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(fresh_connection, range(32)))
+        assert statuses == [200] * 32
+        assert len(ups[0].received) == 3, "a worker tried the replica another had taken out"
 
 
 def test_job_polls_go_on_to_the_other_replica_when_one_cannot_answer() -> None:
