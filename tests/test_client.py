@@ -209,6 +209,8 @@ def test_a_video_job_submitted_followed_and_downloaded(
         timeout_s=300,
     )
     assert job.state == "succeeded" and job.faces > 0 and job.result
+    assert job.progress.segments_total == job.progress.segments_done == 1
+    assert job.takeovers == job.segments_redone == 0
     assert seen[-1] == 6 and seen == sorted(seen)
     facts = clip_facts(target)
     assert facts.frames == 6 and facts.audio_packets

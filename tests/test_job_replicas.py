@@ -22,6 +22,7 @@ import av
 import httpx
 import pytest
 
+from osdface.client.models import Job as ClientJob
 from service.jobstore import JobRecord, open_store
 from tests.live_server import E2E_ENV, LiveServer, free_port, running_server, skip, wait_until
 from tests.redis_helpers import redis_server
@@ -169,6 +170,9 @@ def test_replicas_share_jobs_take_over_a_killed_one_and_cancel_across(
         done = finished(survivor.base, job_id)
         assert done["state"] == "succeeded", done
         assert done["takeovers"] == 1 and done["segments_redone"] <= 1, done
+        parsed = ClientJob.from_json(done)  # what osdface.client callers read
+        assert (parsed.takeovers, parsed.segments_redone) == (1, done["segments_redone"])
+        assert parsed.progress.segments_done == parsed.progress.segments_total == 5
         assert done["progress"]["frames_done"] == FRAMES
         result = httpx.get(f"{survivor.base}{done['result']}", timeout=60)
         assert result.status_code == 200

@@ -193,6 +193,8 @@ class JobProgress:
     fraction: float | None = None  # 0..1; None while the frame count is unknown
     frames_per_second: float = 0.0
     eta_s: float | None = None
+    segments_done: int = 0  # the job is restored in time spans, each its own file
+    segments_total: int | None = None
 
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -212,6 +214,8 @@ class Job:
     created_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
+    takeovers: int = 0  # times another replica took the job over after its runner was lost
+    segments_redone: int = 0  # segments restored again after a takeover or a restart
 
     @property
     def finished(self) -> bool:
@@ -229,6 +233,8 @@ class Job:
                 fraction=progress.get("fraction"),
                 frames_per_second=float(progress.get("frames_per_second") or 0.0),
                 eta_s=progress.get("eta_s"),
+                segments_done=int(progress.get("segments_done") or 0),
+                segments_total=progress.get("segments_total"),
             ),
             faces=int(data.get("faces") or 0),
             error=data.get("error"),
@@ -236,4 +242,6 @@ class Job:
             created_at=data.get("created_at"),
             started_at=data.get("started_at"),
             finished_at=data.get("finished_at"),
+            takeovers=int(data.get("takeovers") or 0),
+            segments_redone=int(data.get("segments_redone") or 0),
         )

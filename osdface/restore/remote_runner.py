@@ -44,7 +44,7 @@ from osdface.client import (
 from osdface.client import RestoreOptions as Form
 from osdface.client.models import Face, OutputFormat
 from osdface.client.models import Job as ServiceJob
-from osdface.common import UsageError
+from osdface.common import UsageError, plural
 from osdface.restore import ledger, remote
 from osdface.restore.config import RunConfig
 from osdface.restore.plan import Job, Plan
@@ -337,6 +337,13 @@ async def _video(
         return replace(failed(job, exc), error=exc.job.error or str(exc))
     except (ClientError, OSError) as exc:
         return _failed(job, exc)
+    if finished.takeovers:
+        logger.info(
+            "%s: a replica running it was lost; another took it over (%s), %s restored again",
+            source,
+            plural(finished.takeovers, "time"),
+            plural(finished.segments_redone, "segment"),
+        )
     started, ended = finished.started_at, finished.finished_at
     seconds = ended - started if started is not None and ended is not None else 0.0
     record = Record(job.name, str(target), "restored", [], {"video": seconds})
