@@ -58,3 +58,24 @@ def eval_weights_dir(tiny_weights_dir: Path, tmp_path_factory: pytest.TempPathFa
     for part in tiny_weights_dir.iterdir():
         (root / part.name).symlink_to(part)
     return write_eval_weights(root)
+
+
+@pytest.fixture
+def span_exporter():
+    """Tracing on for this test (service.tracing), every span sampled, kept in memory: an
+    opentelemetry InMemorySpanExporter."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service import tracing
+
+    memory = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    tracing.install(provider)
+    try:
+        yield memory
+    finally:
+        tracing.uninstall()
+        provider.shutdown()

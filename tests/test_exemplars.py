@@ -7,17 +7,13 @@ Prometheus scraping them is in tests/test_tracing_live.py.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from model.media.faces.detect import FaceDetector
-from service import tracing
 from tests.service_helpers import aligned_crop
 from tests.test_service_api import make_settings, serving
 
@@ -32,19 +28,6 @@ def detector(tiny_weights_dir: Path, assets: Path) -> FaceDetector:
     return FaceDetector.load(tiny_weights_dir, "retinaface_mobile0.25")
 
 
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracing.install(provider)
-    try:
-        yield memory
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
-
-
 def exemplars(text: str) -> dict[tuple[str, str], set[str]]:
     """(family, stage label or "") -> the trace ids of the exemplars on its buckets."""
     found: dict[tuple[str, str], set[str]] = {}
@@ -57,7 +40,7 @@ def exemplars(text: str) -> dict[tuple[str, str], set[str]]:
 
 
 def test_latency_histograms_carry_the_trace_id_of_sampled_requests(
-    tiny_weights_dir, tiny_restorer, detector, assets, exporter: InMemorySpanExporter
+    tiny_weights_dir, tiny_restorer, detector, assets, span_exporter: InMemorySpanExporter
 ) -> None:
     crop = aligned_crop(assets)
     unsampled = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
@@ -86,7 +69,7 @@ def test_latency_histograms_carry_the_trace_id_of_sampled_requests(
         ("osdface_stage_duration_seconds", s) for s in STAGES
     }, "exemplars on the latency histograms only"
     # The exemplar's span is the server span of the request (for the request histogram).
-    spans = exporter.get_finished_spans()
+    spans = span_exporter.get_finished_spans()
     (root,) = [s for s in spans if s.name == "POST /restore"]
     request_family = next(
         f

@@ -14,13 +14,11 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
@@ -39,20 +37,6 @@ SLACK_NS = 2_000_000  # 2 ms: spans from measured durations are laid out on a sh
 @pytest.fixture(scope="module")
 def detector(tiny_weights_dir: Path, assets: Path) -> FaceDetector:
     return FaceDetector.load(tiny_weights_dir, "retinaface_mobile0.25")
-
-
-@pytest.fixture
-def exporter() -> Iterator[InMemorySpanExporter]:
-    """Tracing on for this test, every span sampled, kept in memory."""
-    memory = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(memory))
-    tracing.install(provider)
-    try:
-        yield memory
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 def hex_id(value: int, width: int) -> str:
@@ -81,7 +65,7 @@ def duration_ns(span: ReadableSpan) -> int:
 
 
 def test_two_requests_sharing_a_model_call_give_linked_traces(
-    tiny_weights_dir, tiny_restorer, detector, assets, exporter: InMemorySpanExporter
+    tiny_weights_dir, tiny_restorer, detector, assets, span_exporter: InMemorySpanExporter
 ) -> None:
     # The first face waits up to 2 s for the second request's face: one model call for both.
     settings = make_settings(tiny_weights_dir, max_batch_delay_ms=2000, cpu_workers=2)
@@ -101,7 +85,7 @@ def test_two_requests_sharing_a_model_call_give_linked_traces(
         calls = metric(client.get("/metrics").text, "osdface_batch_size_count")
     assert [a.status_code for a in answers] == [200, 200], [a.text[:200] for a in answers]
     assert calls == 1, "the two requests' faces did not share one model call"
-    spans = exporter.get_finished_spans()
+    spans = span_exporter.get_finished_spans()
     trace_ids = [a.headers["x-trace-id"] for a in answers]
     assert len(set(trace_ids)) == 2 and all(len(t) == 32 for t in trace_ids)
     roots = [root_of(by_trace(spans, t)) for t in trace_ids]
@@ -153,7 +137,7 @@ def _check_stage_spans(spans: list[ReadableSpan], root: ReadableSpan, stages: di
 
 
 def test_a_client_traceparent_is_the_parent(
-    tiny_weights_dir, tiny_restorer, detector, exporter: InMemorySpanExporter
+    tiny_weights_dir, tiny_restorer, detector, span_exporter: InMemorySpanExporter
 ) -> None:
     caller_trace, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     headers = {
@@ -166,17 +150,17 @@ def test_a_client_traceparent_is_the_parent(
         )
     assert answer.status_code == 200 and answer.headers["x-faces-restored"] == "0"
     assert answer.headers["x-trace-id"] == caller_trace
-    root = root_of(by_trace(exporter.get_finished_spans(), caller_trace))
+    root = root_of(by_trace(span_exporter.get_finished_spans(), caller_trace))
     assert root.parent is not None and root.parent.is_remote
     assert hex_id(root.parent.span_id, 16) == caller_span
     assert root.context.trace_state.get("vendor") == "opaque"
-    names = [s.name for s in children(list(exporter.get_finished_spans()), root)]
+    names = [s.name for s in children(list(span_exporter.get_finished_spans()), root)]
     assert names[:4] == ["admission", "upload", "decode", "detect"], names
     assert "queue_wait" not in names, "no face: nothing went to the model worker"
 
 
 def test_an_unsampled_caller_gets_no_trace_id(
-    tiny_weights_dir, tiny_restorer, detector, exporter: InMemorySpanExporter
+    tiny_weights_dir, tiny_restorer, detector, span_exporter: InMemorySpanExporter
 ) -> None:
     headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
     with serving(make_settings(tiny_weights_dir), tiny_restorer, detector) as client:
@@ -186,11 +170,11 @@ def test_an_unsampled_caller_gets_no_trace_id(
         probe = client.get("/healthz")
     assert answer.status_code == 200 and "x-trace-id" not in answer.headers
     assert "x-trace-id" not in probe.headers
-    assert exporter.get_finished_spans() == (), "not sampled: nothing recorded"
+    assert span_exporter.get_finished_spans() == (), "not sampled: nothing recorded"
 
 
 def test_a_4xx_and_a_429_carry_their_error_type(
-    tiny_weights_dir, tiny_restorer, detector, assets, exporter: InMemorySpanExporter
+    tiny_weights_dir, tiny_restorer, detector, assets, span_exporter: InMemorySpanExporter
 ) -> None:
     crop = aligned_crop(assets)
     settings = make_settings(tiny_weights_dir, max_inflight_requests=1, max_batch_delay_ms=1000)
@@ -211,7 +195,7 @@ def test_a_4xx_and_a_429_carry_their_error_type(
         refused = client.post("/restore", files={"image": ("f.jpg", crop)}, data={"aligned": "1"})
         worker.join(60)
     assert first["r"].status_code == 200
-    spans = exporter.get_finished_spans()
+    spans = span_exporter.get_finished_spans()
     for answer, status, kind in (
         (bad, 415, "unsupported_format"),
         (refused, 429, "too_many_requests"),
@@ -234,11 +218,11 @@ def test_a_4xx_and_a_429_carry_their_error_type(
 
 
 def test_job_helpers_make_a_trace_per_job_linked_to_the_submitter(
-    exporter: InMemorySpanExporter,
+    span_exporter: InMemorySpanExporter,
 ) -> None:
     with tracing.span("outside a request"):  # no current span: nothing recorded
         pass
-    assert exporter.get_finished_spans() == ()
+    assert span_exporter.get_finished_spans() == ()
     provider_tracer = tracing.tracer()
     assert provider_tracer is not None
     with provider_tracer.start_as_current_span("POST /v1/jobs") as submit:
@@ -251,8 +235,8 @@ def test_job_helpers_make_a_trace_per_job_linked_to_the_submitter(
             pass
         with tracing_worker.segment_span(1):
             raise ValueError("the second window broke")
-    spans = {s.name: s for s in exporter.get_finished_spans() if s.name != "segment"}
-    segments = [s for s in exporter.get_finished_spans() if s.name == "segment"]
+    spans = {s.name: s for s in span_exporter.get_finished_spans() if s.name != "segment"}
+    segments = [s for s in span_exporter.get_finished_spans() if s.name == "segment"]
     job_span = spans["video_job"]
     assert job_span.parent is None, "a trace of its own"
     assert job_span.context.trace_id != submit.get_span_context().trace_id
@@ -348,7 +332,7 @@ def test_compose_tracing_profile_is_wired_to_the_service_and_grafana() -> None:
 
 
 def test_a_video_job_is_a_trace_of_its_own_linked_to_its_submitter(
-    tiny_weights_dir, tiny_restorer, detector, assets, tmp_path, exporter: InMemorySpanExporter
+    tiny_weights_dir, tiny_restorer, detector, assets, tmp_path, span_exporter: InMemorySpanExporter
 ) -> None:
     from tests.test_video_jobs import serving as serving_jobs
     from tests.test_video_jobs import settings_for, wait_state
@@ -366,7 +350,7 @@ def test_a_video_job_is_a_trace_of_its_own_linked_to_its_submitter(
         submit_trace = answer.headers["x-trace-id"]
         view = wait_state(client, answer.json()["id"], ("succeeded", "failed"))
         assert view["state"] == "succeeded", view["error"]
-    spans = list(exporter.get_finished_spans())
+    spans = list(span_exporter.get_finished_spans())
     job = next(s for s in spans if s.name == "video_job")
     assert hex_id(job.context.trace_id, 32) != submit_trace, "a trace of its own"
     assert [hex_id(link.context.trace_id, 32) for link in job.links] == [submit_trace]
