@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -59,32 +60,43 @@ def server(tiny_weights_dir: Path, assets: Path, tmp_path_factory) -> Iterator[s
         yield base
 
 
-@pytest.fixture(scope="module")
-def prometheus(server: str, tmp_path_factory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("prometheus")
+@contextmanager
+def running_prometheus(server: str, root: Path, *flags: str) -> Iterator[str]:
+    """A real Prometheus on loopback scraping `server` (http://host:port) with the osdface job
+    of docker/prometheus.yml, its data and log under `root`, extra command-line `flags`; its
+    URL once ready. Skips the test where Prometheus is not installed."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        skip("prometheus not installed (apt-get install prometheus)")
     config_path = root / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(scrape_config(server.removeprefix("http://"))))
     port = free_port()
-    log = (root / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            shutil.which("prometheus") or "prometheus",
-            f"--config.file={config_path}",
-            f"--storage.tsdb.path={root / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--web.enable-lifecycle",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    with (root / "prometheus.log").open("wb") as log:
+        process = subprocess.Popen(
+            [
+                str(binary),
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={root / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--log.level=warn",
+                *flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: http_status(f"{base}/-/ready") == 200, 60, "Prometheus ready")
         yield base
     finally:
         stop(process, timeout=20)
-        log.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(server: str, tmp_path_factory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("prometheus")
+    with running_prometheus(server, root, "--web.enable-lifecycle") as base:
+        yield base
 
 
 def query(prometheus: str, promql: str) -> list[dict[str, Any]]:

@@ -9,8 +9,6 @@ the standard OTEL_* variables, as an operator would:
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,20 +16,16 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from tests.live_server import (
     E2E_ENV,
     LiveServer,
-    free_port,
-    http_status,
     running_server,
     skip,
-    stop,
     wait_until,
 )
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
-from tests.test_prometheus import scrape_config
+from tests.test_prometheus import running_prometheus
 
 PHOTO = Path("images/gfpgan/whole_imgs/Blake_Lively.jpg")
 CALLER_TRACE, CALLER_SPAN = "5b8aa5a2d2c872e8321cf37308d69df2", "051581bf3cb55c13"
@@ -68,31 +62,9 @@ def server(
 @pytest.fixture(scope="module")
 def prometheus(server: LiveServer, tmp_path_factory) -> Iterator[str]:
     """Prometheus with exemplar storage, scraping the server every second."""
-    if shutil.which("prometheus") is None:
-        skip("prometheus not installed (apt-get install prometheus)")
     root = tmp_path_factory.mktemp("prometheus-exemplars")
-    config = root / "prometheus.yml"
-    config.write_text(yaml.safe_dump(scrape_config(server.base.removeprefix("http://"))))
-    port = free_port()
-    with (root / "prometheus.log").open("wb") as log:
-        process = subprocess.Popen(
-            [
-                shutil.which("prometheus") or "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={root / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--enable-feature=exemplar-storage",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: http_status(f"{base}/-/ready") == 200, 60, "Prometheus ready")
+    with running_prometheus(server.base, root, "--enable-feature=exemplar-storage") as base:
         yield base
-    finally:
-        stop(process, timeout=20)
 
 
 @pytest.fixture(scope="module")
