@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,16 @@ def tiny_restorer(tiny_weights_dir: Path):
 def _few_threads() -> None:
     # CI has 2 cores; oversubscription makes the suite slower, not faster.
     torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch thread for a module of small convolutions (`pytestmark = usefixtures(...)`):
+    on a shared 2-core machine one thread per process is far faster than two competing."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

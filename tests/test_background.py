@@ -40,13 +40,7 @@ NAMES = ("realesrgan-x2", "realesrgan-x4")
 RECEPTIVE = 40  # input pixels: more than the tiny x2 network's receptive field radius (~36)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small convolutions on a shared CPU: a second thread only waits for the first.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pillow_heif
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image, ImageCms
 
@@ -34,12 +33,7 @@ SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 MAKE = 0x010F  # an EXIF tag that must survive
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small convolutions on a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -40,13 +40,7 @@ def noisy_copies(rgb: np.ndarray, count: int, seed: int = 0) -> list[np.ndarray]
     return [np.clip(rgb.astype(np.int16) + n, 0, 255).astype(np.uint8) for n in noise]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # On a shared 2-core machine, one thread per process is far faster than two competing.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

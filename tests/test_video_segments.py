@@ -33,13 +33,7 @@ from model.media.video.segments import (
 )
 from tests.video_helpers import clip_facts, decoded_frames, write_clip
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NoFaces:

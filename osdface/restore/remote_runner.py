@@ -101,14 +101,16 @@ def connect(config: RunConfig, plan: Plan) -> RunConfig:
 
 
 def _client(flags: remote.RemoteFlags, retry: RetryPolicy, deadline_s: float) -> Client:
-    return Client(
-        flags.url,
-        api_key=flags.api_key,
-        api_key_file=flags.api_key_file,
-        ca_bundle=flags.ca_bundle,
-        deadline_s=deadline_s,
-        retry=retry,
-    )
+    return Client(flags.url, **_credentials(flags), deadline_s=deadline_s, retry=retry)
+
+
+def _credentials(flags: remote.RemoteFlags) -> dict[str, Any]:
+    """The API key and TLS options of the command line, as both clients take them."""
+    return {
+        "api_key": flags.api_key,
+        "api_key_file": flags.api_key_file,
+        "ca_bundle": flags.ca_bundle,
+    }
 
 
 def _info(client: Client, url: str) -> dict[str, Any]:
@@ -209,9 +211,7 @@ async def _run(
     videos = [job for job in jobs if job.kind == "video"]
     async with AsyncClient(
         flags.url,
-        api_key=flags.api_key,
-        api_key_file=flags.api_key_file,
-        ca_bundle=flags.ca_bundle,
+        **_credentials(flags),
         deadline_s=DEADLINE_S,
         retry=RETRY,
         max_connections=flags.concurrency + 2,
