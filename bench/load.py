@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench.inputs import assets, weights_folder
 from osdface.client import AsyncClient, ClientError, RestoreOptions, RetryPolicy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -228,8 +229,7 @@ def table(rows: list[Row]) -> str:
 def input_image(args: argparse.Namespace) -> tuple[bytes, RestoreOptions]:
     if args.image:
         return args.image.read_bytes(), RestoreOptions(aligned=args.aligned)
-    assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
-    crop = assets / "images/gfpgan/cropped_faces/Adele_crop.png"
+    crop = assets() / "images/gfpgan/cropped_faces/Adele_crop.png"
     buf = io.BytesIO()
     with Image.open(crop) as im:
         im.convert("RGB").save(buf, "JPEG", quality=90)
@@ -260,12 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights
-        if args.tiny:
-            from tests.tiny_weights import write_tiny_weights
-
-            assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared/assets"))
-            weights = write_tiny_weights(Path(tmp) / "w", detector_dir=assets / "detectors")
+        weights = weights_folder(args.weights, args.tiny, Path(tmp) / "w")
         image, options = input_image(args)
         rows: list[Row] = []
         for name, env in CONFIGS.items():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import tempfile
 import time
 from collections import Counter
@@ -24,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.inputs import weights_folder
 from bench.load import (
-    REPO,
     add_server_arguments,
     bench_client,
     input_image,
@@ -153,12 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     timeout = env.get("OSDFACE_REQUEST_TIMEOUT_S", "60 (default)")
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights = args.weights
-        if args.tiny:
-            from tests.tiny_weights import write_tiny_weights
-
-            assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared/assets"))
-            weights = write_tiny_weights(Path(tmp) / "w", detector_dir=assets / "detectors")
+        weights = weights_folder(args.weights, args.tiny, Path(tmp) / "w")
         image, options = input_image(args)
         log_dir = args.log_dir or Path(tmp)
         log_dir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -29,6 +28,8 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+
+from bench.inputs import assets, weights_folder
 
 logger = logging.getLogger("bench.quality")
 REPO = Path(__file__).resolve().parents[1]
@@ -70,10 +71,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.lq is not None and args.hq is None:
         p.error("--lq needs --hq: the HQ faces its files are scored against")
     return args
-
-
-def assets() -> Path:
-    return Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
 
 
 def make_faces(work: Path, copies: int) -> tuple[Path, Path]:
@@ -121,11 +118,7 @@ def compare(reference: Path, other: Path) -> dict[str, dict]:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="osdface-quality-bench-"))
-    weights = args.weights
-    if args.tiny:
-        from tests.tiny_weights import write_tiny_weights
-
-        weights = write_tiny_weights(work / "weights", detector_dir=assets() / "detectors")
+    weights = weights_folder(args.weights, args.tiny, work / "weights")
     if args.hq is None:
         hq, lq = make_faces(work / "faces", args.copies)
     else:

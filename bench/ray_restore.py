@@ -26,6 +26,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.inputs import assets, weights_folder
+
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = (
     "gfpgan/cropped_faces/Adele_crop.png",
@@ -52,10 +54,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def assets() -> Path:
-    return Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared" / "assets"))
-
-
 def make_inputs(folder: Path, count: int) -> None:
     folder.mkdir(parents=True)
     for k in range(count):
@@ -72,13 +70,7 @@ def timed(argv: list[str]) -> float:
 def main() -> None:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="osdface-ray-bench-"))
-    weights = args.weights
-    if args.tiny:
-        from tests.tiny_weights import write_tiny_weights
-
-        weights = write_tiny_weights(work / "weights", detector_dir=assets() / "detectors")
-    if weights is None:
-        raise SystemExit("give --weights DIR or --tiny")
+    weights = weights_folder(args.weights, args.tiny, work / "weights")
     inputs = work / "inputs"
     make_inputs(inputs, args.inputs)
     common = ["--weights", str(weights), "--device", args.device, "--detector", args.detector]

@@ -35,8 +35,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from bench.inputs import assets, weights_folder
 from bench.load import start_server, stop_server
-from bench.ray_restore import PHOTOS, assets, make_inputs
+from bench.ray_restore import PHOTOS, make_inputs
 from osdface.client import Client, RestoreOptions
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,13 +93,7 @@ def overhead_ms(base: str, photo: bytes, requests: int) -> dict[str, list[float]
 def main() -> None:
     args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="osdface-remote-bench-"))
-    weights = args.weights
-    if args.tiny:
-        from tests.tiny_weights import write_tiny_weights
-
-        weights = write_tiny_weights(work / "weights", detector_dir=assets() / "detectors")
-    if weights is None:
-        raise SystemExit("give --weights DIR or --tiny")
+    weights = weights_folder(args.weights, args.tiny, work / "weights")
     inputs = work / "inputs"
     make_inputs(inputs, args.inputs)
     osdface = [sys.executable, "-m", "osdface", "restore", str(inputs)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,8 @@ import cv2
 import httpx
 import numpy as np
 
-from bench.load import REPO, add_server_arguments, free_port, start_server, stop_server
+from bench.inputs import assets, weights_folder
+from bench.load import add_server_arguments, free_port, start_server, stop_server
 from service.jobstore import open_store
 
 PHOTO = "images/gfpgan/whole_imgs/Blake_Lively.jpg"  # two faces the mobile detector finds
@@ -149,17 +149,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared/assets"))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        weights = args.weights
-        if args.tiny:
-            from tests.tiny_weights import write_tiny_weights
-
-            weights = write_tiny_weights(root / "w", detector_dir=assets / "detectors")
+        weights = weights_folder(args.weights, args.tiny, root / "w")
         short, long = root / "short.mp4", root / "long.mp4"
-        write_clip(short, assets / PHOTO, args.frames)
-        write_clip(long, assets / PHOTO, args.long_frames)
+        write_clip(short, assets() / PHOTO, args.frames)
+        write_clip(long, assets() / PHOTO, args.long_frames)
         rows = []
         with redis(root) as url:
             for count in (1, 2):

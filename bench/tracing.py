@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import psutil
 
+from bench.inputs import weights_folder
 from bench.load import (
     COMMON_ENV,
     REPO,
@@ -370,12 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     if not args.no_servers:
         with tempfile.TemporaryDirectory() as tmp:
-            weights = args.weights
-            if args.tiny:
-                from tests.tiny_weights import write_tiny_weights
-
-                assets = Path(os.environ.get("OSDFACE_TEST_ASSETS", REPO.parent / "shared/assets"))
-                weights = write_tiny_weights(Path(tmp) / "w", detector_dir=assets / "detectors")
+            weights = weights_folder(args.weights, args.tiny, Path(tmp) / "w")
             rows = run(args, weights, Path(tmp))
         print(table(rows))
     if replayed:
